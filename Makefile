@@ -1,0 +1,52 @@
+# dirtydiff: `make demo` and `make test` set everything up on Debian 12 (as
+# root or with sudo) and run; set-up is idempotent and quick when done.
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio \
+            python3-venv python3-msgpack
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(STAMP)
+
+# Debian packages: installed only when one is missing, so a second run is quick.
+.deb-installed: Makefile
+	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+# The venv comes from Debian's python3 with system site-packages: libnbd's
+# bindings (import nbd) exist only as python3-libnbd, and nbdkit's plugin
+# embeds that same interpreter.
+$(STAMP): .deb-installed pyproject.toml
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(PY) -m sidecar.demo
+
+test: setup
+	$(PY) -m pytest -q -m 'not slow'
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .deb-installed .pytest_cache .mypy_cache .ruff_cache

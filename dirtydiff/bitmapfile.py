@@ -1,0 +1,377 @@
+"""The on-disk dirty bitmap: format, validation and the memory-mapped bit array.
+
+Design note
+-----------
+One file per bitmap, ``STATE/bitmaps/NAME.bitmap``. A 4 KiB header, then the
+bit array, page aligned so that it can be memory-mapped on its own.
+
+Header, format version 1, every integer big-endian::
+
+    offset size field
+    0      8    magic b"DDBITMAP"
+    8      4    format version (1)
+    12     4    flags: ENABLED 0x1   the tracker records into it when it runs
+                       IN_USE  0x2   a recorder has it mapped for writing; set
+                                     and made durable *before* the first write
+                                     it covers is accepted, cleared only after
+                                     the bits were made durable (clean close)
+                       INCONSISTENT 0x4  sticky: bits may be missing
+    16     4    granularity in bytes (power of two, 4 KiB .. 64 MiB)
+    20     4    why it is inconsistent (Reason), 0 when it is not
+    24     8    size of the disk it describes, in bytes
+    32     8    generation: which checkpoint interval it records (0 if none)
+    40     8    created, ns since the epoch
+    48     16   boot id of the last boot that set IN_USE
+    64     4    CRC-32 of bytes 0..63
+    68     ..   zero up to 4096
+
+Bit array at 4096: bit ``i`` covers bytes ``[i*G, (i+1)*G)`` of the disk, least
+significant bit first in each byte (QEMU's serialisation order); its length is
+``ceil(granules / 8)`` rounded up to 8 bytes; bits past the disk's end are 0.
+
+What the states mean. A bit at 1 means "may have changed"; a 0 means "has not
+changed" only if the bitmap is consistent. A bitmap is consistent unless
+INCONSISTENT is set, or IN_USE is set by a boot other than the current one: the
+host went down while a recorder held dirty pages that may never have reached
+the disk. A recorder killed while the host stays up loses nothing (the page
+cache keeps its stores), so IN_USE from the current boot is fine.
+
+Locking. One process records into a file at a time (the tracker, which holds
+the state directory's lock); within it, ``mark`` runs under the tracker's lock.
+Readers in other processes are safe: while recording, bits only go 0 -> 1.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+import struct
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from dirtydiff import errors
+
+MAGIC = b"DDBITMAP"
+FORMAT_VERSION = 1
+HEADER_SIZE = 4096
+MIN_GRANULARITY = 4096
+MAX_GRANULARITY = 64 * 1024 * 1024
+DEFAULT_GRANULARITY = 65536
+
+# magic, version, flags, granularity, reason, disk size, generation, created, boot id
+_HEADER = struct.Struct("!8sIIIIQQQ16s")
+_CRC = struct.Struct("!I")
+
+# Tests simulate a host crash by pretending to be another boot.
+BOOT_ID_ENV = "DIRTYDIFF_BOOT_ID"
+
+
+class Flag(enum.IntFlag):
+    ENABLED = 0x1
+    """The tracker records into this bitmap whenever it runs."""
+    IN_USE = 0x2
+    """A recorder holds it mapped for writing (since boot ``boot_id``)."""
+    INCONSISTENT = 0x4
+    """Sticky: some change may be missing; only a rebuild by scan clears it."""
+
+
+KNOWN_FLAGS = Flag.ENABLED | Flag.IN_USE | Flag.INCONSISTENT
+
+
+class Reason(enum.IntEnum):
+    """Why a bitmap is inconsistent; shown to users."""
+
+    NONE = 0
+    HOST_CRASH = 1
+    """The host went down while the bitmap was recording."""
+    DISK_RESIZED = 2
+    """The disk changed size while recorded."""
+
+    def describe(self) -> str:
+        return {
+            Reason.NONE: "consistent",
+            Reason.HOST_CRASH: "the host went down while it was recording",
+            Reason.DISK_RESIZED: "the disk changed size",
+        }[self]
+
+
+def current_boot_id() -> bytes:
+    text = os.environ.get(BOOT_ID_ENV)
+    if text is None:
+        text = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return uuid.UUID(text).bytes
+
+
+def check_granularity(granularity: int) -> None:
+    if (
+        granularity < MIN_GRANULARITY
+        or granularity > MAX_GRANULARITY
+        or granularity & (granularity - 1)
+    ):
+        raise errors.BadRequest(
+            "bad-granularity",
+            f"granularity {granularity} is not a power of two between "
+            f"{MIN_GRANULARITY} and {MAX_GRANULARITY}",
+        )
+
+
+def granule_count(disk_size: int, granularity: int) -> int:
+    return (disk_size + granularity - 1) // granularity
+
+
+def bits_length(disk_size: int, granularity: int) -> int:
+    """Bytes of bit array for a disk: whole 64-bit words, at least one."""
+    nbytes = (granule_count(disk_size, granularity) + 7) // 8
+    return max(8, (nbytes + 7) // 8 * 8)
+
+
+@dataclass
+class Header:
+    flags: Flag
+    granularity: int
+    disk_size: int
+    generation: int = 0
+    created_ns: int = 0
+    boot_id: bytes = bytes(16)
+    reason: Reason = Reason.NONE
+
+    def pack(self) -> bytes:
+        body = _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            int(self.flags),
+            self.granularity,
+            int(self.reason),
+            self.disk_size,
+            self.generation,
+            self.created_ns,
+            self.boot_id,
+        )
+        return body + _CRC.pack(zlib.crc32(body))
+
+    @classmethod
+    def unpack(cls, raw: bytes, where: str) -> Header:
+        """Parse and validate a header; raise Corrupt naming ``where``."""
+        size = _HEADER.size + _CRC.size
+        if len(raw) < size:
+            raise errors.Corrupt(f"{where}: truncated header ({len(raw)} bytes)")
+        body = raw[: _HEADER.size]
+        (crc,) = _CRC.unpack_from(raw, _HEADER.size)
+        magic, version, flags, gran, reason, disk_size, gen, created, boot = _HEADER.unpack(body)
+        if magic != MAGIC:
+            raise errors.Corrupt(f"{where}: not a dirtydiff bitmap (bad magic)")
+        if version != FORMAT_VERSION:
+            raise errors.Corrupt(f"{where}: unsupported format version {version}")
+        if zlib.crc32(body) != crc:
+            raise errors.Corrupt(f"{where}: header checksum mismatch")
+        if flags & ~int(KNOWN_FLAGS):
+            raise errors.Corrupt(f"{where}: unknown flags {flags:#x}")
+        try:
+            check_granularity(gran)
+            why = Reason(reason)
+        except (errors.BadRequest, ValueError) as e:
+            raise errors.Corrupt(f"{where}: bad header field ({e})") from None
+        return cls(Flag(flags), gran, disk_size, gen, created, boot, why)
+
+
+class BitmapFile:
+    """One bitmap file, open and memory-mapped.
+
+    ``writable=False`` maps it read-only (a reader in another process).
+    """
+
+    def __init__(self, path: Path, *, writable: bool) -> None:
+        self.path = path
+        self.writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            self._fd = os.open(path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise errors.NotFound("unknown-bitmap", f"no bitmap file {path}") from None
+        try:
+            self.header = Header.unpack(os.pread(self._fd, HEADER_SIZE, 0), str(path))
+            self.granularity = self.header.granularity
+            self.shift = self.granularity.bit_length() - 1
+            self.granules = granule_count(self.header.disk_size, self.granularity)
+            length = bits_length(self.header.disk_size, self.granularity)
+            actual = os.fstat(self._fd).st_size
+            if actual != HEADER_SIZE + length:
+                raise errors.Corrupt(
+                    f"{path}: file is {actual} bytes, header says {HEADER_SIZE + length}"
+                )
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self.bits = mmap.mmap(self._fd, length, mmap.MAP_SHARED, prot, offset=HEADER_SIZE)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    # -- creation --------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        *,
+        granularity: int,
+        disk_size: int,
+        flags: Flag,
+        generation: int = 0,
+    ) -> BitmapFile:
+        """Create a new, all-clean bitmap file durably, then open it writable.
+
+        Written under a temporary name and renamed, so that a crash never
+        leaves a half-made file under a bitmap's name.
+        """
+        check_granularity(granularity)
+        header = Header(
+            flags=flags,
+            granularity=granularity,
+            disk_size=disk_size,
+            generation=generation,
+            created_ns=time.time_ns(),
+            boot_id=current_boot_id() if flags & Flag.IN_USE else bytes(16),
+        )
+        tmp = path.with_name(f".{path.name}.new")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, header.pack().ljust(HEADER_SIZE, b"\0"), 0)
+            os.ftruncate(fd, HEADER_SIZE + bits_length(disk_size, granularity))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if path.exists():
+            tmp.unlink()
+            raise errors.Conflict("name-in-use", f"bitmap file {path} already exists")
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        return cls(path, writable=True)
+
+    # -- header ----------------------------------------------------------
+
+    def write_header(self, *, durable: bool = True) -> None:
+        """Write the in-memory header to the file (one 68-byte pwrite)."""
+        os.pwrite(self._fd, self.header.pack(), 0)
+        if durable:
+            os.fsync(self._fd)
+
+    def reload_header(self) -> Header:
+        self.header = Header.unpack(os.pread(self._fd, HEADER_SIZE, 0), str(self.path))
+        return self.header
+
+    def begin_recording(self) -> None:
+        """Set IN_USE for this boot, durably, before any write it covers."""
+        self.header.flags |= Flag.IN_USE
+        self.header.boot_id = current_boot_id()
+        self.write_header()
+
+    def end_recording(self) -> None:
+        """Make the bits durable, then clear IN_USE (in that order)."""
+        self.bits.flush()
+        os.fsync(self._fd)
+        self.header.flags &= ~Flag.IN_USE
+        self.write_header()
+
+    def mark_inconsistent(self, reason: Reason) -> None:
+        self.header.flags |= Flag.INCONSISTENT
+        self.header.reason = reason
+        self.write_header()
+
+    @property
+    def consistent(self) -> bool:
+        return inconsistency(self.header) is Reason.NONE
+
+    # -- bits ------------------------------------------------------------
+
+    def mark(self, offset: int, length: int) -> None:
+        """Set the bit of every granule that ``[offset, offset+length)`` touches.
+
+        This is the tracker's hot path: one branch for the common case of a
+        request inside one granule, slice assignment for whole bytes.
+        """
+        if length <= 0:
+            return
+        first = offset >> self.shift
+        last = (offset + length - 1) >> self.shift
+        if last >= self.granules:
+            last = self.granules - 1
+            if first > last:
+                return
+        bits = self.bits
+        if first == last:
+            i = first >> 3
+            bit = 1 << (first & 7)
+            byte = bits[i]
+            if not byte & bit:
+                bits[i] = byte | bit
+            return
+        set_bit_range(bits, first, last + 1)
+
+    def clear(self) -> None:
+        self.bits[:] = bytes(len(self.bits))
+
+    def merge_from(self, other: BitmapFile) -> None:
+        """OR ``other`` into this bitmap (same geometry)."""
+        if (other.granularity, other.header.disk_size) != (
+            self.granularity,
+            self.header.disk_size,
+        ):
+            raise errors.BadRequest(
+                "geometry-mismatch",
+                f"cannot merge {other.path.name} (granularity {other.granularity}, disk "
+                f"{other.header.disk_size}) into {self.path.name} (granularity "
+                f"{self.granularity}, disk {self.header.disk_size})",
+            )
+        merged = int.from_bytes(self.bits, "little") | int.from_bytes(other.bits, "little")
+        self.bits[:] = merged.to_bytes(len(self.bits), "little")
+
+    def dirty_granules(self) -> int:
+        return int.from_bytes(self.bits, "little").bit_count()
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self.bits.close()
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> BitmapFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def set_bit_range(bits: mmap.mmap | bytearray, start: int, stop: int) -> None:
+    """Set bits ``[start, stop)`` (LSB first in each byte)."""
+    first_byte, last_byte = start >> 3, (stop - 1) >> 3
+    head = (0xFF << (start & 7)) & 0xFF
+    tail = 0xFF >> (7 - ((stop - 1) & 7))
+    if first_byte == last_byte:
+        bits[first_byte] |= head & tail
+        return
+    bits[first_byte] |= head
+    if last_byte > first_byte + 1:
+        bits[first_byte + 1 : last_byte] = b"\xff" * (last_byte - first_byte - 1)
+    bits[last_byte] |= tail
+
+
+def inconsistency(header: Header, boot_id: bytes | None = None) -> Reason:
+    """Why a bitmap with this header may be missing bits (NONE if it is not)."""
+    if header.flags & Flag.INCONSISTENT:
+        return header.reason if header.reason is not Reason.NONE else Reason.HOST_CRASH
+    if header.flags & Flag.IN_USE:
+        if header.boot_id != (boot_id if boot_id is not None else current_boot_id()):
+            return Reason.HOST_CRASH
+    return Reason.NONE
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

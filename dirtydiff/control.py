@@ -1,0 +1,214 @@
+"""The control protocol: msgpack messages over a unix stream socket.
+
+Framing: each message is a 4-byte big-endian length, then that many bytes of
+one msgpack map. Messages over MAX_MESSAGE bytes end the connection (the
+length is checked before anything is allocated).
+
+Request::  {"version": 1, "op": "bitmap.add", "args": {"name": "b0", ...}}
+Reply::    {"version": 1, "ok": true, "result": ...}
+           {"version": 1, "ok": false, "error": {"code": "...", "message": "..."}}
+
+A malformed message (bad length, not msgpack, not a map, wrong version, unknown
+op, wrong argument types) gets an error reply; framing errors also end the
+connection, because the stream cannot be resynchronised.
+
+``dispatch`` runs one request against a BitmapStore and is the same code
+whether the request came over the tracker's socket or from the CLI working on
+the state directory directly.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from dirtydiff import errors
+from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
+
+API_VERSION = 1
+MAX_MESSAGE = 1 << 20
+_LENGTH = struct.Struct("!I")
+CALL_TIMEOUT = 120.0
+
+Message = dict[str, Any]
+
+
+def encode(message: Message) -> bytes:
+    payload: bytes = msgpack.packb(message, use_bin_type=True)
+    if len(payload) > MAX_MESSAGE:
+        raise errors.BadRequest("too-large", f"message of {len(payload)} bytes is over the limit")
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def frame_length(prefix: bytes) -> int:
+    """Parse the length prefix; a length past the limit is a protocol error."""
+    (length,) = _LENGTH.unpack(prefix)
+    if length > MAX_MESSAGE:
+        raise errors.ProtocolError(
+            "too-large", f"message of {length} bytes is over the {MAX_MESSAGE}-byte limit"
+        )
+    return length
+
+
+def decode(payload: bytes) -> Message:
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise errors.ProtocolError("malformed", f"not a msgpack message: {e}") from None
+    if not isinstance(message, dict):
+        raise errors.ProtocolError("malformed", "a message must be a msgpack map")
+    return message
+
+
+def _recv_exactly(sock: socket.socket, length: int) -> bytes | None:
+    chunks = bytearray()
+    while len(chunks) < length:
+        chunk = sock.recv(length - len(chunks))
+        if not chunk:
+            if not chunks:
+                return None
+            raise errors.ProtocolError("truncated", "connection closed inside a message")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def read_message(sock: socket.socket) -> Message | None:
+    """Read one message; None at a clean end of stream."""
+    prefix = _recv_exactly(sock, _LENGTH.size)
+    if prefix is None:
+        return None
+    payload = _recv_exactly(sock, frame_length(prefix))
+    if payload is None:
+        raise errors.ProtocolError("truncated", "connection closed inside a message")
+    return decode(payload)
+
+
+def reply_ok(result: object) -> Message:
+    return {"version": API_VERSION, "ok": True, "result": result}
+
+
+def reply_error(error: errors.DirtydiffError) -> Message:
+    return {
+        "version": API_VERSION,
+        "ok": False,
+        "error": {"code": error.code, "message": error.message},
+    }
+
+
+# -- requests ---------------------------------------------------------------
+
+_Handler = Callable[[BitmapStore, dict[str, Any]], object]
+
+
+def _arg(args: dict[str, Any], name: str, kind: type, default: object = ...) -> Any:
+    if name not in args:
+        if default is ...:
+            raise errors.BadRequest("bad-request", f"missing argument {name!r}")
+        return default
+    value = args[name]
+    # bool is an int in Python; never accept one for the other.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise errors.BadRequest("bad-request", f"argument {name!r} must be {kind.__name__}")
+    return value
+
+
+def _names(args: dict[str, Any]) -> list[str]:
+    sources = _arg(args, "sources", list)
+    if not sources or not all(isinstance(s, str) for s in sources):
+        raise errors.BadRequest("bad-request", "argument 'sources' must be a non-empty list of names")
+    return list(sources)
+
+
+def _status(store: BitmapStore, args: dict[str, Any]) -> object:
+    return {
+        "disk_size": store.disk_size,
+        "recording": store.recording,
+        "inflight": store.inflight(),
+        "bitmaps": [b.as_dict() for b in store.list()],
+    }
+
+
+HANDLERS: dict[str, _Handler] = {
+    "ping": lambda store, args: {"api": API_VERSION},
+    "status": _status,
+    "bitmap.list": lambda store, args: [b.as_dict() for b in store.list()],
+    "bitmap.info": lambda store, args: store.info(_arg(args, "name", str)).as_dict(),
+    "bitmap.add": lambda store, args: store.add(
+        _arg(args, "name", str),
+        _arg(args, "granularity", int, 65536),
+        enabled=_arg(args, "enabled", bool, True),
+    ).as_dict(),
+    "bitmap.remove": lambda store, args: store.remove(_arg(args, "name", str)),
+    "bitmap.clear": lambda store, args: store.clear(_arg(args, "name", str)).as_dict(),
+    "bitmap.enable": lambda store, args: store.enable(_arg(args, "name", str)).as_dict(),
+    "bitmap.disable": lambda store, args: store.disable(
+        _arg(args, "name", str), _arg(args, "timeout", float, DRAIN_TIMEOUT)
+    ).as_dict(),
+    "bitmap.merge": lambda store, args: store.merge(_arg(args, "target", str), _names(args)).as_dict(),
+    "checkpoint": lambda store, args: asdict(
+        store.checkpoint(_arg(args, "name", str), _arg(args, "timeout", float, DRAIN_TIMEOUT))
+    ),
+}
+
+
+def parse_request(message: Message) -> tuple[str, dict[str, Any]]:
+    version = message.get("version")
+    if version != API_VERSION:
+        raise errors.BadRequest(
+            "bad-version", f"control API version {version!r} is not supported (this is {API_VERSION})"
+        )
+    op = message.get("op")
+    if not isinstance(op, str) or op not in HANDLERS:
+        raise errors.BadRequest("unknown-op", f"unknown operation {op!r}")
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise errors.BadRequest("bad-request", "'args' must be a map")
+    return op, args
+
+
+def dispatch(store: BitmapStore, message: Message) -> Message:
+    """Run one request; every DirtydiffError becomes an error reply."""
+    try:
+        op, args = parse_request(message)
+        return reply_ok(HANDLERS[op](store, args))
+    except errors.DirtydiffError as e:
+        return reply_error(e)
+
+
+# -- client ---------------------------------------------------------------
+
+
+def request(op: str, **args: object) -> Message:
+    return {"version": API_VERSION, "op": op, "args": args}
+
+
+def call(socket_path: Path, op: str, timeout: float = CALL_TIMEOUT, **args: object) -> Any:
+    """Send one request; return its result or raise the error it carries."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(socket_path))
+            sock.sendall(encode(request(op, **args)))
+            reply = read_message(sock)
+        except (ConnectionError, FileNotFoundError, TimeoutError) as e:
+            raise errors.Unavailable(
+                "unavailable", f"control socket {socket_path}: {e.strerror or e}"
+            ) from None
+    if reply is None:
+        raise errors.Unavailable("unavailable", f"{socket_path} closed without a reply")
+    return result_of(reply)
+
+
+def result_of(reply: Message) -> Any:
+    if reply.get("ok") is True:
+        return reply.get("result")
+    error = reply.get("error") or {}
+    code = str(error.get("code", "error"))
+    cls = errors.ERROR_CLASSES.get(code, errors.DirtydiffError)
+    raise cls(code, str(error.get("message", "request failed")))

@@ -1,0 +1,390 @@
+"""The bitmap store: every bitmap of one state directory, owned by one process.
+
+The tracker runs a store with ``recording=True`` for as long as it serves the
+disk: every content-changing request calls ``begin_write`` (marks every
+recording bitmap) before it reaches the disk, and ``end_write`` once the disk
+answered. The CLI runs a store with ``recording=False`` to change bitmaps
+while no tracker runs. Both go through the same operations.
+
+Generations. The set of recording bitmaps is an immutable ``Generation``; an
+operation that changes the set (add, enable, disable, remove, checkpoint)
+installs a new one under the lock. A write is counted in the generation it
+marked. ``checkpoint`` and ``disable`` then *drain*: they answer only when every
+write counted in the old generation has completed, so a backup that reads the
+frozen bitmap's granules afterwards reads their data. A bitmap that joins the
+recording set also gets the ranges of the writes still in flight, because their
+data may land after it began: over-reporting them is allowed, missing them is
+not.
+
+Locking. ``_lock`` guards the current generation, the in-flight table and
+every bit of every writable bitmap. Marking is done under it, so a clear or a
+merge never interleaves with a mark.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from dirtydiff import errors
+from dirtydiff.bitmapfile import (
+    DEFAULT_GRANULARITY,
+    BitmapFile,
+    Flag,
+    Reason,
+    check_granularity,
+    fsync_dir,
+    inconsistency,
+)
+from dirtydiff.state import OPEN_CHECKPOINT, BitmapInfo, StateDir, check_name, describe
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT = 30.0
+_STAGING = ".@open.staging"
+
+
+@dataclass(eq=False)
+class Generation:
+    bitmaps: tuple[BitmapFile, ...]
+    inflight: int = 0
+    retired: threading.Event | None = None
+
+
+@dataclass
+class CheckpointResult:
+    name: str
+    generation: int
+    drained: bool
+    dirty_bytes: int
+
+
+@dataclass
+class _InFlight:
+    ranges: dict[int, tuple[int, int]] = field(default_factory=dict)
+    next_token: int = 0
+
+
+class BitmapStore:
+    def __init__(
+        self,
+        state: StateDir,
+        disk_size: int,
+        *,
+        recording: bool,
+        granularity: int = DEFAULT_GRANULARITY,
+    ) -> None:
+        """Open every bitmap. The caller holds the state lock.
+
+        Raises Corrupt for a file that cannot be trusted and Conflict for a
+        bitmap recorded for a disk of another size: refusing to start loses
+        nothing, guessing might.
+        """
+        self.state = state
+        self.disk_size = disk_size
+        self.recording = recording
+        self._lock = threading.Lock()
+        self._inflight = _InFlight()
+        self.bitmaps: dict[str, BitmapFile] = {}
+        state.prepare()
+        self._recover_checkpoint()
+        try:
+            for name in state.names():
+                bitmap = state.open_bitmap(name, writable=True)
+                self.bitmaps[name] = bitmap
+                self._settle(name, bitmap)
+                if bitmap.header.disk_size != disk_size:
+                    raise errors.Conflict(
+                        "disk-size-mismatch",
+                        f"bitmap {name!r} ({bitmap.path}) describes a disk of "
+                        f"{bitmap.header.disk_size} bytes but the disk has {disk_size} bytes; "
+                        "if the disk was resized, remove the bitmap "
+                        "(dirtydiff bitmap remove) and rebuild it with a scan",
+                    )
+            if OPEN_CHECKPOINT not in self.bitmaps:
+                check_granularity(granularity)
+                self.bitmaps[OPEN_CHECKPOINT] = BitmapFile.create(
+                    state.bitmap_path(OPEN_CHECKPOINT),
+                    granularity=granularity,
+                    disk_size=disk_size,
+                    flags=Flag.ENABLED,
+                    generation=1,
+                )
+            if recording:
+                for name, bitmap in self.bitmaps.items():
+                    if bitmap.header.flags & Flag.ENABLED:
+                        self._start_recording(name, bitmap)
+        except BaseException:
+            self.close(clean=False)
+            raise
+        self._gen = Generation(self._enabled())
+
+    # -- the hot path ----------------------------------------------------
+
+    def begin_write(self, offset: int, length: int) -> tuple[Generation, int]:
+        """Mark ``[offset, offset+length)`` in every recording bitmap.
+
+        Must be called before the request is forwarded; ``end_write`` must
+        follow whatever the outcome (bits are never unmarked).
+        """
+        with self._lock:
+            gen = self._gen
+            for bitmap in gen.bitmaps:
+                bitmap.mark(offset, length)
+            gen.inflight += 1
+            inflight = self._inflight
+            token = inflight.next_token
+            inflight.next_token = token + 1
+            inflight.ranges[token] = (offset, length)
+        return gen, token
+
+    def end_write(self, gen: Generation, token: int) -> None:
+        with self._lock:
+            del self._inflight.ranges[token]
+            gen.inflight -= 1
+            if gen.retired is not None and gen.inflight == 0:
+                gen.retired.set()
+
+    # -- generations -----------------------------------------------------
+
+    def _enabled(self) -> tuple[BitmapFile, ...]:
+        if not self.recording:
+            return ()
+        return tuple(b for b in self.bitmaps.values() if b.header.flags & Flag.ENABLED)
+
+    def _switch(self) -> Generation:
+        """Install a new generation from the ENABLED flags. Caller holds _lock."""
+        old = self._gen
+        new = Generation(self._enabled())
+        joining = [b for b in new.bitmaps if b not in old.bitmaps]
+        for offset, length in self._inflight.ranges.values():
+            for bitmap in joining:
+                bitmap.mark(offset, length)
+        old.retired = threading.Event()
+        if old.inflight == 0:
+            old.retired.set()
+        self._gen = new
+        return old
+
+    @staticmethod
+    def _drain(old: Generation, timeout: float) -> bool:
+        assert old.retired is not None
+        return old.retired.wait(timeout)
+
+    @staticmethod
+    def _settle(name: str, bitmap: BitmapFile) -> None:
+        """Turn "IN_USE by another boot" into the sticky INCONSISTENT flag.
+
+        Done on open, before anything may rewrite the header (a clean close
+        clears IN_USE, which would erase the evidence of the crash).
+        """
+        why = inconsistency(bitmap.header)
+        if why is not Reason.NONE and not bitmap.header.flags & Flag.INCONSISTENT:
+            log.error("bitmap %s is inconsistent: %s", name, why.describe())
+            bitmap.mark_inconsistent(why)
+
+    def _start_recording(self, name: str, bitmap: BitmapFile) -> None:
+        self._settle(name, bitmap)
+        bitmap.begin_recording()
+
+    # -- operations (same for the tracker and for offline use) -------------
+
+    def _get(self, name: str) -> BitmapFile:
+        try:
+            return self.bitmaps[name]
+        except KeyError:
+            raise errors.NotFound(
+                "unknown-bitmap", f"no bitmap named {name!r} in {self.state.path}"
+            ) from None
+
+    def add(self, name: str, granularity: int = DEFAULT_GRANULARITY, *, enabled: bool = True) -> BitmapInfo:
+        check_name(name)
+        check_granularity(granularity)
+        if name in self.bitmaps:
+            raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
+        flags = Flag.ENABLED if enabled else Flag(0)
+        if enabled and self.recording:
+            flags |= Flag.IN_USE
+        # Created durably, IN_USE included, before it joins the recording set.
+        bitmap = BitmapFile.create(
+            self.state.bitmap_path(name),
+            granularity=granularity,
+            disk_size=self.disk_size,
+            flags=flags,
+        )
+        with self._lock:
+            self.bitmaps[name] = bitmap
+            self._switch()
+        return self._describe(name)
+
+    def remove(self, name: str) -> None:
+        if name == OPEN_CHECKPOINT:
+            raise errors.BadRequest(
+                "reserved-name", f"{OPEN_CHECKPOINT} records the open checkpoint interval and cannot be removed"
+            )
+        bitmap = self._get(name)
+        with self._lock:
+            del self.bitmaps[name]
+            self._switch()
+        os.unlink(bitmap.path)
+        fsync_dir(bitmap.path.parent)
+        bitmap.close()
+
+    def clear(self, name: str) -> BitmapInfo:
+        bitmap = self._get(name)
+        with self._lock:
+            bitmap.clear()
+            # A write in flight may land after the clear: keep it marked.
+            if bitmap in self._gen.bitmaps:
+                for offset, length in self._inflight.ranges.values():
+                    bitmap.mark(offset, length)
+            bitmap.header.flags &= ~Flag.INCONSISTENT
+            bitmap.header.reason = Reason.NONE
+            if bitmap.header.flags & Flag.IN_USE:
+                bitmap.begin_recording()
+            else:
+                bitmap.bits.flush()
+                bitmap.write_header()
+        return self._describe(name)
+
+    def enable(self, name: str) -> BitmapInfo:
+        bitmap = self._get(name)
+        if bitmap.header.flags & Flag.ENABLED:
+            return self._describe(name)
+        bitmap.header.flags |= Flag.ENABLED
+        if self.recording:
+            self._start_recording(name, bitmap)
+        else:
+            bitmap.write_header()
+        with self._lock:
+            self._switch()
+        return self._describe(name)
+
+    def disable(self, name: str, timeout: float = DRAIN_TIMEOUT) -> BitmapInfo:
+        bitmap = self._get(name)
+        if not bitmap.header.flags & Flag.ENABLED:
+            return self._describe(name)
+        with self._lock:
+            bitmap.header.flags &= ~Flag.ENABLED
+            bitmap.write_header(durable=False)
+            old = self._switch()
+        self._drain(old, timeout)
+        self._finish(bitmap)
+        return self._describe(name)
+
+    def merge(self, target: str, sources: list[str]) -> BitmapInfo:
+        into = self._get(target)
+        found = [self._get(s) for s in sources]
+        with self._lock:
+            for source in found:
+                into.merge_from(source)
+            worst = next((inconsistency(s.header) for s in found if not s.consistent), None)
+            if worst is not None:
+                into.mark_inconsistent(worst)
+            if not into.header.flags & Flag.IN_USE:
+                into.bits.flush()
+        return self._describe(target)
+
+    def checkpoint(self, name: str, timeout: float = DRAIN_TIMEOUT) -> CheckpointResult:
+        """Freeze the open interval's bitmap as ``name``; start the next one.
+
+        Crash safety: the next interval's file is made durably under a staging
+        name first; then, under the lock (so no write marks either file
+        meanwhile), the open file is renamed to ``name`` and the staging file
+        to ``@open``. A crash between the two renames is finished at start-up
+        by ``_recover_checkpoint``.
+        """
+        check_name(name)
+        if name in self.bitmaps:
+            raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
+        frozen = self.bitmaps[OPEN_CHECKPOINT]
+        staging = self.state.bitmaps_dir / _STAGING
+        staging.unlink(missing_ok=True)
+        flags = Flag.ENABLED | (Flag.IN_USE if self.recording else Flag(0))
+        following = BitmapFile.create(
+            staging,
+            granularity=frozen.granularity,
+            disk_size=self.disk_size,
+            flags=flags,
+            generation=frozen.header.generation + 1,
+        )
+        target = self.state.bitmap_path(name)
+        with self._lock:
+            frozen.header.flags &= ~Flag.ENABLED
+            frozen.write_header(durable=False)
+            os.rename(frozen.path, target)
+            os.rename(staging, self.state.bitmap_path(OPEN_CHECKPOINT))
+            fsync_dir(self.state.bitmaps_dir)
+            frozen.path = target
+            following.path = self.state.bitmap_path(OPEN_CHECKPOINT)
+            del self.bitmaps[OPEN_CHECKPOINT]
+            self.bitmaps[name] = frozen
+            self.bitmaps[OPEN_CHECKPOINT] = following
+            old = self._switch()
+        started = time.monotonic()
+        drained = self._drain(old, timeout)
+        if not drained:
+            log.warning(
+                "checkpoint %s: writes still in flight after %.1fs; they are recorded "
+                "in the next interval too",
+                name,
+                time.monotonic() - started,
+            )
+        self._finish(frozen)
+        info = self._describe(name)
+        return CheckpointResult(name, frozen.header.generation, drained, info.dirty_bytes)
+
+    def _finish(self, bitmap: BitmapFile) -> None:
+        """A bitmap left the recording set: make it durable and not IN_USE."""
+        if bitmap.header.flags & Flag.IN_USE:
+            bitmap.end_recording()
+        else:
+            bitmap.write_header()
+
+    def _recover_checkpoint(self) -> None:
+        staging = self.state.bitmaps_dir / _STAGING
+        if not staging.exists():
+            return
+        target = self.state.bitmap_path(OPEN_CHECKPOINT)
+        if target.exists():
+            # The checkpoint never started its renames: the staging file is empty.
+            staging.unlink()
+        else:
+            # Crashed between the two renames; no write was marked in between.
+            os.rename(staging, target)
+        fsync_dir(self.state.bitmaps_dir)
+
+    # -- queries ---------------------------------------------------------
+
+    def _describe(self, name: str) -> BitmapInfo:
+        bitmap = self._get(name)
+        return describe(name, bitmap, recording=bitmap in self._gen.bitmaps)
+
+    def info(self, name: str) -> BitmapInfo:
+        return self._describe(name)
+
+    def list(self) -> list[BitmapInfo]:
+        return [self._describe(n) for n in sorted(self.bitmaps)]
+
+    def inflight(self) -> int:
+        with self._lock:
+            return len(self._inflight.ranges)
+
+    # -- shutdown --------------------------------------------------------
+
+    def close(self, *, clean: bool = True) -> None:
+        """Stop recording: make every bitmap durable and clear IN_USE."""
+        with self._lock:
+            bitmaps = list(self.bitmaps.values())
+            self.bitmaps.clear()
+            if hasattr(self, "_gen"):
+                self._gen = Generation(())
+        for bitmap in bitmaps:
+            try:
+                if clean and bitmap.header.flags & Flag.IN_USE:
+                    bitmap.end_recording()
+            finally:
+                bitmap.close()

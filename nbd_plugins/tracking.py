@@ -1,0 +1,156 @@
+"""The write tracker: configuration, start-up and the request paths.
+
+``Tracker`` owns the state directory for as long as nbdkit runs: it holds the
+state lock, the bitmap store and the control socket, and forwards requests to
+the backend. Every content-changing request marks the bitmaps first
+(``BitmapStore.begin_write``) and is forwarded second; the marks stay whatever
+the outcome, because a write the client sees fail may still have reached the
+disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dirtydiff import errors
+from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity
+from dirtydiff.state import StateDir, StateLock
+from dirtydiff.store import BitmapStore
+from nbd_plugins.backends import Backend, Connection, FileBackend, NbdBackend
+from nbd_plugins.control_server import ControlServer
+
+log = logging.getLogger(__name__)
+
+USAGE = "file=DISK|uri=NBD_URI state=DIR [granularity=BYTES] [readonly=true] [socket-mode=0600]"
+
+
+class ConfigError(errors.DirtydiffError):
+    code = "config"
+
+
+@dataclass
+class TrackerConfig:
+    file: str | None = None
+    uri: str | None = None
+    state: str | None = None
+    granularity: int = DEFAULT_GRANULARITY
+    readonly: bool = False
+    socket_mode: int = 0o600
+
+    def set(self, key: str, value: str) -> None:
+        if key == "file":
+            self.file = value
+        elif key == "uri":
+            self.uri = value
+        elif key == "state":
+            self.state = value
+        elif key == "granularity":
+            try:
+                self.granularity = int(value, 0)
+            except ValueError:
+                raise ConfigError(f"granularity={value!r} is not a number of bytes") from None
+            check_granularity(self.granularity)
+        elif key == "readonly":
+            self.readonly = value.lower() in ("1", "true", "yes", "on")
+        elif key == "socket-mode":
+            try:
+                self.socket_mode = int(value, 8)
+            except ValueError:
+                raise ConfigError(f"socket-mode={value!r} is not an octal mode") from None
+        else:
+            raise ConfigError(f"unknown parameter {key!r}; usage: {USAGE}")
+
+    def check(self) -> None:
+        if (self.file is None) == (self.uri is None):
+            raise ConfigError(f"give exactly one of file= and uri=; usage: {USAGE}")
+        if self.state is None:
+            raise ConfigError(f"state= is required; usage: {USAGE}")
+
+
+class Tracker:
+    def __init__(self, config: TrackerConfig) -> None:
+        config.check()
+        assert config.state is not None
+        self.state = StateDir(config.state)
+        lock = self.state.try_lock()
+        if lock is None:
+            raise errors.Conflict(
+                "state-busy",
+                f"state directory {self.state.path} is in use by another tracker "
+                f"(pid {self.state.holder_pid()})",
+            )
+        self._lock: StateLock = lock
+        self.backend: Backend | None = None
+        self.control: ControlServer | None = None
+        try:
+            try:
+                self.backend = (
+                    FileBackend(config.file, readonly=config.readonly)
+                    if config.file is not None
+                    else NbdBackend(config.uri or "", readonly=config.readonly)
+                )
+            except OSError as e:
+                raise ConfigError("disk", str(e.strerror or e)) from None
+            self.size = self.backend.size
+            self.state.record_disk(self.size, self.backend.describe())
+            self.store = BitmapStore(
+                self.state, self.size, recording=True, granularity=config.granularity
+            )
+            self.control = ControlServer(self.state.socket_path, self.store, mode=config.socket_mode)
+        except BaseException:
+            self.close()
+            raise
+        log.info("tracking %s (%d bytes) in %s", self.backend.describe(), self.size, self.state.path)
+
+    def after_fork(self) -> None:
+        assert self.control is not None
+        self.control.start()
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if hasattr(self, "store"):
+            self.store.close()
+            del self.store
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+        self._lock.release()
+
+    # -- per-connection paths ------------------------------------------
+
+    def connect(self) -> Connection:
+        assert self.backend is not None
+        return self.backend.connect()
+
+    def write(self, conn: Connection, buf: Any, offset: int, fua: bool) -> None:
+        gen, token = self.store.begin_write(offset, len(buf))
+        try:
+            conn.pwrite(buf, offset, fua)
+        finally:
+            self.store.end_write(gen, token)
+
+    def zero(self, conn: Connection, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
+        gen, token = self.store.begin_write(offset, count)
+        try:
+            conn.zero(count, offset, may_trim, fast, fua)
+        finally:
+            self.store.end_write(gen, token)
+
+    def trim(self, conn: Connection, count: int, offset: int, fua: bool) -> None:
+        gen, token = self.store.begin_write(offset, count)
+        try:
+            conn.trim(count, offset, fua)
+        finally:
+            self.store.end_write(gen, token)
+
+
+def configure_logging() -> None:
+    """nbdkit captures the plugin's stderr; keep messages one line each."""
+    level = os.environ.get("DIRTYDIFF_LOG", "INFO").upper()
+    logging.basicConfig(level=level, format="dirtydiff-tracker: %(levelname)s: %(message)s")
+

@@ -1,0 +1,1 @@
+"""The sidecar: diff scan, NBD export, control API and the dirtydiff CLI."""

@@ -1,0 +1,362 @@
+"""The ``dirtydiff`` command line.
+
+Every command takes ``--state DIR``. Bitmap commands go to the running tracker
+through its control socket; when no tracker runs they take the state lock
+themselves and work on the files (the lock keeps a tracker from starting
+meanwhile). Both paths run the same request code (dirtydiff.control.dispatch).
+
+Exit codes: 0 success; 1 the request failed (one line on stderr says why);
+2 bad command line; 3 the tracker is running but did not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dirtydiff import control, errors
+from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, inconsistency
+from dirtydiff.extents import bitmap_extents, nbdinfo_json, nbdinfo_text
+from dirtydiff.state import StateDir
+from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+PLUGIN = Path(__file__).resolve().parent.parent / "nbd_plugins" / "tracker.py"
+
+
+def run_request(state_dir: str, op: str, **args: object) -> Any:
+    """Run one control request, through the tracker if it runs."""
+    state = StateDir(state_dir)
+    lock = state.try_lock()
+    if lock is None:
+        return control.call(state.socket_path, op, **args)
+    try:
+        size = state.disk_size()
+        if size is None:
+            raise errors.NotFound(
+                "never-tracked",
+                f"state directory {state.path} has never been tracked; run `dirtydiff track` "
+                "on the disk once to create it",
+            )
+        store = BitmapStore(state, size, recording=False)
+        try:
+            return control.result_of(control.dispatch(store, control.request(op, **args)))
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
+# -- output -------------------------------------------------------------
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _print_table(bitmaps: list[dict[str, Any]]) -> None:
+    rows = [("NAME", "GRANULARITY", "RECORDING", "CONSISTENT", "DIRTY")]
+    for b in bitmaps:
+        rows.append(
+            (
+                b["name"],
+                _human(b["granularity"]),
+                "yes" if b["recording"] else ("enabled" if b["enabled"] else "no"),
+                "yes" if b["consistent"] else f"NO: {b['reason']}",
+                _human(b["dirty_bytes"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _emit(result: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        human(result)
+
+
+# -- commands -------------------------------------------------------------
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    state = StateDir(args.state)
+    if args.disk is None and args.uri is None:
+        raise errors.BadRequest("usage", "give a DISK or --uri URI")
+    if args.disk is not None and not Path(args.disk).exists():
+        raise errors.NotFound("no-disk", f"disk {args.disk} does not exist")
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise errors.NotFound("no-nbdkit", "nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+    source = f"file={os.path.abspath(args.disk)}" if args.disk is not None else f"uri={args.uri}"
+    argv = [nbdkit, "-f", "-U", args.socket]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    if args.readonly:
+        argv.append("-r")
+    argv += [
+        "python",
+        str(PLUGIN),
+        source,
+        f"state={state.path.resolve()}",
+        f"granularity={args.granularity}",
+    ]
+    if args.readonly:
+        argv.append("readonly=true")
+    env = dict(os.environ)
+    # nbdkit embeds /usr/bin/python3: let it see this installation's packages.
+    paths = [str(PLUGIN.parent.parent), sysconfig.get_paths()["purelib"]]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if args.debug:
+        print(" ".join(argv), file=sys.stderr)
+    os.execve(nbdkit, argv, env)
+    return 0  # not reached
+
+
+def cmd_bitmap_list(args: argparse.Namespace) -> int:
+    _emit(run_request(args.state, "bitmap.list"), args.json, _print_table)
+    return 0
+
+
+def cmd_bitmap_show(args: argparse.Namespace) -> int:
+    state = StateDir(args.state)
+    with state.open_bitmap(args.name) as bitmap:
+        why = inconsistency(bitmap.header)
+        if why.value and not args.allow_inconsistent:
+            raise errors.Conflict(
+                "inconsistent",
+                f"bitmap {args.name!r} is inconsistent ({why.describe()}): it may miss changes "
+                "and cannot be used for an incremental backup (--allow-inconsistent prints it anyway)",
+            )
+        found = bitmap_extents(bitmap)
+    sys.stdout.write(nbdinfo_json(found) if args.json else nbdinfo_text(found))
+    return 0
+
+
+def _info_line(info: dict[str, Any]) -> None:
+    _print_table([info])
+
+
+def cmd_bitmap_add(args: argparse.Namespace) -> int:
+    info = run_request(
+        args.state, "bitmap.add", name=args.name, granularity=args.granularity, enabled=not args.disabled
+    )
+    _emit(info, args.json, _info_line)
+    return 0
+
+
+def _simple(op: str) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        result = run_request(args.state, op, name=args.name)
+        if result is not None:
+            _emit(result, args.json, _info_line)
+        return 0
+
+    return command
+
+
+def cmd_bitmap_merge(args: argparse.Namespace) -> int:
+    info = run_request(args.state, "bitmap.merge", target=args.target, sources=args.sources)
+    _emit(info, args.json, _info_line)
+    return 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    result = run_request(args.state, "checkpoint", name=args.name, timeout=float(args.timeout))
+
+    def human(r: dict[str, Any]) -> None:
+        print(f"checkpoint {r['name']}: {_human(r['dirty_bytes'])} changed since the previous one")
+        if not r["drained"]:
+            print(
+                "warning: writes were still in flight when the drain timed out; they are "
+                "recorded in the next interval too",
+                file=sys.stderr,
+            )
+
+    _emit(result, args.json, human)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = StateDir(args.state)
+    lock = state.try_lock()
+    running = lock is None
+    if lock is not None:
+        lock.release()
+    status: dict[str, Any] = {
+        "state": str(state.path),
+        "tracker": {"running": running, "pid": state.holder_pid() if running else None},
+    }
+    try:
+        status.update(run_request(args.state, "status"))
+    except errors.NotFound as e:
+        if e.code != "never-tracked":
+            raise
+        status["bitmaps"] = []
+
+    def human(s: dict[str, Any]) -> None:
+        tracker = s["tracker"]
+        print(f"state:    {s['state']}")
+        print("tracker:  " + (f"running (pid {tracker['pid']})" if tracker["running"] else "not running"))
+        if "disk_size" in s:
+            print(f"disk:     {_human(s['disk_size'])} ({s['disk_size']} bytes)")
+        print()
+        _print_table(s["bitmaps"])
+        bad = [b["name"] for b in s["bitmaps"] if not b["consistent"]]
+        if bad:
+            print(
+                f"\n{len(bad)} bitmap(s) inconsistent: {', '.join(bad)} — they may miss changes; "
+                "rebuild them with a scan against their backup, or remove them"
+            )
+
+    _emit(status, args.json, human)
+    return 0
+
+
+# -- parser ---------------------------------------------------------------
+
+
+def _granularity(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20}
+    try:
+        if text[-1:].lower() in units:
+            return int(text[:-1]) * units[text[-1].lower()]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad granularity {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dirtydiff",
+        description="Keep and rebuild dirty bitmaps for incremental VM backups over NBD.",
+        epilog="Exit codes: 0 ok, 1 request failed, 2 bad command line, 3 tracker not answering.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def state_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state", required=True, metavar="DIR", help="state directory of the disk")
+
+    def json_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("track", help="serve a disk through nbdkit and record every write")
+    p.add_argument("disk", nargs="?", metavar="DISK", help="raw file or block device")
+    p.add_argument("--uri", help="an upstream NBD export instead of DISK (e.g. qemu-nbd for qcow2)")
+    state_arg(p)
+    p.add_argument("--socket", required=True, metavar="SOCK", help="unix socket the VM connects to")
+    p.add_argument(
+        "--granularity", type=_granularity, default=DEFAULT_GRANULARITY,
+        help="granularity of the checkpoint bitmap when first created (default 64k)",
+    )
+    p.add_argument("--readonly", action="store_true", help="serve read-only")
+    p.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
+    p.set_defaults(func=cmd_track)
+
+    bitmap = sub.add_parser("bitmap", help="add, remove, clear, enable, disable, merge, list, show bitmaps")
+    bsub = bitmap.add_subparsers(dest="bitmap_command", required=True, metavar="ACTION")
+
+    p = bsub.add_parser("add", help="create a bitmap that records from now on")
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("name")
+    p.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY)
+    p.add_argument("--disabled", action="store_true", help="create it not recording")
+    p.set_defaults(func=cmd_bitmap_add)
+
+    for action, op, text in (
+        ("remove", "bitmap.remove", "delete a bitmap"),
+        ("clear", "bitmap.clear", "mark every granule clean (consistent again from now on)"),
+        ("enable", "bitmap.enable", "start recording into a bitmap"),
+        ("disable", "bitmap.disable", "stop recording into a bitmap (after in-flight writes)"),
+    ):
+        p = bsub.add_parser(action, help=text)
+        state_arg(p)
+        json_arg(p)
+        p.add_argument("name")
+        p.set_defaults(func=_simple(op))
+
+    p = bsub.add_parser("merge", help="OR bitmaps into a target bitmap")
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("target")
+    p.add_argument("sources", nargs="+")
+    p.set_defaults(func=cmd_bitmap_merge)
+
+    p = bsub.add_parser("list", help="list bitmaps")
+    state_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_bitmap_list)
+
+    p = bsub.add_parser("show", help="print a bitmap's extents as nbdinfo --map does")
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("name")
+    p.add_argument("--allow-inconsistent", action="store_true", help="print an inconsistent bitmap")
+    p.set_defaults(func=cmd_bitmap_show)
+
+    p = sub.add_parser("checkpoint", help="freeze the changes since the last checkpoint as NAME")
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=DRAIN_TIMEOUT, help="drain timeout, seconds")
+    p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("status", help="tracker state and bitmaps")
+    state_arg(p)
+    json_arg(p)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    try:
+        code: int = args.func(args)
+        return code
+    except errors.Unavailable as e:
+        if args.debug:
+            raise
+        print(f"dirtydiff: {e.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except errors.DirtydiffError as e:
+        if args.debug:
+            raise
+        print(f"dirtydiff: {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        if args.debug:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"dirtydiff:{where}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
