@@ -215,7 +215,7 @@ class NbdBackend:
             self.can_flush = bool(probe.can_flush())
             self.can_extents = bool(probe.can_meta_context("base:allocation"))
         finally:
-            probe.close()
+            _disconnect(probe)
 
     def _handle(self) -> Any:
         h = self._nbd.NBD()
@@ -223,7 +223,7 @@ class NbdBackend:
         try:
             h.connect_uri(self.uri)
         except self._nbd.Error as e:
-            h.close()
+            del h
             raise OSError(e.errno or errno.EIO, f"cannot connect to {self.uri}: {e.string}") from None
         return h
 
@@ -287,4 +287,12 @@ class _NbdConnection:
         return [(o, min(n, end - o), t) for o, n, t in found if o < end]
 
     def close(self) -> None:
-        self._h.close()
+        _disconnect(self._h)
+
+
+def _disconnect(handle: Any) -> None:
+    """Say NBD_CMD_DISC politely; the handle is freed when collected."""
+    try:
+        handle.shutdown()
+    except Exception:  # the upstream may already be gone; nothing to save
+        pass

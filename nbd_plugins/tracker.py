@@ -38,11 +38,20 @@ def thread_model() -> int:
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+def _refuse_to_start(error: DirtydiffError) -> None:
+    # nbdkit would print a Python traceback for an exception; a start-up error
+    # is the user's to fix, so say it in one line and exit before serving.
+    # Nothing needs cleaning: Tracker() released all it took.
+    sys.stderr.write(f"dirtydiff-tracker: error: {error.message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def config(key: str, value: str) -> None:
     try:
         _config.set(key, value)
     except DirtydiffError as e:
-        raise RuntimeError(e.message) from None
+        _refuse_to_start(e)
 
 
 def config_complete() -> None:
@@ -50,7 +59,7 @@ def config_complete() -> None:
     try:
         _config.check()
     except DirtydiffError as e:
-        raise RuntimeError(e.message) from None
+        _refuse_to_start(e)
 
 
 def get_ready() -> None:
@@ -60,7 +69,9 @@ def get_ready() -> None:
     try:
         _tracker = Tracker(_config)
     except DirtydiffError as e:
-        raise RuntimeError(e.message) from None
+        _refuse_to_start(e)
+    except OSError as e:  # e.g. a full or read-only state filesystem
+        _refuse_to_start(DirtydiffError(f"{e.filename or 'state directory'}: {e.strerror or e}"))
 
 
 def after_fork() -> None:
