@@ -44,6 +44,7 @@ Readers in other processes are safe: while recording, bits only go 0 -> 1.
 from __future__ import annotations
 
 import enum
+import errno
 import mmap
 import os
 import struct
@@ -236,13 +237,23 @@ class BitmapFile:
             boot_id=current_boot_id() if flags & Flag.IN_USE else bytes(16),
         )
         tmp = path.with_name(f".{path.name}.new")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.pwrite(fd, header.pack().ljust(HEADER_SIZE, b"\0"), 0)
-            os.ftruncate(fd, HEADER_SIZE + bits_length(disk_size, granularity))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, header.pack().ljust(HEADER_SIZE, b"\0"), 0)
+                # Reserve every block now: a store into a hole of a mapped file
+                # on a full filesystem is a SIGBUS in the middle of a VM's
+                # write. Better a clear ENOSPC here, when the bitmap is made.
+                os.posix_fallocate(fd, 0, HEADER_SIZE + bits_length(disk_size, granularity))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise errors.StorageError(
+                "state-dir-full" if e.errno == errno.ENOSPC else "state-dir-error",
+                f"cannot create bitmap {path}: {e.strerror}",
+            ) from None
         if path.exists():
             tmp.unlink()
             raise errors.Conflict("name-in-use", f"bitmap file {path} already exists")
@@ -347,6 +358,9 @@ class BitmapFile:
 
 def set_bit_range(bits: mmap.mmap | bytearray, start: int, stop: int) -> None:
     """Set bits ``[start, stop)`` (LSB first in each byte)."""
+    if start >= stop:
+        # An empty range: the head/tail masks below assume at least one bit.
+        return
     first_byte, last_byte = start >> 3, (stop - 1) >> 3
     head = (0xFF << (start & 7)) & 0xFF
     tail = 0xFF >> (7 - ((stop - 1) & 7))

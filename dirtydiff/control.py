@@ -97,7 +97,9 @@ def reply_error(error: errors.DirtydiffError) -> Message:
     return {
         "version": API_VERSION,
         "ok": False,
-        "error": {"code": error.code, "message": error.message},
+        # "kind" is the class of error (bad-request, not-found, ...), "code"
+        # the precise reason scripts match on (unknown-bitmap, name-in-use, ...).
+        "error": {"kind": type(error).code, "code": error.code, "message": error.message},
     }
 
 
@@ -116,6 +118,13 @@ def _arg(args: dict[str, Any], name: str, kind: type, default: object = ...) -> 
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise errors.BadRequest("bad-request", f"argument {name!r} must be {kind.__name__}")
     return value
+
+
+def _seconds(args: dict[str, Any]) -> float:
+    value = _arg(args, "timeout", object, DRAIN_TIMEOUT)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise errors.BadRequest("bad-request", "argument 'timeout' must be seconds, 0 < t <= 3600")
+    return float(value)
 
 
 def _names(args: dict[str, Any]) -> list[str]:
@@ -148,11 +157,11 @@ HANDLERS: dict[str, _Handler] = {
     "bitmap.clear": lambda store, args: store.clear(_arg(args, "name", str)).as_dict(),
     "bitmap.enable": lambda store, args: store.enable(_arg(args, "name", str)).as_dict(),
     "bitmap.disable": lambda store, args: store.disable(
-        _arg(args, "name", str), _arg(args, "timeout", float, DRAIN_TIMEOUT)
+        _arg(args, "name", str), _seconds(args)
     ).as_dict(),
     "bitmap.merge": lambda store, args: store.merge(_arg(args, "target", str), _names(args)).as_dict(),
     "checkpoint": lambda store, args: asdict(
-        store.checkpoint(_arg(args, "name", str), _arg(args, "timeout", float, DRAIN_TIMEOUT))
+        store.checkpoint(_arg(args, "name", str), _seconds(args))
     ),
 }
 
@@ -188,10 +197,12 @@ def request(op: str, **args: object) -> Message:
     return {"version": API_VERSION, "op": op, "args": args}
 
 
-def call(socket_path: Path, op: str, timeout: float = CALL_TIMEOUT, **args: object) -> Any:
+def call(socket_path: Path, op: str, **args: object) -> Any:
     """Send one request; return its result or raise the error it carries."""
+    drain = args.get("timeout")
+    wait = CALL_TIMEOUT + (drain if isinstance(drain, int | float) else 0)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
+        sock.settimeout(wait)
         try:
             sock.connect(str(socket_path))
             sock.sendall(encode(request(op, **args)))
@@ -210,5 +221,5 @@ def result_of(reply: Message) -> Any:
         return reply.get("result")
     error = reply.get("error") or {}
     code = str(error.get("code", "error"))
-    cls = errors.ERROR_CLASSES.get(code, errors.DirtydiffError)
+    cls = errors.ERROR_CLASSES.get(str(error.get("kind")), errors.DirtydiffError)
     raise cls(code, str(error.get("message", "request failed")))

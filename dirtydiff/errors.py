@@ -46,6 +46,12 @@ class Corrupt(DirtydiffError):
     code = "corrupt"
 
 
+class StorageError(DirtydiffError):
+    """The state directory's filesystem failed us (full, read-only, I/O error)."""
+
+    code = "storage"
+
+
 class Unavailable(DirtydiffError):
     """A process the request needs is not reachable or timed out."""
 
@@ -59,5 +65,5 @@ class ProtocolError(DirtydiffError):
 
 
 ERROR_CLASSES: dict[str, type[DirtydiffError]] = {
-    cls.code: cls for cls in (BadRequest, NotFound, Conflict, Corrupt, Unavailable, ProtocolError)
+    cls.code: cls for cls in (BadRequest, NotFound, Conflict, Corrupt, StorageError, Unavailable, ProtocolError)
 }

@@ -224,7 +224,7 @@ class NbdBackend:
             h.connect_uri(self.uri)
         except self._nbd.Error as e:
             del h
-            raise OSError(e.errno or errno.EIO, f"cannot connect to {self.uri}: {e.string}") from None
+            raise OSError(e.errnum or errno.EIO, f"cannot connect to {self.uri}: {e.string}") from None
         return h
 
     def connect(self) -> Connection:
@@ -246,7 +246,7 @@ class _NbdConnection:
         try:
             return getattr(self._h, name)(*args)
         except self._nbd.Error as e:
-            raise OSError(e.errno or errno.EIO, e.string) from None
+            raise OSError(e.errnum or errno.EIO, e.string) from None
 
     def pread(self, buf: Any, offset: int) -> None:
         buf[:] = self._call("pread", len(buf), offset)
