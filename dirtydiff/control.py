@@ -48,7 +48,7 @@ def encode(message: Message) -> bytes:
 
 def frame_length(prefix: bytes) -> int:
     """Parse the length prefix; a length past the limit is a protocol error."""
-    (length,) = _LENGTH.unpack(prefix)
+    length: int = _LENGTH.unpack(prefix)[0]
     if length > MAX_MESSAGE:
         raise errors.ProtocolError(
             "too-large", f"message of {length} bytes is over the {MAX_MESSAGE}-byte limit"
@@ -130,7 +130,9 @@ def _seconds(args: dict[str, Any]) -> float:
 def _names(args: dict[str, Any]) -> list[str]:
     sources = _arg(args, "sources", list)
     if not sources or not all(isinstance(s, str) for s in sources):
-        raise errors.BadRequest("bad-request", "argument 'sources' must be a non-empty list of names")
+        raise errors.BadRequest(
+            "bad-request", "argument 'sources' must be a non-empty list of names"
+        )
     return list(sources)
 
 
@@ -159,7 +161,9 @@ HANDLERS: dict[str, _Handler] = {
     "bitmap.disable": lambda store, args: store.disable(
         _arg(args, "name", str), _seconds(args)
     ).as_dict(),
-    "bitmap.merge": lambda store, args: store.merge(_arg(args, "target", str), _names(args)).as_dict(),
+    "bitmap.merge": lambda store, args: store.merge(
+        _arg(args, "target", str), _names(args)
+    ).as_dict(),
     "checkpoint": lambda store, args: asdict(
         store.checkpoint(_arg(args, "name", str), _seconds(args))
     ),
@@ -168,9 +172,11 @@ HANDLERS: dict[str, _Handler] = {
 
 def parse_request(message: Message) -> tuple[str, dict[str, Any]]:
     version = message.get("version")
-    if version != API_VERSION:
+    # True == 1 and 1.0 == 1 in Python: only the integer is the version.
+    if type(version) is not int or version != API_VERSION:
         raise errors.BadRequest(
-            "bad-version", f"control API version {version!r} is not supported (this is {API_VERSION})"
+            "bad-version",
+            f"control API version {version!r} is not supported (this is {API_VERSION})",
         )
     op = message.get("op")
     if not isinstance(op, str) or op not in HANDLERS:

@@ -65,5 +65,6 @@ class ProtocolError(DirtydiffError):
 
 
 ERROR_CLASSES: dict[str, type[DirtydiffError]] = {
-    cls.code: cls for cls in (BadRequest, NotFound, Conflict, Corrupt, StorageError, Unavailable, ProtocolError)
+    cls.code: cls
+    for cls in (BadRequest, NotFound, Conflict, Corrupt, StorageError, Unavailable, ProtocolError)
 }

@@ -40,7 +40,7 @@ def _run_end(bits: Bits, i: int, stop: int, dirty: int) -> int:
     full_stop = stop >> 3
     if (i >> 3) < full_stop:
         pattern = _NOT_DIRTY if dirty else _NOT_CLEAN
-        found = pattern.search(bits, i >> 3, full_stop)  # type: ignore[call-overload]
+        found = pattern.search(bits, i >> 3, full_stop)
         i = (found.start() if found else full_stop) << 3
     while i < stop:
         if _bit(bits, i) != dirty:

@@ -105,10 +105,13 @@ class StateDir:
         if not self.path.exists():
             raise errors.NotFound(
                 "no-state-dir",
-                f"state directory {self.path} does not exist (create it: mkdir -m 0700 {self.path})",
+                f"state directory {self.path} does not exist "
+                f"(create it: mkdir -m 0700 {self.path})",
             )
         if not self.path.is_dir():
-            raise errors.BadRequest("no-state-dir", f"state directory {self.path} is not a directory")
+            raise errors.BadRequest(
+                "no-state-dir", f"state directory {self.path} is not a directory"
+            )
         self.bitmaps_dir = self.path / "bitmaps"
         self.lock_path = self.path / "lock"
         self.socket_path = self.path / "tracker.sock"

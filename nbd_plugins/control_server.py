@@ -8,6 +8,7 @@ is disconnected; other clients and the VM's I/O are not affected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -45,7 +46,9 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(conn,), name="control-conn", daemon=True
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -79,9 +82,7 @@ class ControlServer:
 
     def close(self) -> None:
         self._stopping = True
-        try:
+        with contextlib.suppress(OSError):  # not connected: nothing to shut down
             self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._sock.close()
         self.path.unlink(missing_ok=True)

@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, inconsistency
@@ -98,7 +99,7 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], None]) -> None:
 # -- commands -------------------------------------------------------------
 
 
-def cmd_track(args: argparse.Namespace) -> int:
+def cmd_track(args: argparse.Namespace) -> NoReturn:
     state = StateDir(args.state)
     if args.disk is None and args.uri is None:
         raise errors.BadRequest("usage", "give a DISK or --uri URI")
@@ -106,7 +107,9 @@ def cmd_track(args: argparse.Namespace) -> int:
         raise errors.NotFound("no-disk", f"disk {args.disk} does not exist")
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
-        raise errors.NotFound("no-nbdkit", "nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+        raise errors.NotFound(
+            "no-nbdkit", "nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)"
+        )
     source = f"file={os.path.abspath(args.disk)}" if args.disk is not None else f"uri={args.uri}"
     argv = [nbdkit, "-f", "-U", args.socket]
     if args.threads:
@@ -130,8 +133,22 @@ def cmd_track(args: argparse.Namespace) -> int:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     if args.debug:
         print(" ".join(argv), file=sys.stderr)
-    os.execve(nbdkit, argv, env)
-    return 0  # not reached
+    _remove_stale_socket(Path(args.socket))
+    os.execve(nbdkit, argv, env)  # nbdkit takes over this process
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """A tracker killed with -9 leaves its socket behind; nbdkit would refuse
+    to bind. Remove it only if nobody answers on it."""
+    if not path.is_socket():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            path.unlink()
+            return
+    raise errors.Conflict("socket-in-use", f"{path} is in use by a running server")
 
 
 def cmd_bitmap_list(args: argparse.Namespace) -> int:
@@ -147,7 +164,8 @@ def cmd_bitmap_show(args: argparse.Namespace) -> int:
             raise errors.Conflict(
                 "inconsistent",
                 f"bitmap {args.name!r} is inconsistent ({why.describe()}): it may miss changes "
-                "and cannot be used for an incremental backup (--allow-inconsistent prints it anyway)",
+                "and cannot be used for an incremental backup "
+                "(--allow-inconsistent prints it anyway)",
             )
         found = bitmap_extents(bitmap)
     sys.stdout.write(nbdinfo_json(found) if args.json else nbdinfo_text(found))
@@ -160,7 +178,11 @@ def _info_line(info: dict[str, Any]) -> None:
 
 def cmd_bitmap_add(args: argparse.Namespace) -> int:
     info = run_request(
-        args.state, "bitmap.add", name=args.name, granularity=args.granularity, enabled=not args.disabled
+        args.state,
+        "bitmap.add",
+        name=args.name,
+        granularity=args.granularity,
+        enabled=not args.disabled,
     )
     _emit(info, args.json, _info_line)
     return 0
@@ -218,7 +240,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     def human(s: dict[str, Any]) -> None:
         tracker = s["tracker"]
         print(f"state:    {s['state']}")
-        print("tracker:  " + (f"running (pid {tracker['pid']})" if tracker["running"] else "not running"))
+        print(
+            "tracker:  "
+            + (f"running (pid {tracker['pid']})" if tracker["running"] else "not running")
+        )
         if "disk_size" in s:
             print(f"disk:     {_human(s['disk_size'])} ({s['disk_size']} bytes)")
         print()
@@ -268,14 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     state_arg(p)
     p.add_argument("--socket", required=True, metavar="SOCK", help="unix socket the VM connects to")
     p.add_argument(
-        "--granularity", type=_granularity, default=DEFAULT_GRANULARITY,
+        "--granularity",
+        type=_granularity,
+        default=DEFAULT_GRANULARITY,
         help="granularity of the checkpoint bitmap when first created (default 64k)",
     )
     p.add_argument("--readonly", action="store_true", help="serve read-only")
     p.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
     p.set_defaults(func=cmd_track)
 
-    bitmap = sub.add_parser("bitmap", help="add, remove, clear, enable, disable, merge, list, show bitmaps")
+    bitmap = sub.add_parser(
+        "bitmap", help="add, remove, clear, enable, disable, merge, list, show bitmaps"
+    )
     bsub = bitmap.add_subparsers(dest="bitmap_command", required=True, metavar="ACTION")
 
     p = bsub.add_parser("add", help="create a bitmap that records from now on")
@@ -334,7 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s"
+    )
     try:
         code: int = args.func(args)
         return code

@@ -86,10 +86,29 @@ def main() -> int:
         disk.write_bytes(b"")
         with disk.open("r+b") as f:
             f.truncate(DISK_SIZE)
-        sh("qemu-io", "-f", "raw", "-c", "write -P 0x61 0 32M", "-c", "write -P 0x62 100M 16M", str(disk))
+        sh(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x61 0 32M",
+            "-c",
+            "write -P 0x62 100M 16M",
+            str(disk),
+        )
 
         step("start the tracker: the VM's disk server, recording every write")
-        argv = [sys.executable, "-m", "sidecar.cli", "track", str(disk), "--state", str(state), "--socket", str(sock)]
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "track",
+            str(disk),
+            "--state",
+            str(state),
+            "--socket",
+            str(sock),
+        ]
         print("$ dirtydiff " + " ".join(argv[3:]), flush=True)
         tracker = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         wait_for_socket(sock, tracker)
@@ -108,7 +127,9 @@ def main() -> int:
         extents = json.loads(dirtydiff("bitmap", "show", "--state", str(state), "--json", "inc1"))
         dirty = [e for e in extents if e["type"] == 1]
         print(f"inc1 has {len(dirty)} dirty extents; the first ones:")
-        print("\n".join(dirtydiff("bitmap", "show", "--state", str(state), "inc1").splitlines()[:6]))
+        print(
+            "\n".join(dirtydiff("bitmap", "show", "--state", str(state), "inc1").splitlines()[:6])
+        )
 
         step("incremental backup: read only the dirty extents, apply them to the full backup")
         started = time.monotonic()
@@ -135,8 +156,10 @@ def main() -> int:
         print(f"disk size:                {DISK_SIZE // MiB} MiB")
         print(f"granularity:              {DEFAULT_GRANULARITY // 1024} KiB")
         print(f"dirty since full backup:  {read / MiB:.1f} MiB in {len(dirty)} extents")
-        print(f"incremental read:         {read / MiB:.1f} MiB vs {DISK_SIZE // MiB} MiB full "
-              f"({100 * read / DISK_SIZE:.1f}%) in {elapsed:.2f}s")
+        print(
+            f"incremental read:         {read / MiB:.1f} MiB vs {DISK_SIZE // MiB} MiB full "
+            f"({100 * read / DISK_SIZE:.1f}%) in {elapsed:.2f}s"
+        )
         return 0
     finally:
         if tracker is not None and tracker.poll() is None:

@@ -32,7 +32,9 @@ def uri_of(sock: Path) -> str:
     return f"nbd+unix:///?socket={sock}"
 
 
-def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], deadline: float = START_DEADLINE) -> None:
+def wait_for_socket(
+    sock: Path, proc: subprocess.Popen[bytes], deadline: float = START_DEADLINE
+) -> None:
     """Wait until ``sock`` accepts a connection, or fail if ``proc`` exits."""
     end = time.monotonic() + deadline
     while True:
@@ -93,7 +95,10 @@ class Processes:
         with log.open("wb") as stderr:
             # stderr to a file, not a pipe: a chatty server must never block on it.
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
                 env={**os.environ, **(env or {})},
             )
         server = Server(proc, sock, log)
@@ -117,8 +122,18 @@ class Processes:
     ) -> Server:
         source = f"file={disk}" if disk is not None else f"uri={uri}"
         sock = sock or self._sock("tracker")
-        argv = ["nbdkit", "-f", "-U", str(sock), *(nbdkit_args or []), "python", str(PLUGIN),
-                source, f"state={state}", *(extra or [])]
+        argv = [
+            "nbdkit",
+            "-f",
+            "-U",
+            str(sock),
+            *(nbdkit_args or []),
+            "python",
+            str(PLUGIN),
+            source,
+            f"state={state}",
+            *(extra or []),
+        ]
         return self.start(argv, sock, env)
 
     def qemu_nbd(self, image: Path, *args: str, fmt: str = "raw") -> Server:

@@ -39,7 +39,10 @@ def start_fails(*params: str, nbdkit_args: tuple[str, ...] = ()) -> str:
     """Run the tracker, expect it to refuse to start; return its stderr."""
     result = subprocess.run(
         ["nbdkit", "-f", "-U", "-", *nbdkit_args, "python", str(PLUGIN), *params, "--run", "true"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
@@ -65,7 +68,9 @@ def test_missing_state_dir(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "disk.raw", MiB)
     err = start_fails(f"file={disk}", f"state={tmp_path / 'nope'}")
     assert "state directory" in err and "does not exist" in err
-    cli = dirtydiff("track", str(disk), "--state", str(tmp_path / "nope"), "--socket", "x", check=False)
+    cli = dirtydiff(
+        "track", str(disk), "--state", str(tmp_path / "nope"), "--socket", "x", check=False
+    )
     assert cli.returncode == 1 and "does not exist" in cli.stderr and "Traceback" not in cli.stderr
 
 
@@ -93,7 +98,9 @@ def test_bad_granularity(tmp_path: Path, state: Path, granularity: str) -> None:
 
 def test_bad_granularity_from_the_cli(tracked: Path, state: Path) -> None:
     before = files_of(state)
-    result = dirtydiff("bitmap", "add", "--state", str(state), "--granularity", "3000", "b", check=False)
+    result = dirtydiff(
+        "bitmap", "add", "--state", str(state), "--granularity", "3000", "b", check=False
+    )
     assert result.returncode == 1
     assert "power of two" in result.stderr and "Traceback" not in result.stderr
     assert files_of(state) == before
@@ -149,7 +156,7 @@ def test_requests_past_the_end_fail_and_mark_nothing(
         lambda: h.pread(10, 4 * MiB),
     ):
         with pytest.raises(nbd.Error):
-            request()
+            request()  # type: ignore[no-untyped-call]
     # The same connection and a new one both keep working.
     h.pwrite(b"ok", 0)
     h.shutdown()
@@ -200,7 +207,9 @@ def test_read_only_backing_file_is_served_read_only(
 @contextlib.contextmanager
 def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
     where.mkdir()
-    if run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=False).returncode:
+    if run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)], check=False
+    ).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield where

@@ -24,7 +24,7 @@ import pytest
 from dirtydiff import control
 from dirtydiff.bitmapfile import BitmapFile
 from dirtydiff.extents import granules_of
-from tests.conftest import GRANULE, Processes, dirtydiff, dirty_granules_of, make_disk, stop
+from tests.conftest import GRANULE, Processes, dirtydiff, make_disk, stop
 
 MiB = 1 << 20
 
@@ -41,7 +41,9 @@ def dirty_set(state: Path, name: str) -> set[int]:
     return {i for i in range(bits.bit_length()) if bits >> i & 1}
 
 
-def random_intervals(rng: random.Random, size: int, count: int, max_len: int) -> list[tuple[int, int]]:
+def random_intervals(
+    rng: random.Random, size: int, count: int, max_len: int
+) -> list[tuple[int, int]]:
     """Non-overlapping [offset, offset+length) ranges, so that requests in
     flight at the same time never race on the same byte and the expected
     content is well defined."""
@@ -53,7 +55,9 @@ def random_intervals(rng: random.Random, size: int, count: int, max_len: int) ->
     return found
 
 
-def test_many_clients_many_requests_in_flight(procs: Processes, tmp_path: Path, state: Path) -> None:
+def test_many_clients_many_requests_in_flight(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
     size = 48 * MiB + 12345
     disk = make_disk(tmp_path / "disk.raw", size)
     tracker = procs.tracker(state, disk=disk)
@@ -79,7 +83,9 @@ def test_many_clients_many_requests_in_flight(procs: Processes, tmp_path: Path, 
 
         failures: list[BaseException] = []
 
-        def submit(h: Any, plan: list[tuple[str, int, int]]) -> None:
+        def submit(
+            h: Any, plan: list[tuple[str, int, int]], failures: list[BaseException] = failures
+        ) -> None:
             try:
                 cookies = []
                 for kind, offset, length in plan:
@@ -100,7 +106,8 @@ def test_many_clients_many_requests_in_flight(procs: Processes, tmp_path: Path, 
                 failures.append(e)
 
         threads = [
-            threading.Thread(target=submit, args=(h, plan)) for h, plan in zip(clients, plans, strict=True)
+            threading.Thread(target=submit, args=(h, plan))
+            for h, plan in zip(clients, plans, strict=True)
         ]
         for t in threads:
             t.start()
@@ -117,7 +124,9 @@ def test_many_clients_many_requests_in_flight(procs: Processes, tmp_path: Path, 
     assert dirty_set(state, "fine") == touched[4096]
 
 
-def _writer(uri: str, acked: list[int], stop_flag: threading.Event, enough: threading.Event) -> None:
+def _writer(
+    uri: str, acked: list[int], stop_flag: threading.Event, enough: threading.Event
+) -> None:
     rng = random.Random(7)
     h = connect(uri)
     try:
