@@ -151,6 +151,25 @@ def _remove_stale_socket(path: Path) -> None:
     raise errors.Conflict("socket-in-use", f"{path} is in use by a running server")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sidecar.serve import serve
+
+    state = StateDir(args.state)
+    asyncio.run(
+        serve(
+            state,
+            args.disk,
+            Path(args.socket),
+            tcp=args.tcp,
+            export_name=args.export_name,
+            bitmaps=args.bitmap,
+        )
+    )
+    return 0
+
+
 def cmd_bitmap_list(args: argparse.Namespace) -> int:
     _emit(run_request(args.state, "bitmap.list"), args.json, _print_table)
     return 0
@@ -301,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readonly", action="store_true", help="serve read-only")
     p.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
     p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("serve", help="export the disk and its bitmaps over NBD, read-only")
+    state_arg(p)
+    p.add_argument("--disk", required=True, metavar="FILE|URI", help="the disk, or the tracker's URI")
+    p.add_argument("--socket", required=True, metavar="SOCK", help="unix socket to listen on")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (give the address)")
+    p.add_argument("--export-name", default="", help="export name (default: empty)")
+    p.add_argument(
+        "--bitmap", action="append", metavar="NAME",
+        help="export only these bitmaps (repeat); default: every consistent one",
+    )
+    p.set_defaults(func=cmd_serve)
 
     bitmap = sub.add_parser(
         "bitmap", help="add, remove, clear, enable, disable, merge, list, show bitmaps"

@@ -1,0 +1,553 @@
+"""The sidecar's NBD server: the disk read-only, with base:allocation and
+qemu:dirty-bitmap:NAME block status, as ``qemu-nbd -B NAME`` serves it.
+
+One ``Connection`` per client: the fixed-newstyle handshake, then the
+transmission phase where every request runs as its own task and replies go
+out whole, one chunk at a time, under a write lock (replies may come out of
+order; chunks never interleave). ``../shared/nbd-interop.md`` lists what real
+clients require; qemu-nbd 7.2 is the reference for every doubtful case.
+
+Two kinds of failure: ``ProtocolError`` (or the client vanishing) ends that
+connection only; ``RequestError`` fails one request with an errno. Nothing a
+client sends makes the server allocate more than ``MAX_REQUEST`` bytes for one
+request or ``MAX_OPTION`` for one option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dirtydiff import nbdproto as proto
+from dirtydiff.bitmapfile import BitmapFile, inconsistency, Reason
+from dirtydiff.extents import extents as bitmap_extents
+from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
+from dirtydiff.state import StateDir
+from nbd_plugins.backends import Backend, Connection as DiskConnection
+
+log = logging.getLogger(__name__)
+
+# Requests in flight per connection: enough to keep a disk busy, few enough
+# that MAX_REQUEST-sized reads stay bounded in memory.
+MAX_IN_FLIGHT = 16
+BLOCK_SIZES = (1, 4096, proto.MAX_REQUEST)
+
+
+@dataclass
+class Export:
+    """What one export name serves: a disk and the bitmaps of a state dir."""
+
+    name: str
+    backend: Backend
+    state: StateDir | None = None
+    bitmap_filter: frozenset[str] | None = None  # --bitmap: only these
+    description: str = ""
+    sendfile_path: Path | None = None  # a local file: reads use sendfile(2)
+    _open_bitmaps: dict[str, tuple[int, BitmapFile]] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.backend.size
+
+    def bitmap_names(self) -> list[str]:
+        """Bitmaps this export offers: consistent ones, filtered, sorted."""
+        if self.state is None:
+            return []
+        names = []
+        for name in self.state.names():
+            if self.bitmap_filter is not None and name not in self.bitmap_filter:
+                continue
+            try:
+                header = self.state.read_header(name)
+            except Exception as e:  # a corrupt or vanished file: not offered
+                log.warning("bitmap %s not exported: %s", name, e)
+                continue
+            if header.disk_size != self.size:
+                log.warning("bitmap %s not exported: it describes another disk size", name)
+                continue
+            why = inconsistency(header)
+            if why is not Reason.NONE:
+                log.warning("bitmap %s not exported: inconsistent (%s)", name, why.describe())
+                continue
+            names.append(name)
+        return sorted(names)
+
+    def contexts(self) -> list[str]:
+        return [proto.BASE_ALLOCATION] + [
+            proto.DIRTY_BITMAP_PREFIX + n for n in self.bitmap_names()
+        ]
+
+    def bitmap(self, name: str) -> BitmapFile:
+        """The live bitmap, mapped read-only; reopened if the file was replaced."""
+        assert self.state is not None
+        path = self.state.bitmap_path(name)
+        inode = os.stat(path).st_ino
+        cached = self._open_bitmaps.get(name)
+        if cached is not None and cached[0] == inode:
+            return cached[1]
+        bitmap = BitmapFile(path, writable=False)
+        self._open_bitmaps[name] = (inode, bitmap)
+        return bitmap
+
+
+@dataclass
+class Context:
+    """A meta context selected by SET_META_CONTEXT."""
+
+    id: int
+    name: str
+    # (count, offset) -> [(length, flags)] covering exactly [offset, offset+count)
+    extents: Callable[[int, int, bool], list[tuple[int, int]]]
+
+
+def _merge(
+    found: Iterable[tuple[int, int, int]], offset: int, count: int, one: bool
+) -> list[tuple[int, int]]:
+    """(offset, length, flags) -> (length, flags) covering exactly the request,
+    neighbours merged; a range the source did not describe counts as data."""
+    end = offset + count
+    merged: list[list[int]] = []
+
+    def add(length: int, flags: int) -> None:
+        if merged and merged[-1][1] == flags:
+            merged[-1][0] += length
+        else:
+            merged.append([length, flags])
+
+    pos = offset
+    for start, length, flags in found:
+        stop = min(start + length, end)
+        if stop <= pos:
+            continue
+        if start > pos:
+            add(start - pos, 0)
+        add(stop - max(start, pos), flags)
+        pos = stop
+        if pos >= end:
+            break
+    if pos < end:
+        add(end - pos, 0)
+    if one:
+        merged = merged[:1]
+    return [(length, flags) for length, flags in merged]
+
+
+class Connection:
+    def __init__(
+        self,
+        server: NbdServer,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.structured = False
+        self.no_zeroes = False
+        self.fixed = False
+        self.export: Export | None = None
+        self.contexts: list[Context] = []
+        self.contexts_export: str | None = None
+        self.disk: DiskConnection | None = None
+        self._wlock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+    # -- I/O helpers ---------------------------------------------------------
+
+    async def _read(self, n: int) -> bytes:
+        return await self.reader.readexactly(n)
+
+    async def _drain_bytes(self, n: int) -> None:
+        """Read and discard n bytes without holding them."""
+        while n > 0:
+            chunk = await self.reader.read(min(n, 1 << 20))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", n)
+            n -= len(chunk)
+
+    async def _send(self, *chunks: bytes) -> None:
+        async with self._wlock:
+            for chunk in chunks:
+                self.writer.write(chunk)
+            await self.writer.drain()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            if await self._handshake():
+                await self._transmission()
+        except (asyncio.IncompleteReadError, ConnectionError, proto.ProtocolError) as e:
+            log.info("client %s: connection ended: %s", self._peer(), e or type(e).__name__)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.disk is not None:
+                await asyncio.to_thread(self.disk.close)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+                await self.writer.wait_closed()
+
+    def _peer(self) -> str:
+        peer = self.writer.get_extra_info("peername")
+        return str(peer) if peer else "unix"
+
+    # -- handshake -----------------------------------------------------------
+
+    async def _handshake(self) -> bool:
+        """Negotiate; True when the transmission phase should start."""
+        flags = proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES
+        await self._send(proto.SERVER_GREETING.pack(proto.NBDMAGIC, proto.IHAVEOPT, flags))
+        (client_flags,) = proto.CLIENT_FLAGS.unpack(await self._read(4))
+        if client_flags & ~proto.KNOWN_CLIENT_FLAGS:
+            raise proto.ProtocolError(f"unknown client flags {client_flags:#x}")
+        self.fixed = bool(client_flags & proto.FLAG_C_FIXED_NEWSTYLE)
+        self.no_zeroes = bool(client_flags & proto.FLAG_C_NO_ZEROES)
+        while True:
+            magic, option, length = proto.OPTION_HEADER.unpack(await self._read(16))
+            if magic != proto.IHAVEOPT:
+                raise proto.ProtocolError(f"bad option magic {magic:#x}")
+            if option == Opt.EXPORT_NAME:
+                return await self._opt_export_name(length)
+            if not self.fixed:
+                raise proto.ProtocolError("option other than EXPORT_NAME without fixed newstyle")
+            if length > proto.MAX_OPTION:
+                await self._drain_bytes(length)
+                await self._reply(option, Rep.ERR_TOO_BIG, b"option payload too large")
+                continue
+            payload = await self._read(length)
+            if option == Opt.ABORT:
+                with contextlib.suppress(ConnectionError):
+                    await self._reply(option, Rep.ACK)
+                return False
+            handler = self._options.get(option)
+            if handler is None:
+                await self._reply(option, Rep.ERR_UNSUP, b"option not supported")
+                continue
+            try:
+                if await handler(self, option, payload):
+                    return True
+            except RequestError as e:
+                await self._reply(option, Rep.ERR_INVALID, e.message.encode())
+
+    async def _reply(self, option: int, reply: int, payload: bytes = b"") -> None:
+        await self._send(proto.option_reply(option, reply, payload))
+
+    def _find_export(self, name: str) -> Export | None:
+        return self.server.exports.get(name)
+
+    def _transmission_flags(self) -> int:
+        flags = (
+            proto.TransmissionFlag.HAS_FLAGS
+            | proto.TransmissionFlag.READ_ONLY
+            | proto.TransmissionFlag.SEND_FLUSH
+            | proto.TransmissionFlag.SEND_FUA
+            | proto.TransmissionFlag.SEND_CACHE
+            | proto.TransmissionFlag.CAN_MULTI_CONN  # read-only: trivially safe
+        )
+        if self.structured:
+            flags |= proto.TransmissionFlag.SEND_DF
+        return int(flags)
+
+    async def _opt_export_name(self, length: int) -> bool:
+        if length > proto.MAX_STRING:
+            raise proto.ProtocolError("export name too long")
+        name = (await self._read(length)).decode(errors="replace")
+        export = self._find_export(name)
+        if export is None:
+            raise proto.ProtocolError(f"unknown export {name!r}")  # spec: must disconnect
+        reply = proto.EXPORT_NAME_REPLY.pack(export.size, self._transmission_flags())
+        if not self.no_zeroes:
+            reply += bytes(proto.EXPORT_NAME_PADDING)
+        await self._send(reply)
+        await self._enter(export)
+        return True
+
+    async def _opt_list(self, option: int, payload: bytes) -> bool:
+        if payload:
+            await self._reply(option, Rep.ERR_INVALID, b"LIST takes no payload")
+            return False
+        for export in self.server.exports.values():
+            name = export.name.encode()
+            await self._reply(option, Rep.SERVER, struct.pack("!I", len(name)) + name + export.description.encode())
+        await self._reply(option, Rep.ACK)
+        return False
+
+    async def _opt_starttls(self, option: int, payload: bytes) -> bool:
+        if payload:
+            await self._reply(option, Rep.ERR_INVALID, b"STARTTLS takes no payload")
+        else:
+            await self._reply(option, Rep.ERR_POLICY, b"TLS not configured")
+        return False
+
+    async def _opt_structured_reply(self, option: int, payload: bytes) -> bool:
+        if payload:
+            await self._reply(option, Rep.ERR_INVALID, b"STRUCTURED_REPLY takes no payload")
+        elif self.structured:
+            await self._reply(option, Rep.ERR_INVALID, b"structured replies already negotiated")
+        else:
+            self.structured = True
+            await self._reply(option, Rep.ACK)
+        return False
+
+    async def _opt_info_go(self, option: int, payload: bytes) -> bool:
+        name, requests = proto.parse_info_request(payload)
+        export = self._find_export(name)
+        if export is None:
+            await self._reply(option, Rep.ERR_UNKNOWN, f"export {name!r} not present".encode())
+            return False
+        info = proto.INFO_EXPORT.pack(proto.Info.EXPORT, export.size, self._transmission_flags())
+        await self._reply(option, Rep.INFO, info)
+        if proto.Info.NAME in requests:
+            await self._reply(option, Rep.INFO, struct.pack("!H", proto.Info.NAME) + export.name.encode())
+        if proto.Info.DESCRIPTION in requests and export.description:
+            await self._reply(
+                option, Rep.INFO, struct.pack("!H", proto.Info.DESCRIPTION) + export.description.encode()
+            )
+        await self._reply(option, Rep.INFO, proto.INFO_BLOCK_SIZE.pack(proto.Info.BLOCK_SIZE, *BLOCK_SIZES))
+        await self._reply(option, Rep.ACK)
+        if option == Opt.GO:
+            await self._enter(export)
+            return True
+        return False
+
+    async def _opt_meta_context(self, option: int, payload: bytes) -> bool:
+        if option == Opt.SET_META_CONTEXT and not self.structured:
+            await self._reply(option, Rep.ERR_INVALID, b"structured replies not negotiated")
+            return False
+        name, queries = proto.parse_string_list(payload)
+        export = self._find_export(name)
+        if export is None:
+            await self._reply(option, Rep.ERR_UNKNOWN, f"export {name!r} not present".encode())
+            return False
+        available = await asyncio.to_thread(export.contexts)
+        if option == Opt.LIST_META_CONTEXT:
+            chosen = [c for c in available if not queries or any(_matches(q, c) for q in queries)]
+            for context in chosen:
+                await self._reply(option, Rep.META_CONTEXT, struct.pack("!I", 0) + context.encode())
+        else:
+            wanted = set(queries)
+            self.contexts = []
+            self.contexts_export = export.name
+            for number, context in enumerate(c for c in available if c in wanted):
+                self.contexts.append(self._context(export, number, context))
+                await self._reply(option, Rep.META_CONTEXT, struct.pack("!I", number) + context.encode())
+        await self._reply(option, Rep.ACK)
+        return False
+
+    _options: dict[int, Callable[[Connection, int, bytes], Any]] = {
+        Opt.LIST: _opt_list,
+        Opt.STARTTLS: _opt_starttls,
+        Opt.STRUCTURED_REPLY: _opt_structured_reply,
+        Opt.INFO: _opt_info_go,
+        Opt.GO: _opt_info_go,
+        Opt.LIST_META_CONTEXT: _opt_meta_context,
+        Opt.SET_META_CONTEXT: _opt_meta_context,
+    }
+
+    def _context(self, export: Export, number: int, name: str) -> Context:
+        if name == proto.BASE_ALLOCATION:
+
+            def allocation(count: int, offset: int, one: bool) -> list[tuple[int, int]]:
+                assert self.disk is not None
+                return _merge(self.disk.extents(count, offset), offset, count, one)
+
+            return Context(number, name, allocation)
+        bitmap = export.bitmap(name[len(proto.DIRTY_BITMAP_PREFIX) :])
+
+        def dirty(count: int, offset: int, one: bool) -> list[tuple[int, int]]:
+            found = bitmap_extents(
+                bitmap.bits,  # type: ignore[arg-type]
+                bitmap.granularity,
+                bitmap.header.disk_size,
+                offset,
+                count,
+                max_extents=1 if one else proto.MAX_EXTENTS,
+            )
+            return [(e.length, proto.STATE_DIRTY if e.dirty else 0) for e in found]
+
+        return Context(number, name, dirty)
+
+    async def _enter(self, export: Export) -> None:
+        self.export = export
+        if self.contexts_export != export.name:
+            self.contexts = []  # the selection belongs to the export named in it
+        self.disk = await asyncio.to_thread(export.backend.connect)
+
+    # -- transmission --------------------------------------------------------
+
+    async def _transmission(self) -> None:
+        while True:
+            request = proto.parse_request(await self._read(proto.REQUEST.size))
+            if request.type == Cmd.DISC:
+                break
+            if request.type == Cmd.WRITE:
+                # Read-only: consume the payload (bounded) and fail the write.
+                if request.length > proto.MAX_REQUEST:
+                    raise proto.ProtocolError(f"write of {request.length} bytes is over the limit")
+                await self._drain_bytes(request.length)
+                await self._fail(request, Errno.EPERM, "export is read-only")
+                continue
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(request))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _fail(self, request: proto.Request, errno: Errno, message: str) -> None:
+        if self.structured:
+            await self._send(proto.error_chunk(request.cookie, errno, message))
+        else:
+            await self._send(proto.simple_reply(request.cookie, errno))
+
+    async def _handle(self, request: proto.Request) -> None:
+        try:
+            await self._dispatch(request)
+        except RequestError as e:
+            await self._fail(request, e.errno, e.message)
+        except OSError as e:
+            log.warning("request %s failed: %s", request, e)
+            await self._fail(request, Errno.EIO, f"I/O error: {e.strerror or e}")
+
+    def _check_range(self, request: proto.Request) -> None:
+        assert self.export is not None
+        size = self.export.size
+        if request.offset > size or request.length > size - request.offset:
+            raise RequestError(Errno.EINVAL, "request past the end of the export")
+
+    async def _dispatch(self, request: proto.Request) -> None:
+        kind, flags = request.type, request.flags
+        allowed = {
+            Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+            Cmd.FLUSH: 0,
+            Cmd.CACHE: 0,
+            Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+            Cmd.TRIM: CmdFlag.FUA,
+            Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+        }
+        if kind not in allowed:
+            raise RequestError(Errno.EINVAL, f"unsupported command {kind}")
+        if flags & ~int(allowed[Cmd(kind)]):
+            raise RequestError(Errno.EINVAL, f"unsupported flags {flags:#x}")
+        if kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
+            raise RequestError(Errno.EPERM, "export is read-only")
+        if kind == Cmd.FLUSH:
+            await self._ok(request)
+        elif kind == Cmd.CACHE:
+            self._check_range(request)
+            await self._ok(request)
+        elif kind == Cmd.READ:
+            await self._read_request(request)
+        else:
+            await self._block_status(request)
+
+    async def _ok(self, request: proto.Request) -> None:
+        if self.structured:
+            await self._send(proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True))
+        else:
+            await self._send(proto.simple_reply(request.cookie))
+
+    async def _read_request(self, request: proto.Request) -> None:
+        if request.length > proto.MAX_REQUEST:
+            raise RequestError(Errno.EINVAL, f"read of {request.length} bytes is over the limit")
+        self._check_range(request)
+        assert self.export is not None and self.disk is not None
+        if self.structured:
+            header = proto.STRUCTURED_REPLY.pack(
+                proto.STRUCTURED_REPLY_MAGIC,
+                proto.REPLY_FLAG_DONE,
+                proto.ReplyType.OFFSET_DATA,
+                request.cookie,
+                8 + request.length,
+            ) + proto.OFFSET.pack(request.offset)
+        else:
+            header = proto.simple_reply(request.cookie)
+        if request.length == 0:
+            await self._send(header)
+            return
+        buf = bytearray(request.length)
+        await asyncio.to_thread(self.disk.pread, buf, request.offset)
+        await self._send(header, buf)
+
+    async def _block_status(self, request: proto.Request) -> None:
+        if not self.structured or not self.contexts:
+            raise RequestError(Errno.EINVAL, "no meta context negotiated")
+        if request.length == 0:
+            raise RequestError(Errno.EINVAL, "block status of zero bytes")
+        self._check_range(request)
+        one = bool(request.flags & CmdFlag.REQ_ONE)
+        chunks = []
+        for i, context in enumerate(self.contexts):
+            found = await asyncio.to_thread(context.extents, request.length, request.offset, one)
+            payload = proto.BLOCK_STATUS_ID.pack(context.id) + b"".join(
+                proto.EXTENT.pack(length, flags) for length, flags in found
+            )
+            chunks.append(
+                proto.structured_chunk(
+                    request.cookie,
+                    proto.ReplyType.BLOCK_STATUS,
+                    payload,
+                    done=i == len(self.contexts) - 1,
+                )
+            )
+        await self._send(*chunks)
+
+
+def _matches(query: str, context: str) -> bool:
+    """LIST_META_CONTEXT query semantics of qemu-nbd."""
+    if query == context:
+        return True
+    if query == "base:":
+        return context.startswith("base:")
+    if query == "qemu:":
+        return context.startswith("qemu:")
+    if query == proto.DIRTY_BITMAP_PREFIX:
+        return context.startswith(proto.DIRTY_BITMAP_PREFIX)
+    return False
+
+
+class NbdServer:
+    def __init__(self, exports: Iterable[Export]) -> None:
+        self.exports = {e.name: e for e in exports}
+        self.connections: set[Connection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = Connection(self, reader, writer)
+        self.connections.add(connection)
+        try:
+            await connection.run()
+        except Exception:
+            log.exception("connection failed")  # one client's bug never stops the server
+        finally:
+            self.connections.discard(connection)
+
+    async def listen_unix(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self._servers.append(await asyncio.start_unix_server(self._client, path=str(path)))
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        server = await asyncio.start_server(self._client, host=host, port=port)
+        self._servers.append(server)
+        bound: int = server.sockets[0].getsockname()[1]
+        return bound
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
