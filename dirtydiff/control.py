@@ -136,6 +136,20 @@ def _names(args: dict[str, Any]) -> list[str]:
     return list(sources)
 
 
+def _ranges(args: dict[str, Any]) -> list[tuple[int, int]]:
+    ranges = _arg(args, "ranges", list)
+    found = []
+    for item in ranges:
+        if (
+            not isinstance(item, list | tuple)
+            or len(item) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+        ):
+            raise errors.BadRequest("bad-request", "'ranges' must be a list of [offset, length]")
+        found.append((item[0], item[1]))
+    return found
+
+
 def _status(store: BitmapStore, args: dict[str, Any]) -> object:
     return {
         "disk_size": store.disk_size,
@@ -160,6 +174,9 @@ HANDLERS: dict[str, _Handler] = {
     "bitmap.enable": lambda store, args: store.enable(_arg(args, "name", str)).as_dict(),
     "bitmap.disable": lambda store, args: store.disable(
         _arg(args, "name", str), _seconds(args)
+    ).as_dict(),
+    "bitmap.mark": lambda store, args: store.mark_ranges(
+        _arg(args, "name", str), _ranges(args)
     ).as_dict(),
     "bitmap.merge": lambda store, args: store.merge(
         _arg(args, "target", str), _names(args)

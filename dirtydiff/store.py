@@ -275,6 +275,21 @@ class BitmapStore:
         self._finish(bitmap)
         return self._describe(name)
 
+    def mark_ranges(self, name: str, ranges: list[tuple[int, int]]) -> BitmapInfo:
+        """Mark byte ranges dirty (``bitmap import`` brings another tool's bits)."""
+        bitmap = self._get(name)
+        for offset, length in ranges:
+            if offset < 0 or length <= 0 or offset + length > self.disk_size:
+                raise errors.BadRequest(
+                    "bad-range", f"range {offset}+{length} is outside the disk ({self.disk_size} bytes)"
+                )
+        with self._lock:
+            for offset, length in ranges:
+                bitmap.mark(offset, length)
+            if not bitmap.header.flags & Flag.IN_USE:
+                bitmap.bits.flush()
+        return self._describe(name)
+
     def merge(self, target: str, sources: list[str]) -> BitmapInfo:
         into = self._get(target)
         found = [self._get(s) for s in sources]

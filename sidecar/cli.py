@@ -12,6 +12,7 @@ Exit codes: 0 success; 1 the request failed (one line on stderr says why);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -217,6 +218,42 @@ def _simple(op: str) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+IMPORT_BATCH = 16384  # ranges per control message, well under its size limit
+
+
+def cmd_bitmap_import(args: argparse.Namespace) -> int:
+    from sidecar.nbdclient import context_extents
+
+    state = StateDir(args.state)
+    size, found = context_extents(args.from_uri, args.context)
+    known = state.disk_size()
+    if known is not None and known != size:
+        raise errors.Conflict(
+            "disk-size-mismatch",
+            f"{args.from_uri} exports {size} bytes but the disk of {state.path} has {known} bytes",
+        )
+    run_request(
+        args.state, "bitmap.add", name=args.name, granularity=args.granularity,
+        enabled=not args.disabled,
+    )  # fmt: skip
+    try:
+        batch: list[tuple[int, int]] = []
+        for offset, length, flags in found:
+            if flags & 1:  # NBD_STATE_DIRTY
+                batch.append((offset, length))
+            if len(batch) >= IMPORT_BATCH:
+                run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
+                batch = []
+        info = run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
+    except BaseException:
+        # Half an import is worse than none: it would look like a real bitmap.
+        with contextlib.suppress(errors.DirtydiffError):
+            run_request(args.state, "bitmap.remove", name=args.name)
+        raise
+    _emit(info, args.json, _info_line)
+    return 0
+
+
 def cmd_bitmap_merge(args: argparse.Namespace) -> int:
     info = run_request(args.state, "bitmap.merge", target=args.target, sources=args.sources)
     _emit(info, args.json, _info_line)
@@ -364,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.add_argument("sources", nargs="+")
     p.set_defaults(func=cmd_bitmap_merge)
+
+    p = bsub.add_parser("import", help="import a dirty bitmap from any NBD server")
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("name")
+    p.add_argument("--from", dest="from_uri", required=True, metavar="URI", help="NBD URI")
+    p.add_argument(
+        "--context", required=True, metavar="CONTEXT", help="e.g. qemu:dirty-bitmap:bitmap0"
+    )
+    p.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY)
+    p.add_argument("--disabled", action="store_true", help="import it not recording")
+    p.set_defaults(func=cmd_bitmap_import)
 
     p = bsub.add_parser("list", help="list bitmaps")
     state_arg(p)
