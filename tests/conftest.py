@@ -182,8 +182,8 @@ def dirtydiff(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
     return run([*DIRTYDIFF, *args], check=check, cwd=ROOT)
 
 
-def qemu_io(target: str, *commands: str, fmt: str = "raw") -> None:
-    argv = ["qemu-io", "-f", fmt]
+def qemu_io(target: str, *commands: str, fmt: str = "raw", readonly: bool = False) -> None:
+    argv = ["qemu-io", "-f", fmt, *(["-r"] if readonly else [])]
     for c in commands:
         argv += ["-c", c]
     result = run([*argv, target])

@@ -1,0 +1,191 @@
+"""The sidecar's export gives the same answers as qemu-nbd.
+
+A qcow2 image gets a persistent QEMU bitmap and some writes; a raw file gets
+the same writes. ``qemu-nbd -B b0`` serves the qcow2 (the bitmap reference),
+``qemu-nbd -f raw`` the raw file (the allocation reference). dirtydiff imports
+b0 and serves the raw file. Every client must see the same thing from both.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+
+from tests.conftest import Processes, Server, dirtydiff, make_disk, qemu_io, run
+
+MiB = 1 << 20
+SIZE = 96 * MiB + 3 * 512  # qcow2 wants whole sectors; not whole granules
+
+
+def writes(size: int) -> list[str]:
+    return [
+        "write -P 0x11 0 64k",
+        "write -P 0x22 100000 5000",
+        "write -P 0x33 300001 1",
+        "write -P 0x44 1048575 1048578",
+        "write -z 2M 100k",
+        "write -P 0x55 4M 8M",
+        "write -z 6M 64k",
+        "write -P 0x66 40M 1",
+        "write -P 0x77 41M 17M",
+        f"write -P 0x88 {size - 1} 1",
+    ] + [f"write -P 0x99 {m}M 4k" for m in range(60, 90, 3)]
+
+
+@dataclass
+class Pair:
+    raw: Path
+    ours: Server
+    ref_bitmap: Server
+    ref_raw: Server
+
+
+def serve_argv(state: Path, disk: Path, sock: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state),
+            "--disk", str(disk), "--socket", str(sock), *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    tmp = tmp_path_factory.mktemp("export")
+    procs = Processes(tmp)
+    try:
+        raw = make_disk(tmp / "disk.raw", SIZE)
+        qcow2 = tmp / "ref.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(SIZE)])
+        run(["qemu-img", "bitmap", "--add", "--enable", str(qcow2), "b0"])
+        qemu_io(str(raw), *writes(SIZE))
+        qemu_io(str(qcow2), *writes(SIZE), fmt="qcow2")
+        state = tmp / "state"
+        state.mkdir()
+        tracker = procs.tracker(state, disk=raw)  # once, so the state knows its disk
+        tracker.proc.terminate()
+        tracker.proc.wait(10)
+
+        ref_bitmap = procs.qemu_nbd(qcow2, "-r", "-B", "b0", fmt="qcow2")
+        dirtydiff("bitmap", "import", "--state", str(state), "--disabled", "b0",
+                  "--from", ref_bitmap.uri, "--context", "qemu:dirty-bitmap:b0")  # fmt: skip
+        ref_raw = procs.qemu_nbd(raw, "-r")
+        sock = tmp / "ours.sock"
+        ours = procs.start(serve_argv(state, raw, sock, "--bitmap", "b0"), sock)
+        yield Pair(raw, ours, ref_bitmap, ref_raw)
+    finally:
+        procs.stop_all()
+
+
+def nbdinfo(*args: str) -> str:
+    return run(["nbdinfo", *args]).stdout
+
+
+def test_dirty_bitmap_map_is_identical(pair: Pair) -> None:
+    ours = nbdinfo("--json", "--map=qemu:dirty-bitmap:b0", pair.ours.uri)
+    theirs = nbdinfo("--json", "--map=qemu:dirty-bitmap:b0", pair.ref_bitmap.uri)
+    assert len(json.loads(theirs)) > 10
+    assert ours == theirs
+
+
+def test_allocation_map_is_identical(pair: Pair) -> None:
+    ours = nbdinfo("--json", "--map", pair.ours.uri)
+    theirs = nbdinfo("--json", "--map", pair.ref_raw.uri)
+    assert any(e["type"] == 3 for e in json.loads(theirs))
+    assert ours == theirs
+
+
+def test_list_shows_the_same_contexts_and_limits(pair: Pair) -> None:
+    ours = json.loads(nbdinfo("--list", "--json", pair.ours.uri))["exports"][0]
+    theirs = json.loads(nbdinfo("--list", "--json", pair.ref_bitmap.uri))["exports"][0]
+    for key in ("contexts", "export-name", "is_read_only", "can_flush", "can_fua", "can_cache",
+                "can_df", "can_trim", "can_zero", "block_size_minimum", "block_size_preferred",
+                "block_size_maximum", "export-size"):  # fmt: skip
+        assert ours[key] == theirs[key], key
+
+
+def qemu_img_map(server: Server, bitmap: str | None) -> list[dict[str, Any]]:
+    opts = f"driver=nbd,server.type=unix,server.path={server.sock}"
+    if bitmap:
+        opts += f",x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}"
+    found: list[dict[str, Any]] = json.loads(
+        run(["qemu-img", "map", "--output=json", "--image-opts", opts]).stdout
+    )
+    return found
+
+
+def test_qemu_img_map_with_x_dirty_bitmap_is_identical(pair: Pair) -> None:
+    ours = qemu_img_map(pair.ours, "b0")
+    theirs = qemu_img_map(pair.ref_bitmap, "b0")
+    assert any(not e["data"] for e in theirs)
+    assert ours == theirs
+    assert qemu_img_map(pair.ours, None) == qemu_img_map(pair.ref_raw, None)
+
+
+def queries(size: int) -> list[tuple[int, int]]:
+    rng = random.Random(4)
+    found = [(0, size), (0, 1), (size - 1, 1), (size - 4096, 4096), (1, size - 1), (65535, 2)]
+    for _ in range(150):
+        offset = rng.randrange(size)
+        found.append((offset, rng.randint(1, min(size - offset, rng.choice([512, 70000, 3 << 20, size])))))
+    return found
+
+
+def block_status(uri: str, context: str, offset: int, length: int, flags: int) -> list[int]:
+    h = nbd.NBD()
+    h.add_meta_context(context)
+    h.connect_uri(uri)
+    found: list[int] = []
+
+    def collect(name: str, start: int, entries: list[int], err: Any) -> int:
+        assert name == context and start == offset
+        found.extend(entries)
+        return 0
+
+    h.block_status(length, offset, collect, flags)
+    h.shutdown()
+    return found
+
+
+@pytest.mark.parametrize("flags", [0, nbd.CMD_FLAG_REQ_ONE], ids=["all", "req-one"])
+def test_block_status_answers_are_identical(pair: Pair, flags: int) -> None:
+    cases = [("qemu:dirty-bitmap:b0", pair.ref_bitmap), ("base:allocation", pair.ref_raw)]
+    for context, reference in cases:
+        for offset, length in queries(SIZE):
+            ours = block_status(pair.ours.uri, context, offset, length, flags)
+            theirs = block_status(reference.uri, context, offset, length, flags)
+            assert ours == theirs, (context, offset, length)
+
+
+def test_copies_are_byte_identical(pair: Pair, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.raw"
+    run(["nbdcopy", pair.ours.uri, str(copy)])
+    assert copy.read_bytes() == pair.raw.read_bytes()
+    converted = tmp_path / "converted.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", pair.ours.uri, str(converted)])
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(pair.raw), str(converted)])
+    qemu_io(pair.ours.uri, "read -P 0x55 4M 2M", "read -P 0 6M 64k", "read -P 0x88 " + str(SIZE - 1) + " 1",
+            "read -P 0 2M 100k", readonly=True)  # fmt: skip
+
+
+def test_inconsistent_bitmaps_are_not_exported(procs: Processes, tmp_path: Path, state: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 8 * MiB)
+    tracker = procs.tracker(state, disk=disk)
+    dirtydiff("bitmap", "add", "--state", str(state), "--disabled", "kept")
+    tracker.proc.kill()
+    tracker.proc.wait(10)
+    procs.tracker(state, disk=disk, env={"DIRTYDIFF_BOOT_ID": "00000000-0000-0000-0000-000000000001"})
+    sock = tmp_path / "ours.sock"
+    ours = procs.start(serve_argv(state, disk, sock), sock)
+    contexts = json.loads(nbdinfo("--list", "--json", ours.uri))["exports"][0]["contexts"]
+    assert contexts == ["base:allocation", "qemu:dirty-bitmap:kept"]
+    asked = subprocess.run(
+        ["nbdinfo", "--map=qemu:dirty-bitmap:@open", ours.uri], capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert asked.returncode != 0
