@@ -253,7 +253,9 @@ def option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
 
 def structured_chunk(cookie: int, kind: int, payload: bytes, *, done: bool) -> bytes:
     flags = REPLY_FLAG_DONE if done else 0
-    return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, len(payload)) + payload
+    return (
+        STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, len(payload)) + payload
+    )
 
 
 def error_chunk(cookie: int, errno: int, message: str) -> bytes:

@@ -12,6 +12,7 @@ Exit codes: 0 success; 1 the request failed (one line on stderr says why);
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -29,6 +30,8 @@ from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, inconsistency
 from dirtydiff.extents import bitmap_extents, nbdinfo_json, nbdinfo_text
 from dirtydiff.state import StateDir
 from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
+from sidecar.nbdclient import context_extents
+from sidecar.serve import serve
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -153,10 +156,6 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from sidecar.serve import serve
-
     state = StateDir(args.state)
     asyncio.run(
         serve(
@@ -222,8 +221,6 @@ IMPORT_BATCH = 16384  # ranges per control message, well under its size limit
 
 
 def cmd_bitmap_import(args: argparse.Namespace) -> int:
-    from sidecar.nbdclient import context_extents
-
     state = StateDir(args.state)
     size, found = context_extents(args.from_uri, args.context)
     known = state.disk_size()
@@ -360,12 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="export the disk and its bitmaps over NBD, read-only")
     state_arg(p)
-    p.add_argument("--disk", required=True, metavar="FILE|URI", help="the disk, or the tracker's URI")
+    p.add_argument(
+        "--disk", required=True, metavar="FILE|URI", help="the disk, or the tracker's URI"
+    )
     p.add_argument("--socket", required=True, metavar="SOCK", help="unix socket to listen on")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (give the address)")
     p.add_argument("--export-name", default="", help="export name (default: empty)")
     p.add_argument(
-        "--bitmap", action="append", metavar="NAME",
+        "--bitmap",
+        action="append",
+        metavar="NAME",
         help="export only these bitmaps (repeat); default: every consistent one",
     )
     p.set_defaults(func=cmd_serve)

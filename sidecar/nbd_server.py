@@ -23,20 +23,23 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dirtydiff import nbdproto as proto
-from dirtydiff.bitmapfile import BitmapFile, inconsistency, Reason
+from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import StateDir
-from nbd_plugins.backends import Backend, Connection as DiskConnection
+from nbd_plugins.backends import Backend
+from nbd_plugins.backends import Connection as DiskConnection
 
 log = logging.getLogger(__name__)
 
-# Requests in flight per connection: enough to keep a disk busy, few enough
-# that MAX_REQUEST-sized reads stay bounded in memory.
+# Requests in flight per connection: enough to keep a disk busy.
 MAX_IN_FLIGHT = 16
+# Read buffers of all connections together: a client-given length never makes
+# the server hold more than this (each read is at most MAX_REQUEST).
+READ_BUDGET = 256 * 1024 * 1024
 BLOCK_SIZES = (1, 4096, proto.MAX_REQUEST)
 
 
@@ -173,7 +176,7 @@ class Connection:
                 raise asyncio.IncompleteReadError(b"", n)
             n -= len(chunk)
 
-    async def _send(self, *chunks: bytes) -> None:
+    async def _send(self, *chunks: bytes | bytearray) -> None:
         async with self._wlock:
             for chunk in chunks:
                 self.writer.write(chunk)
@@ -279,7 +282,11 @@ class Connection:
             return False
         for export in self.server.exports.values():
             name = export.name.encode()
-            await self._reply(option, Rep.SERVER, struct.pack("!I", len(name)) + name + export.description.encode())
+            await self._reply(
+                option,
+                Rep.SERVER,
+                struct.pack("!I", len(name)) + name + export.description.encode(),
+            )
         await self._reply(option, Rep.ACK)
         return False
 
@@ -309,12 +316,18 @@ class Connection:
         info = proto.INFO_EXPORT.pack(proto.Info.EXPORT, export.size, self._transmission_flags())
         await self._reply(option, Rep.INFO, info)
         if proto.Info.NAME in requests:
-            await self._reply(option, Rep.INFO, struct.pack("!H", proto.Info.NAME) + export.name.encode())
+            await self._reply(
+                option, Rep.INFO, struct.pack("!H", proto.Info.NAME) + export.name.encode()
+            )
         if proto.Info.DESCRIPTION in requests and export.description:
             await self._reply(
-                option, Rep.INFO, struct.pack("!H", proto.Info.DESCRIPTION) + export.description.encode()
+                option,
+                Rep.INFO,
+                struct.pack("!H", proto.Info.DESCRIPTION) + export.description.encode(),
             )
-        await self._reply(option, Rep.INFO, proto.INFO_BLOCK_SIZE.pack(proto.Info.BLOCK_SIZE, *BLOCK_SIZES))
+        await self._reply(
+            option, Rep.INFO, proto.INFO_BLOCK_SIZE.pack(proto.Info.BLOCK_SIZE, *BLOCK_SIZES)
+        )
         await self._reply(option, Rep.ACK)
         if option == Opt.GO:
             await self._enter(export)
@@ -339,13 +352,19 @@ class Connection:
             wanted = set(queries)
             self.contexts = []
             self.contexts_export = export.name
-            for number, context in enumerate(c for c in available if c in wanted):
+            for index, context in enumerate(available):
+                if context not in wanted:
+                    continue
+                # qemu-nbd's ids: 0 for base:allocation, 2 + i for bitmap i.
+                number = 0 if index == 0 else index + 1
                 self.contexts.append(self._context(export, number, context))
-                await self._reply(option, Rep.META_CONTEXT, struct.pack("!I", number) + context.encode())
+                await self._reply(
+                    option, Rep.META_CONTEXT, struct.pack("!I", number) + context.encode()
+                )
         await self._reply(option, Rep.ACK)
         return False
 
-    _options: dict[int, Callable[[Connection, int, bytes], Any]] = {
+    _options: ClassVar[dict[int, Callable[[Connection, int, bytes], Any]]] = {
         Opt.LIST: _opt_list,
         Opt.STARTTLS: _opt_starttls,
         Opt.STRUCTURED_REPLY: _opt_structured_reply,
@@ -388,7 +407,16 @@ class Connection:
 
     async def _transmission(self) -> None:
         while True:
-            request = proto.parse_request(await self._read(proto.REQUEST.size))
+            header = await self._read(proto.REQUEST.size)
+            try:
+                request = proto.parse_request(header)
+            except proto.ProtocolError:
+                # As qemu-nbd: fail the garbled request by its cookie, then hang up.
+                cookie = proto.REQUEST.unpack(header)[3]
+                await self._fail(
+                    proto.Request(0, 0, cookie, 0, 0), Errno.EINVAL, "bad request magic"
+                )
+                raise
             if request.type == Cmd.DISC:
                 break
             if request.type == Cmd.WRITE:
@@ -396,7 +424,8 @@ class Connection:
                 if request.length > proto.MAX_REQUEST:
                     raise proto.ProtocolError(f"write of {request.length} bytes is over the limit")
                 await self._drain_bytes(request.length)
-                await self._fail(request, Errno.EPERM, "export is read-only")
+                # EINVAL, not EPERM: what qemu-nbd 7.2 answers on a read-only export.
+                await self._fail(request, Errno.EINVAL, "export is read-only")
                 continue
             await self._slots.acquire()
             task = asyncio.create_task(self._handle(request))
@@ -445,7 +474,8 @@ class Connection:
         if flags & ~int(allowed[Cmd(kind)]):
             raise RequestError(Errno.EINVAL, f"unsupported flags {flags:#x}")
         if kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
-            raise RequestError(Errno.EPERM, "export is read-only")
+            # Not advertised on a read-only export: qemu-nbd answers EINVAL too.
+            raise RequestError(Errno.EINVAL, "export is read-only")
         if kind == Cmd.FLUSH:
             await self._ok(request)
         elif kind == Cmd.CACHE:
@@ -457,32 +487,66 @@ class Connection:
             await self._block_status(request)
 
     async def _ok(self, request: proto.Request) -> None:
-        if self.structured:
-            await self._send(proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True))
-        else:
-            await self._send(proto.simple_reply(request.cookie))
+        # Success of a command without data: a simple reply even once
+        # structured replies are negotiated (the spec allows it; qemu does it).
+        await self._send(proto.simple_reply(request.cookie))
 
     async def _read_request(self, request: proto.Request) -> None:
+        """Answer a READ. With structured replies and no DF flag, zero ranges
+        go out as OFFSET_HOLE chunks and data as OFFSET_DATA, one chunk per
+        allocation extent, as qemu-nbd does; otherwise one data chunk."""
         if request.length > proto.MAX_REQUEST:
             raise RequestError(Errno.EINVAL, f"read of {request.length} bytes is over the limit")
         self._check_range(request)
+        async with self.server.read_budget.hold(request.length):
+            await self._read_reply(request)
+
+    async def _read_reply(self, request: proto.Request) -> None:
         assert self.export is not None and self.disk is not None
-        if self.structured:
-            header = proto.STRUCTURED_REPLY.pack(
-                proto.STRUCTURED_REPLY_MAGIC,
-                proto.REPLY_FLAG_DONE,
-                proto.ReplyType.OFFSET_DATA,
-                request.cookie,
-                8 + request.length,
-            ) + proto.OFFSET.pack(request.offset)
-        else:
-            header = proto.simple_reply(request.cookie)
-        if request.length == 0:
-            await self._send(header)
+        disk = self.disk
+        if not self.structured:
+            buf = bytearray(request.length)
+            if request.length:
+                await asyncio.to_thread(disk.pread, buf, request.offset)
+            await self._send(proto.simple_reply(request.cookie), buf)
             return
-        buf = bytearray(request.length)
-        await asyncio.to_thread(self.disk.pread, buf, request.offset)
-        await self._send(header, buf)
+        if request.length == 0:
+            await self._send(
+                proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True)
+            )
+            return
+        if request.flags & CmdFlag.DF:
+            pieces = [(request.length, 0)]
+        else:
+            found = await asyncio.to_thread(disk.extents, request.length, request.offset)
+            pieces = _merge(found, request.offset, request.length, False)
+        chunks: list[bytes | bytearray] = []
+        offset = request.offset
+        for i, (length, flags) in enumerate(pieces):
+            done = i == len(pieces) - 1
+            if flags & proto.STATE_ZERO:
+                payload = proto.OFFSET_HOLE.pack(offset, length)
+                chunks.append(
+                    proto.structured_chunk(
+                        request.cookie, proto.ReplyType.OFFSET_HOLE, payload, done=done
+                    )
+                )
+            else:
+                buf = bytearray(length)
+                await asyncio.to_thread(disk.pread, buf, offset)
+                chunks.append(
+                    proto.STRUCTURED_REPLY.pack(
+                        proto.STRUCTURED_REPLY_MAGIC,
+                        proto.REPLY_FLAG_DONE if done else 0,
+                        proto.ReplyType.OFFSET_DATA,
+                        request.cookie,
+                        8 + length,
+                    )
+                    + proto.OFFSET.pack(offset)
+                )
+                chunks.append(buf)
+            offset += length
+        await self._send(*chunks)
 
     async def _block_status(self, request: proto.Request) -> None:
         if not self.structured or not self.contexts:
@@ -521,9 +585,31 @@ def _matches(query: str, context: str) -> bool:
     return False
 
 
+class ByteBudget:
+    """Bytes of read buffers the server may hold at once, across clients."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> Any:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= n
+                self._changed.notify_all()
+
+
 class NbdServer:
-    def __init__(self, exports: Iterable[Export]) -> None:
+    def __init__(self, exports: Iterable[Export], read_budget: int = READ_BUDGET) -> None:
         self.exports = {e.name: e for e in exports}
+        self.read_budget = ByteBudget(read_budget)
         self.connections: set[Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
 

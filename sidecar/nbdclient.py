@@ -38,16 +38,24 @@ def context_extents(uri: str, context: str) -> tuple[int, Iterator[tuple[int, in
             while offset < size:
                 found: list[tuple[int, int]] = []
 
-                def collect(name: str, start: int, entries: list[int], err: Any) -> int:
+                def collect(
+                    name: str,
+                    start: int,
+                    entries: list[int],
+                    err: Any,
+                    found: list[tuple[int, int]] = found,
+                ) -> int:
                     if name == context:
                         found.extend(zip(entries[::2], entries[1::2], strict=True))
                     return 0
 
                 h.block_status(min(STATUS_CHUNK, size - offset), offset, collect)
                 if not found:
-                    raise errors.ProtocolError("empty-reply", f"{uri} answered no extent at {offset}")
-                for length, flags in found:
-                    length = min(length, size - offset)
+                    raise errors.ProtocolError(
+                        "empty-reply", f"{uri} answered no extent at {offset}"
+                    )
+                for described, flags in found:
+                    length = min(described, size - offset)
                     if length <= 0:
                         break
                     yield offset, length, flags

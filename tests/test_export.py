@@ -132,7 +132,9 @@ def queries(size: int) -> list[tuple[int, int]]:
     found = [(0, size), (0, 1), (size - 1, 1), (size - 4096, 4096), (1, size - 1), (65535, 2)]
     for _ in range(150):
         offset = rng.randrange(size)
-        found.append((offset, rng.randint(1, min(size - offset, rng.choice([512, 70000, 3 << 20, size])))))
+        found.append(
+            (offset, rng.randint(1, min(size - offset, rng.choice([512, 70000, 3 << 20, size]))))
+        )
     return found
 
 
@@ -169,17 +171,22 @@ def test_copies_are_byte_identical(pair: Pair, tmp_path: Path) -> None:
     converted = tmp_path / "converted.qcow2"
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", pair.ours.uri, str(converted)])
     run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(pair.raw), str(converted)])
-    qemu_io(pair.ours.uri, "read -P 0x55 4M 2M", "read -P 0 6M 64k", "read -P 0x88 " + str(SIZE - 1) + " 1",
-            "read -P 0 2M 100k", readonly=True)  # fmt: skip
+    last = f"read -P 0x88 {SIZE - 1} 1"
+    reads = ["read -P 0x55 4M 2M", "read -P 0 6M 64k", last, "read -P 0 2M 100k"]
+    qemu_io(pair.ours.uri, *reads, readonly=True)
 
 
-def test_inconsistent_bitmaps_are_not_exported(procs: Processes, tmp_path: Path, state: Path) -> None:
+def test_inconsistent_bitmaps_are_not_exported(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
     disk = make_disk(tmp_path / "disk.raw", 8 * MiB)
     tracker = procs.tracker(state, disk=disk)
     dirtydiff("bitmap", "add", "--state", str(state), "--disabled", "kept")
     tracker.proc.kill()
     tracker.proc.wait(10)
-    procs.tracker(state, disk=disk, env={"DIRTYDIFF_BOOT_ID": "00000000-0000-0000-0000-000000000001"})
+    procs.tracker(
+        state, disk=disk, env={"DIRTYDIFF_BOOT_ID": "00000000-0000-0000-0000-000000000001"}
+    )
     sock = tmp_path / "ours.sock"
     ours = procs.start(serve_argv(state, disk, sock), sock)
     contexts = json.loads(nbdinfo("--list", "--json", ours.uri))["exports"][0]["contexts"]
