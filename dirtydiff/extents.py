@@ -11,6 +11,9 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
+import numpy as np
+import numpy.typing as npt
+
 from dirtydiff.bitmapfile import BitmapFile
 
 Bits = bytes | bytearray | memoryview
@@ -57,6 +60,38 @@ def runs(bits: Bits, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
         end = _run_end(bits, i, stop, dirty)
         yield i, end - i, bool(dirty)
         i = end
+
+
+def extent_arrays(
+    bits: Bits,
+    granularity: int,
+    disk_size: int,
+    offset: int,
+    length: int,
+    max_extents: int | None = None,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+    """Extents of ``[offset, offset+length)`` as arrays (byte lengths, dirty 0/1).
+
+    The same answer as ``extents`` computed in numpy: the export answers
+    block status over up to 4 GiB with thousands of extents, and Python
+    per-bit or per-extent work there would cost more than the request.
+    """
+    end = min(disk_size, offset + length)
+    if offset >= end:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    first = offset // granularity
+    stop = (end + granularity - 1) // granularity
+    byte0, byte1 = first >> 3, (stop + 7) >> 3
+    window = np.frombuffer(bits, dtype=np.uint8, count=byte1 - byte0, offset=byte0)
+    state = np.unpackbits(window, bitorder="little")[first - byte0 * 8 : stop - byte0 * 8]
+    changes = np.flatnonzero(state[1:] != state[:-1]).astype(np.int64) + 1
+    starts = np.concatenate((np.zeros(1, np.int64), changes))
+    ends = np.concatenate((changes, np.full(1, stop - first, np.int64)))
+    if max_extents is not None:
+        starts, ends = starts[:max_extents], ends[:max_extents]
+    start_bytes = np.maximum((starts + first) * granularity, offset)
+    end_bytes = np.minimum((ends + first) * granularity, end)
+    return end_bytes - start_bytes, state[starts]
 
 
 def extents(

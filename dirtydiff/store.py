@@ -170,6 +170,15 @@ class BitmapStore:
         return old
 
     @staticmethod
+    def _check_timeout(timeout: float) -> None:
+        """Checked before anything changes: a bad timeout must not leave an
+        operation half done after its switch."""
+        if not 0 < timeout <= 3600:  # also false for NaN
+            raise errors.BadRequest(
+                "bad-request", f"drain timeout {timeout!r} is not 0 < t <= 3600 s"
+            )
+
+    @staticmethod
     def _drain(old: Generation, timeout: float) -> bool:
         assert old.retired is not None
         return old.retired.wait(timeout)
@@ -200,7 +209,9 @@ class BitmapStore:
                 "unknown-bitmap", f"no bitmap named {name!r} in {self.state.path}"
             ) from None
 
-    def add(self, name: str, granularity: int = DEFAULT_GRANULARITY, *, enabled: bool = True) -> BitmapInfo:
+    def add(
+        self, name: str, granularity: int = DEFAULT_GRANULARITY, *, enabled: bool = True
+    ) -> BitmapInfo:
         check_name(name)
         check_granularity(granularity)
         if name in self.bitmaps:
@@ -223,7 +234,8 @@ class BitmapStore:
     def remove(self, name: str) -> None:
         if name == OPEN_CHECKPOINT:
             raise errors.BadRequest(
-                "reserved-name", f"{OPEN_CHECKPOINT} records the open checkpoint interval and cannot be removed"
+                "reserved-name",
+                f"{OPEN_CHECKPOINT} records the open checkpoint interval and cannot be removed",
             )
         bitmap = self._get(name)
         with self._lock:
@@ -264,6 +276,7 @@ class BitmapStore:
         return self._describe(name)
 
     def disable(self, name: str, timeout: float = DRAIN_TIMEOUT) -> BitmapInfo:
+        self._check_timeout(timeout)
         bitmap = self._get(name)
         if not bitmap.header.flags & Flag.ENABLED:
             return self._describe(name)
@@ -281,7 +294,8 @@ class BitmapStore:
         for offset, length in ranges:
             if offset < 0 or length <= 0 or offset + length > self.disk_size:
                 raise errors.BadRequest(
-                    "bad-range", f"range {offset}+{length} is outside the disk ({self.disk_size} bytes)"
+                    "bad-range",
+                    f"range {offset}+{length} is outside the disk ({self.disk_size} bytes)",
                 )
         with self._lock:
             for offset, length in ranges:
@@ -313,6 +327,7 @@ class BitmapStore:
         by ``_recover_checkpoint``.
         """
         check_name(name)
+        self._check_timeout(timeout)
         if name in self.bitmaps:
             raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
         frozen = self.bitmaps[OPEN_CHECKPOINT]

@@ -25,8 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from dirtydiff import nbdproto as proto
 from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
+from dirtydiff.extents import extent_arrays
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import StateDir
@@ -106,8 +109,17 @@ class Context:
 
     id: int
     name: str
-    # (count, offset) -> [(length, flags)] covering exactly [offset, offset+count)
-    extents: Callable[[int, int, bool], list[tuple[int, int]]]
+    # (count, offset, req_one) -> the BLOCK_STATUS descriptors (32-bit length,
+    # 32-bit flags, big-endian) covering exactly [offset, offset+count)
+    descriptors: Callable[[int, int, bool], bytes]
+
+
+def _pack(lengths: Any, flags: Any) -> bytes:
+    """Descriptors for many extents at once, packed by numpy."""
+    out = np.empty((len(lengths), 2), dtype=">u4")
+    out[:, 0] = lengths
+    out[:, 1] = flags
+    return out.tobytes()
 
 
 def _merge(
@@ -377,23 +389,24 @@ class Connection:
     def _context(self, export: Export, number: int, name: str) -> Context:
         if name == proto.BASE_ALLOCATION:
 
-            def allocation(count: int, offset: int, one: bool) -> list[tuple[int, int]]:
+            def allocation(count: int, offset: int, one: bool) -> bytes:
                 assert self.disk is not None
-                return _merge(self.disk.extents(count, offset), offset, count, one)
+                found = _merge(self.disk.extents(count, offset), offset, count, one)
+                return b"".join(proto.EXTENT.pack(length, flags) for length, flags in found)
 
             return Context(number, name, allocation)
         bitmap = export.bitmap(name[len(proto.DIRTY_BITMAP_PREFIX) :])
+        bits: Any = bitmap.bits
 
-        def dirty(count: int, offset: int, one: bool) -> list[tuple[int, int]]:
-            found = bitmap_extents(
-                bitmap.bits,  # type: ignore[arg-type]
-                bitmap.granularity,
-                bitmap.header.disk_size,
-                offset,
-                count,
-                max_extents=1 if one else proto.MAX_EXTENTS,
+        def dirty(count: int, offset: int, one: bool) -> bytes:
+            size = bitmap.header.disk_size
+            if one:  # qemu-img map asks one extent at a time: no need to scan far
+                first = bitmap_extents(bits, bitmap.granularity, size, offset, count, max_extents=1)
+                return proto.EXTENT.pack(first[0].length, int(first[0].dirty))
+            lengths, state = extent_arrays(
+                bits, bitmap.granularity, size, offset, count, proto.MAX_EXTENTS
             )
-            return [(e.length, proto.STATE_DIRTY if e.dirty else 0) for e in found]
+            return _pack(lengths, state)  # STATE_DIRTY is bit 0: the bit itself
 
         return Context(number, name, dirty)
 
@@ -557,10 +570,10 @@ class Connection:
         one = bool(request.flags & CmdFlag.REQ_ONE)
         chunks = []
         for i, context in enumerate(self.contexts):
-            found = await asyncio.to_thread(context.extents, request.length, request.offset, one)
-            payload = proto.BLOCK_STATUS_ID.pack(context.id) + b"".join(
-                proto.EXTENT.pack(length, flags) for length, flags in found
+            descriptors = await asyncio.to_thread(
+                context.descriptors, request.length, request.offset, one
             )
+            payload = proto.BLOCK_STATUS_ID.pack(context.id) + descriptors
             chunks.append(
                 proto.structured_chunk(
                     request.cookie,

@@ -1,0 +1,678 @@
+"""BitmapStore: generations, the write hot path, operations, drain and recovery.
+
+Threads stand in for the VM's requests in flight. They synchronise through
+events only. The short bounded waits on a thread that must stay blocked
+(``join(0.2)``, ``wait(0.2)``) can only let a broken drain pass by luck, never
+make a working one fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dirtydiff import errors
+from dirtydiff.bitmapfile import BOOT_ID_ENV, BitmapFile, Flag, Reason, inconsistency
+from dirtydiff.state import OPEN_CHECKPOINT, StateDir
+from dirtydiff.store import BitmapStore, CheckpointResult, Generation
+
+BOOT_A = "8a5bd0c4-6a8e-4f3c-9d1e-0f6f2b7e1a01"
+BOOT_B = "1c0ffee0-0000-4000-8000-00000000000b"
+
+G = 65536
+DISK = 64 * G + 4096  # a partial last granule
+WAIT = 10.0  # bound for events that must come; reaching it is a failure
+
+
+@pytest.fixture(autouse=True)
+def boot_a(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BOOT_ID_ENV, BOOT_A)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[StateDir]:
+    state = StateDir(tmp_path)
+    lock = state.try_lock()
+    assert lock is not None
+    try:
+        yield state
+    finally:
+        lock.release()
+
+
+@pytest.fixture
+def store(state: StateDir) -> Iterator[BitmapStore]:
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def write(store: BitmapStore, offset: int, length: int) -> None:
+    """A whole request: marked, forwarded (nothing to do here), completed."""
+    gen, token = store.begin_write(offset, length)
+    store.end_write(gen, token)
+
+
+def dirty(store: BitmapStore, name: str) -> set[int]:
+    return granules_set(store.bitmaps[name])
+
+
+def granules_set(bitmap: BitmapFile) -> set[int]:
+    value = int.from_bytes(bitmap.bits, "little")
+    return {i for i in range(value.bit_length()) if value >> i & 1}
+
+
+def on_disk(state: StateDir, name: str) -> set[int]:
+    """What another process mapping the file sees."""
+    with state.open_bitmap(name) as bitmap:
+        return granules_set(bitmap)
+
+
+def granules(offset: int, length: int, granularity: int = G) -> set[int]:
+    return set(range(offset // granularity, (offset + length - 1) // granularity + 1))
+
+
+def snapshot(store: BitmapStore) -> dict[str, tuple[bytes, Flag, int]]:
+    return {
+        name: (bytes(b.bits), b.header.flags & ~Flag.IN_USE, b.header.generation)
+        for name, b in store.bitmaps.items()
+    }
+
+
+class Writer(threading.Thread):
+    """A request that began and waits, in flight, until ``finish``."""
+
+    def __init__(self, store: BitmapStore, offset: int, length: int) -> None:
+        super().__init__(name=f"writer-{offset}", daemon=True)
+        self.store = store
+        self.offset, self.length = offset, length
+        self.began = threading.Event()
+        self._release = threading.Event()
+        self.ending = threading.Event()  # set just before end_write is called
+
+    def run(self) -> None:
+        gen, token = self.store.begin_write(self.offset, self.length)
+        self.began.set()
+        self._release.wait(WAIT)
+        self.ending.set()
+        self.store.end_write(gen, token)
+
+    def start_in_flight(self) -> Writer:
+        self.start()
+        assert self.began.wait(WAIT)
+        return self
+
+    def finish(self) -> None:
+        self._release.set()
+        self.join(WAIT)
+        assert not self.is_alive()
+
+
+def spy_drain(store: BitmapStore, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set when an operation starts waiting for the old generation."""
+    draining = threading.Event()
+    drain: Callable[[Generation, float], bool] = store._drain
+
+    def spy(old: Generation, timeout: float) -> bool:
+        draining.set()
+        return drain(old, timeout)
+
+    monkeypatch.setattr(store, "_drain", spy)
+    return draining
+
+
+# -- the hot path -------------------------------------------------------------------
+
+
+def test_open_creates_the_open_interval(store: BitmapStore, state: StateDir) -> None:
+    assert state.names() == [OPEN_CHECKPOINT]
+    info = store.info(OPEN_CHECKPOINT)
+    assert (info.enabled, info.recording, info.consistent) == (True, True, True)
+    assert (info.granularity, info.disk_size, info.generation) == (G, DISK, 1)
+    assert store.bitmaps[OPEN_CHECKPOINT].header.flags & Flag.IN_USE
+
+
+def test_begin_write_marks_every_enabled_bitmap_before_returning(
+    store: BitmapStore, state: StateDir
+) -> None:
+    store.add("fine", 4096)
+    store.add("coarse", 1 << 20)
+    store.add("off", enabled=False)
+    gen, token = store.begin_write(3 * G - 1, 2)
+    # Before the request would be forwarded: visible in memory and to readers.
+    for name, granularity in ((OPEN_CHECKPOINT, G), ("fine", 4096), ("coarse", 1 << 20)):
+        expected = granules(3 * G - 1, 2, granularity)
+        assert dirty(store, name) == expected
+        assert on_disk(state, name) == expected
+    assert dirty(store, "off") == set()
+    assert store.inflight() == 1
+    store.end_write(gen, token)
+    assert store.inflight() == 0
+    assert dirty(store, OPEN_CHECKPOINT) == {2, 3}, "bits are never unmarked"
+
+
+def test_disabled_bitmap_is_not_marked(store: BitmapStore) -> None:
+    store.add("b")
+    write(store, 0, 1)
+    info = store.disable("b")
+    assert (info.enabled, info.recording) == (False, False)
+    assert not store.bitmaps["b"].header.flags & Flag.IN_USE
+    write(store, 5 * G, 1)
+    assert dirty(store, "b") == {0}
+    assert dirty(store, OPEN_CHECKPOINT) == {0, 5}
+    store.enable("b")
+    write(store, 7 * G, 1)
+    assert dirty(store, "b") == {0, 7}
+
+
+def test_write_past_the_end_is_clipped(store: BitmapStore) -> None:
+    write(store, DISK - 1, 10 * G)
+    write(store, DISK + G, G)
+    assert dirty(store, OPEN_CHECKPOINT) == {64}
+
+
+def test_offline_store_records_nothing(state: StateDir) -> None:
+    store = BitmapStore(state, DISK, recording=False, granularity=G)
+    try:
+        write(store, 0, G)
+        assert dirty(store, OPEN_CHECKPOINT) == set()
+        assert not store.info(OPEN_CHECKPOINT).recording
+        assert not store.bitmaps[OPEN_CHECKPOINT].header.flags & Flag.IN_USE
+    finally:
+        store.close()
+
+
+# -- checkpoint ---------------------------------------------------------------------
+
+
+def test_checkpoint_freezes_the_open_interval(store: BitmapStore, state: StateDir) -> None:
+    write(store, 0, 1)
+    write(store, 10 * G, 3 * G)
+    result = store.checkpoint("cp1")
+    assert result == CheckpointResult("cp1", 1, True, 4 * G)
+    frozen = store.info("cp1")
+    assert (frozen.enabled, frozen.recording, frozen.consistent) == (False, False, True)
+    assert dirty(store, "cp1") == {0, 10, 11, 12}
+    header = state.read_header("cp1")
+    assert not header.flags & (Flag.ENABLED | Flag.IN_USE)
+    assert inconsistency(header) is Reason.NONE
+    following = store.info(OPEN_CHECKPOINT)
+    assert (following.enabled, following.recording, following.generation) == (True, True, 2)
+    assert dirty(store, OPEN_CHECKPOINT) == set()
+
+    write(store, 20 * G, 1)
+    assert dirty(store, OPEN_CHECKPOINT) == {20}
+    assert dirty(store, "cp1") == {0, 10, 11, 12}
+    assert on_disk(state, "cp1") == {0, 10, 11, 12}
+    assert store.checkpoint("cp2").generation == 2
+    assert store.info(OPEN_CHECKPOINT).generation == 3
+    assert sorted(state.names()) == [OPEN_CHECKPOINT, "cp1", "cp2"]
+    assert not list(state.bitmaps_dir.glob(".*")), "staging file left behind"
+
+
+def test_checkpoint_drains_a_write_in_flight(
+    store: BitmapStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    draining = spy_drain(store, monkeypatch)
+    writer = Writer(store, 7 * G + 100, 2 * G).start_in_flight()  # granules 7, 8, 9
+    outcome: list[tuple[CheckpointResult, bool]] = []
+
+    def checkpoint() -> None:
+        result = store.checkpoint("cp1", timeout=WAIT)
+        outcome.append((result, writer.ending.is_set()))
+
+    checkpointer = threading.Thread(target=checkpoint, name="checkpoint", daemon=True)
+    checkpointer.start()
+    try:
+        assert draining.wait(WAIT)
+        # Switched: the frozen bitmap and the next interval both have the write
+        # in flight, since its data may land after the checkpoint.
+        assert dirty(store, "cp1") == {7, 8, 9}
+        assert dirty(store, OPEN_CHECKPOINT) == {7, 8, 9}
+        # A write that starts now goes to the next interval only, and is not
+        # waited for.
+        write(store, 30 * G, 1)
+        assert dirty(store, OPEN_CHECKPOINT) == {7, 8, 9, 30}
+        assert dirty(store, "cp1") == {7, 8, 9}
+        checkpointer.join(0.2)
+        assert checkpointer.is_alive(), "checkpoint answered before the write completed"
+        assert outcome == []
+    finally:
+        writer.finish()
+        checkpointer.join(WAIT)
+    assert not checkpointer.is_alive()
+    [(result, write_was_ending)] = outcome
+    assert write_was_ending, "checkpoint answered before end_write"
+    assert result.drained
+    assert result.dirty_bytes == 3 * G
+    assert not store.bitmaps["cp1"].header.flags & Flag.IN_USE
+    assert store.info("cp1").consistent
+
+
+def test_checkpoint_drain_timeout_reports_not_drained(store: BitmapStore) -> None:
+    gen, token = store.begin_write(4 * G, 1)
+    try:
+        result = store.checkpoint("cp1", timeout=0.01)
+    finally:
+        store.end_write(gen, token)
+    assert not result.drained
+    assert dirty(store, "cp1") == {4}
+    assert dirty(store, OPEN_CHECKPOINT) == {4}, "the late write is in the next interval too"
+    assert store.info("cp1").consistent
+    assert store.inflight() == 0
+
+
+def test_disable_drains_a_write_in_flight(
+    store: BitmapStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.add("b")
+    draining = spy_drain(store, monkeypatch)
+    writer = Writer(store, 0, 1).start_in_flight()
+    done = threading.Event()
+
+    def disable() -> None:
+        store.disable("b", timeout=WAIT)
+        done.set()
+
+    disabler = threading.Thread(target=disable, name="disable", daemon=True)
+    disabler.start()
+    try:
+        assert draining.wait(WAIT)
+        assert not done.wait(0.2)
+    finally:
+        writer.finish()
+        disabler.join(WAIT)
+    assert done.is_set()
+    assert dirty(store, "b") == {0}
+    assert not store.bitmaps["b"].header.flags & Flag.IN_USE
+
+
+# -- operations with writes in flight ---------------------------------------------------
+
+
+def test_clear_keeps_writes_in_flight_marked(store: BitmapStore, state: StateDir) -> None:
+    write(store, 0, 1)
+    gen, token = store.begin_write(3 * G + 5, 2 * G)  # granules 3, 4, 5
+    info = store.clear(OPEN_CHECKPOINT)
+    assert dirty(store, OPEN_CHECKPOINT) == {3, 4, 5}
+    assert info.dirty_bytes == 3 * G
+    store.end_write(gen, token)
+    assert dirty(store, OPEN_CHECKPOINT) == {3, 4, 5}
+    assert on_disk(state, OPEN_CHECKPOINT) == {3, 4, 5}
+    store.clear(OPEN_CHECKPOINT)
+    assert dirty(store, OPEN_CHECKPOINT) == set()
+    assert store.info(OPEN_CHECKPOINT).recording
+
+
+def test_bitmaps_joining_during_a_write_get_its_range(store: BitmapStore) -> None:
+    store.add("later", enabled=False)
+    gen, token = store.begin_write(2 * G - 1, 2)  # granules 1, 2
+    try:
+        store.add("added")
+        store.add("added-off", enabled=False)
+        store.enable("later")
+        assert dirty(store, "added") == {1, 2}
+        assert dirty(store, "later") == {1, 2}
+        assert dirty(store, "added-off") == set()
+    finally:
+        store.end_write(gen, token)
+    assert store.info("added").recording
+    assert store.bitmaps["added"].header.flags & Flag.IN_USE
+
+
+def test_mark_ranges_marks_granules_touched_or_nothing(store: BitmapStore) -> None:
+    store.add("imported", 4096, enabled=False)
+    info = store.mark_ranges("imported", [(1, 1), (3 * 4096 - 1, 2), (DISK - 1, 1)])
+    assert dirty(store, "imported") == {0, 2, 3, (DISK - 1) // 4096}
+    assert info.dirty_bytes == 4 * 4096
+    for bad in ([(0, 1), (DISK, 1)], [(-1, 1)], [(0, 0)], [(DISK - 1, 2)]):
+        expect(errors.BadRequest, "bad-range", lambda: store.mark_ranges("imported", bad))  # noqa: B023
+    assert dirty(store, "imported") == {0, 2, 3, (DISK - 1) // 4096}
+    assert dirty(store, OPEN_CHECKPOINT) == set()
+
+
+def test_merge_ors_sources_into_target(store: BitmapStore) -> None:
+    store.add("a", enabled=False)
+    store.add("b", enabled=False)
+    store.enable("a")
+    write(store, 1 * G, 1)
+    store.disable("a")
+    store.enable("b")
+    write(store, 2 * G, 1)
+    store.disable("b")
+    store.add("sum", enabled=False)
+    info = store.merge("sum", ["a", "b"])
+    assert dirty(store, "sum") == {1, 2}
+    assert info.dirty_bytes == 2 * G
+    assert info.consistent
+
+
+def test_merge_of_an_inconsistent_source_makes_target_inconsistent(store: BitmapStore) -> None:
+    store.add("broken", enabled=False)
+    store.bitmaps["broken"].mark_inconsistent(Reason.DISK_RESIZED)
+    store.add("sum", enabled=False)
+    info = store.merge("sum", ["broken"])
+    assert not info.consistent
+    assert info.reason == Reason.DISK_RESIZED.describe()
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def expect(
+    cls: type[errors.DirtydiffError], code: str, call: Callable[[], object]
+) -> errors.DirtydiffError:
+    with pytest.raises(cls) as failed:
+        call()
+    assert failed.value.code == code
+    return failed.value
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".hidden", "-x", ":x", "+x", "a/b", "../x", "a b", "x" * 201, "@open", "é"]
+)
+def test_bad_names(store: BitmapStore, state: StateDir, name: str) -> None:
+    expect(errors.BadRequest, "bad-name", lambda: store.add(name))
+    expect(errors.BadRequest, "bad-name", lambda: store.checkpoint(name))
+    assert state.names() == [OPEN_CHECKPOINT]
+
+
+def test_good_names(store: BitmapStore) -> None:
+    for name in ("b0", "_x", "a.b:c+d-e", "x" * 200):
+        store.add(name)
+    assert len(store.list()) == 5
+
+
+def test_name_in_use(store: BitmapStore) -> None:
+    store.add("b")
+    write(store, 0, 1)
+    expect(errors.Conflict, "name-in-use", lambda: store.add("b"))
+    expect(errors.Conflict, "name-in-use", lambda: store.checkpoint("b"))
+    assert dirty(store, "b") == {0}
+    assert store.info(OPEN_CHECKPOINT).generation == 1
+
+
+@pytest.mark.parametrize(
+    "operation",
+    ["info", "remove", "clear", "enable", "disable", "merge-target", "merge-source"],
+)
+def test_unknown_bitmap(store: BitmapStore, operation: str) -> None:
+    calls: dict[str, Callable[[], object]] = {
+        "info": lambda: store.info("nope"),
+        "remove": lambda: store.remove("nope"),
+        "clear": lambda: store.clear("nope"),
+        "enable": lambda: store.enable("nope"),
+        "disable": lambda: store.disable("nope"),
+        "merge-target": lambda: store.merge("nope", [OPEN_CHECKPOINT]),
+        "merge-source": lambda: store.merge(OPEN_CHECKPOINT, ["nope"]),
+    }
+    error = expect(errors.NotFound, "unknown-bitmap", calls[operation])
+    assert "nope" in error.message
+
+
+def test_open_interval_cannot_be_removed(store: BitmapStore, state: StateDir) -> None:
+    write(store, 0, 1)
+    expect(errors.BadRequest, "reserved-name", lambda: store.remove(OPEN_CHECKPOINT))
+    assert state.names() == [OPEN_CHECKPOINT]
+    write(store, G, 1)
+    assert dirty(store, OPEN_CHECKPOINT) == {0, 1}
+
+
+def test_remove(store: BitmapStore, state: StateDir) -> None:
+    store.add("b")
+    store.remove("b")
+    assert state.names() == [OPEN_CHECKPOINT]
+    write(store, 0, 1)
+    expect(errors.NotFound, "unknown-bitmap", lambda: store.info("b"))
+    store.add("b")  # the name is free again
+    assert dirty(store, "b") == set()
+
+
+def test_merge_of_other_granularity_is_refused(store: BitmapStore) -> None:
+    write(store, 0, 1)
+    store.add("fine", 4096)
+    write(store, 5 * G, 1)
+    expect(errors.BadRequest, "geometry-mismatch", lambda: store.merge(OPEN_CHECKPOINT, ["fine"]))
+    expect(errors.BadRequest, "geometry-mismatch", lambda: store.merge("fine", [OPEN_CHECKPOINT]))
+    assert dirty(store, OPEN_CHECKPOINT) == {0, 5}
+    assert dirty(store, "fine") == {5 * 16}
+
+
+@pytest.mark.parametrize("granularity", [0, 2048, 4095, 65537, 128 << 20])
+def test_add_refuses_bad_granularity(store: BitmapStore, state: StateDir, granularity: int) -> None:
+    expect(errors.BadRequest, "bad-granularity", lambda: store.add("b", granularity))
+    assert state.names() == [OPEN_CHECKPOINT]
+    assert not list(state.bitmaps_dir.glob(".*"))
+
+
+def test_full_filesystem_fails_checkpoint_and_add_before_anything_changes(
+    store: BitmapStore, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(store, 0, 1)
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    expect(errors.StorageError, "state-dir-full", lambda: store.checkpoint("cp1"))
+    expect(errors.StorageError, "state-dir-full", lambda: store.add("b"))
+    assert state.names() == [OPEN_CHECKPOINT]
+    assert not list(state.bitmaps_dir.glob(".*"))
+    info = store.info(OPEN_CHECKPOINT)
+    assert (info.recording, info.generation) == (True, 1)
+    write(store, G, 1)
+    assert dirty(store, OPEN_CHECKPOINT) == {0, 1}
+    monkeypatch.undo()
+    monkeypatch.setenv(BOOT_ID_ENV, BOOT_A)
+    assert store.checkpoint("cp1").dirty_bytes == 2 * G
+
+
+# -- persistence ----------------------------------------------------------------------------
+
+
+def test_restart_keeps_every_bit(state: StateDir) -> None:
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    store.add("fine", 4096)
+    store.add("off", enabled=False)
+    write(store, 0, 1)
+    store.checkpoint("cp1")
+    write(store, 9 * G + 1, 5 * G)
+    store.enable("off")
+    write(store, DISK - 1, 1)
+    before = snapshot(store)
+    assert all(bits.strip(b"\0") for bits, _, _ in before.values())
+    store.close()
+
+    for recording in (True, False, True):
+        store = BitmapStore(state, DISK, recording=recording, granularity=G)
+        try:
+            assert snapshot(store) == before
+            for info in store.list():
+                assert info.consistent
+                assert info.recording == (recording and info.enabled)
+                assert bool(store.bitmaps[info.name].header.flags & Flag.IN_USE) == (
+                    recording and info.enabled
+                )
+        finally:
+            store.close()
+    for name in before:
+        assert not state.read_header(name).flags & Flag.IN_USE
+
+
+def test_killed_tracker_restarts_with_its_bits(state: StateDir) -> None:
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    write(store, 3 * G, 1)
+    store.close(clean=False)  # as kill -9 leaves it: IN_USE, same boot
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert dirty(store, OPEN_CHECKPOINT) == {3}
+        assert store.info(OPEN_CHECKPOINT).consistent
+    finally:
+        store.close()
+
+
+def crash_host(state: StateDir, monkeypatch: pytest.MonkeyPatch, *, disabled: str) -> None:
+    """Record in boot A, then die with the host; the next calls run in boot B.
+
+    ``disabled`` is left IN_USE but no longer ENABLED: a disable whose header
+    write reached the disk, but whose end_recording did not.
+    """
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    store.add(disabled)
+    write(store, 2 * G, 1)
+    bitmap = store.bitmaps[disabled]
+    bitmap.header.flags &= ~Flag.ENABLED
+    bitmap.write_header()
+    store.close(clean=False)
+    monkeypatch.setenv(BOOT_ID_ENV, BOOT_B)
+
+
+@pytest.mark.parametrize("recording", [False, True])
+def test_host_crash_stays_inconsistent_across_opens(
+    state: StateDir, monkeypatch: pytest.MonkeyPatch, recording: bool
+) -> None:
+    crash_host(state, monkeypatch, disabled="d")
+    # Two opens: the first (a `status` before the tracker starts, say) must
+    # not launder the evidence of the crash when it closes.
+    for _ in range(2):
+        store = BitmapStore(state, DISK, recording=recording, granularity=G)
+        try:
+            for name in (OPEN_CHECKPOINT, "d"):
+                info = store.info(name)
+                assert not info.consistent, f"{name} after a host crash"
+                assert info.reason == Reason.HOST_CRASH.describe()
+                assert dirty(store, name) == {2}
+        finally:
+            store.close()
+    for name in (OPEN_CHECKPOINT, "d"):
+        assert inconsistency(state.read_header(name)) is Reason.HOST_CRASH
+
+
+def test_clear_makes_a_crashed_bitmap_consistent_again(
+    state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crash_host(state, monkeypatch, disabled="d")
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        store.clear(OPEN_CHECKPOINT)
+        store.clear("d")
+        assert store.info(OPEN_CHECKPOINT).consistent
+        assert store.info("d").consistent
+    finally:
+        store.close()
+    store = BitmapStore(state, DISK, recording=False, granularity=G)
+    try:
+        assert store.info(OPEN_CHECKPOINT).consistent
+        assert store.info("d").consistent
+    finally:
+        store.close()
+
+
+def stage_next_interval(state: StateDir, generation: int) -> None:
+    """What checkpoint does before its renames: the next interval, durable."""
+    BitmapFile.create(
+        state.bitmaps_dir / ".@open.staging",
+        granularity=G,
+        disk_size=DISK,
+        flags=Flag.ENABLED | Flag.IN_USE,
+        generation=generation,
+    ).close()
+
+
+def test_checkpoint_interrupted_between_renames_recovers(state: StateDir) -> None:
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    write(store, 6 * G, 1)
+    frozen = store.bitmaps[OPEN_CHECKPOINT]
+    store.close(clean=False)  # the tracker dies mid-checkpoint, host up
+
+    stage_next_interval(state, generation=2)
+    with state.open_bitmap(OPEN_CHECKPOINT, writable=True) as bitmap:
+        bitmap.header.flags &= ~Flag.ENABLED
+        bitmap.write_header(durable=False)
+    os.rename(frozen.path, state.bitmap_path("cp1"))
+    # ... and the crash comes before the staging file is renamed to @open.
+    assert not state.bitmap_path(OPEN_CHECKPOINT).exists()
+
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert sorted(state.names()) == [OPEN_CHECKPOINT, "cp1"]
+        assert not list(state.bitmaps_dir.glob(".*"))
+        following = store.info(OPEN_CHECKPOINT)
+        assert (following.enabled, following.recording, following.consistent) == (
+            True,
+            True,
+            True,
+        )
+        assert following.generation == 2
+        frozen_info = store.info("cp1")
+        assert (frozen_info.enabled, frozen_info.consistent) == (False, True)
+        assert dirty(store, "cp1") == {6}
+        assert dirty(store, OPEN_CHECKPOINT) == set()
+        write(store, 8 * G, 1)
+        assert dirty(store, OPEN_CHECKPOINT) == {8}
+        assert dirty(store, "cp1") == {6}
+        assert store.checkpoint("cp2").generation == 2
+    finally:
+        store.close()
+
+
+def test_checkpoint_interrupted_before_renames_keeps_the_open_interval(
+    state: StateDir,
+) -> None:
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    write(store, 6 * G, 1)
+    store.close(clean=False)
+    stage_next_interval(state, generation=2)
+
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert state.names() == [OPEN_CHECKPOINT]
+        assert not list(state.bitmaps_dir.glob(".*"))
+        assert store.info(OPEN_CHECKPOINT).generation == 1
+        assert dirty(store, OPEN_CHECKPOINT) == {6}
+        assert store.info(OPEN_CHECKPOINT).consistent
+    finally:
+        store.close()
+
+
+def test_bitmap_for_another_disk_size_is_a_conflict(state: StateDir) -> None:
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    store.add("b")
+    write(store, 0, 1)
+    store.close()
+    files = {p.name: p.read_bytes() for p in state.bitmaps_dir.iterdir()}
+    fds = len(os.listdir("/proc/self/fd"))
+
+    for size in (DISK + G, DISK - 1, 0):
+        for recording in (True, False):
+            error = expect(
+                errors.Conflict,
+                "disk-size-mismatch",
+                lambda: BitmapStore(state, size, recording=recording, granularity=G),  # noqa: B023
+            )
+            assert str(DISK) in error.message
+            assert str(size) in error.message
+    assert {p.name: p.read_bytes() for p in state.bitmaps_dir.iterdir()} == files
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert dirty(store, OPEN_CHECKPOINT) == dirty(store, "b") == {0}
+    finally:
+        store.close()
+
+
+def test_corrupt_bitmap_refuses_to_open_the_store(state: StateDir) -> None:
+    BitmapStore(state, DISK, recording=False, granularity=G).close()
+    path = state.bitmap_path(OPEN_CHECKPOINT)
+    with path.open("r+b") as f:
+        f.write(b"garbage!")
+    with pytest.raises(errors.Corrupt, match=str(path)):
+        BitmapStore(state, DISK, recording=True, granularity=G)
