@@ -112,6 +112,9 @@ class Context:
     # (count, offset, req_one) -> the BLOCK_STATUS descriptors (32-bit length,
     # 32-bit flags, big-endian) covering exactly [offset, offset+count)
     descriptors: Callable[[int, int, bool], bytes]
+    # Whether descriptors() may block on I/O (then it runs in a thread); the
+    # bitmap's is memory-only and quick, and a thread hop would cost more.
+    blocking: bool = True
 
 
 def _pack(lengths: Any, flags: Any) -> bytes:
@@ -408,7 +411,7 @@ class Connection:
             )
             return _pack(lengths, state)  # STATE_DIRTY is bit 0: the bit itself
 
-        return Context(number, name, dirty)
+        return Context(number, name, dirty, blocking=False)
 
     async def _enter(self, export: Export) -> None:
         self.export = export
@@ -528,37 +531,10 @@ class Connection:
                 proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True)
             )
             return
-        if request.flags & CmdFlag.DF:
-            pieces = [(request.length, 0)]
-        else:
-            found = await asyncio.to_thread(disk.extents, request.length, request.offset)
-            pieces = _merge(found, request.offset, request.length, False)
-        chunks: list[bytes | bytearray] = []
-        offset = request.offset
-        for i, (length, flags) in enumerate(pieces):
-            done = i == len(pieces) - 1
-            if flags & proto.STATE_ZERO:
-                payload = proto.OFFSET_HOLE.pack(offset, length)
-                chunks.append(
-                    proto.structured_chunk(
-                        request.cookie, proto.ReplyType.OFFSET_HOLE, payload, done=done
-                    )
-                )
-            else:
-                buf = bytearray(length)
-                await asyncio.to_thread(disk.pread, buf, offset)
-                chunks.append(
-                    proto.STRUCTURED_REPLY.pack(
-                        proto.STRUCTURED_REPLY_MAGIC,
-                        proto.REPLY_FLAG_DONE if done else 0,
-                        proto.ReplyType.OFFSET_DATA,
-                        request.cookie,
-                        8 + length,
-                    )
-                    + proto.OFFSET.pack(offset)
-                )
-                chunks.append(buf)
-            offset += length
+        chunks = await asyncio.to_thread(
+            _read_chunks, disk, request.cookie, request.offset, request.length,
+            sparse=not request.flags & CmdFlag.DF,
+        )  # fmt: skip
         await self._send(*chunks)
 
     async def _block_status(self, request: proto.Request) -> None:
@@ -570,9 +546,12 @@ class Connection:
         one = bool(request.flags & CmdFlag.REQ_ONE)
         chunks = []
         for i, context in enumerate(self.contexts):
-            descriptors = await asyncio.to_thread(
-                context.descriptors, request.length, request.offset, one
-            )
+            if context.blocking:
+                descriptors = await asyncio.to_thread(
+                    context.descriptors, request.length, request.offset, one
+                )
+            else:
+                descriptors = context.descriptors(request.length, request.offset, one)
             payload = proto.BLOCK_STATUS_ID.pack(context.id) + descriptors
             chunks.append(
                 proto.structured_chunk(
@@ -583,6 +562,35 @@ class Connection:
                 )
             )
         await self._send(*chunks)
+
+
+def _read_chunks(
+    disk: DiskConnection, cookie: int, offset: int, length: int, *, sparse: bool
+) -> list[bytes | bytearray]:
+    """The chunks of a structured READ reply, made in one worker-thread call:
+    with ``sparse``, zero ranges as OFFSET_HOLE and data as OFFSET_DATA, one
+    chunk per allocation extent, as qemu-nbd does; else one data chunk."""
+    pieces = (
+        _merge(disk.extents(length, offset), offset, length, False) if sparse else [(length, 0)]
+    )
+    chunks: list[bytes | bytearray] = []
+    for i, (size, flags) in enumerate(pieces):
+        done = i == len(pieces) - 1
+        if flags & proto.STATE_ZERO:
+            hole = proto.OFFSET_HOLE.pack(offset, size)
+            chunks.append(
+                proto.structured_chunk(cookie, proto.ReplyType.OFFSET_HOLE, hole, done=done)
+            )
+        else:
+            buf = bytearray(size)
+            disk.pread(buf, offset)
+            flag = proto.REPLY_FLAG_DONE if done else 0
+            header = proto.STRUCTURED_REPLY.pack(
+                proto.STRUCTURED_REPLY_MAGIC, flag, proto.ReplyType.OFFSET_DATA, cookie, 8 + size
+            )
+            chunks += [header + proto.OFFSET.pack(offset), buf]
+        offset += size
+    return chunks
 
 
 def _matches(query: str, context: str) -> bool:
