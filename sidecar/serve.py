@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from dirtydiff import errors
@@ -61,7 +62,7 @@ async def serve(
     if tcp is not None:
         host, port = parse_hostport(tcp)
         bound = await server.listen_tcp(host, port)
-        log.warning("serving on %s:%d", host, bound)
+        print(f"dirtydiff serve: listening on tcp {host}:{bound}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -196,3 +196,26 @@ def test_inconsistent_bitmaps_are_not_exported(
         timeout=60, check=False,
     )  # fmt: skip
     assert asked.returncode != 0
+
+
+def test_live_export_through_the_tracker_and_over_tcp(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """The usual deployment: the export reads the disk through the tracker's
+    socket, so it sees the VM's writes, and the bitmaps it serves are live."""
+    disk = make_disk(tmp_path / "disk.raw", 16 * MiB)
+    tracker = procs.tracker(state, disk=disk)
+    sock = tmp_path / "ours.sock"
+    argv = serve_argv(state, disk, sock, "--tcp", "127.0.0.1:0")
+    argv[argv.index(str(disk))] = tracker.uri
+    ours = procs.start(argv, sock)
+    qemu_io(tracker.uri, "write -P 0x5a 3M 64k")
+    qemu_io(ours.uri, "read -P 0x5a 3M 64k", readonly=True)
+    found = json.loads(nbdinfo("--json", "--map=qemu:dirty-bitmap:@open", ours.uri))
+    assert [e["offset"] for e in found if e["type"] == 1] == [3 * MiB]
+    qemu_io(tracker.uri, "write -P 0x5b 9M 1")  # the live bitmap follows at once
+    found = json.loads(nbdinfo("--json", "--map=qemu:dirty-bitmap:@open", ours.uri))
+    assert [e["offset"] for e in found if e["type"] == 1] == [3 * MiB, 9 * MiB]
+    # TCP: loopback, the port the kernel chose, printed on stderr.
+    port = int(ours.stderr().split("listening on tcp 127.0.0.1:")[1].split()[0])
+    qemu_io(f"nbd://127.0.0.1:{port}/", "read -P 0x5b 9M 1", readonly=True)
