@@ -91,12 +91,15 @@ class Reason(enum.IntEnum):
     """The host went down while the bitmap was recording."""
     DISK_RESIZED = 2
     """The disk changed size while recorded."""
+    SCAN_IN_PROGRESS = 3
+    """A diff scan is filling it and has not finished."""
 
     def describe(self) -> str:
         return {
             Reason.NONE: "consistent",
             Reason.HOST_CRASH: "the host went down while it was recording",
             Reason.DISK_RESIZED: "the disk changed size",
+            Reason.SCAN_IN_PROGRESS: "a diff scan is filling it and has not finished",
         }[self]
 
 
@@ -377,9 +380,9 @@ def inconsistency(header: Header, boot_id: bytes | None = None) -> Reason:
     """Why a bitmap with this header may be missing bits (NONE if it is not)."""
     if header.flags & Flag.INCONSISTENT:
         return header.reason if header.reason is not Reason.NONE else Reason.HOST_CRASH
-    if header.flags & Flag.IN_USE:
-        if header.boot_id != (boot_id if boot_id is not None else current_boot_id()):
-            return Reason.HOST_CRASH
+    this_boot = boot_id if boot_id is not None else current_boot_id()
+    if header.flags & Flag.IN_USE and header.boot_id != this_boot:
+        return Reason.HOST_CRASH
     return Reason.NONE
 
 

@@ -178,6 +178,11 @@ HANDLERS: dict[str, _Handler] = {
     "bitmap.mark": lambda store, args: store.mark_ranges(
         _arg(args, "name", str), _ranges(args)
     ).as_dict(),
+    "scan.begin": lambda store, args: store.scan_begin(
+        _arg(args, "name", str), _arg(args, "granularity", int, 65536)
+    ),
+    "scan.complete": lambda store, args: store.scan_complete(_arg(args, "name", str)).as_dict(),
+    "scan.abort": lambda store, args: store.scan_abort(_arg(args, "name", str)),
     "bitmap.merge": lambda store, args: store.merge(
         _arg(args, "target", str), _names(args)
     ).as_dict(),

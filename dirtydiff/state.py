@@ -39,6 +39,9 @@ from dirtydiff.bitmapfile import (
 )
 
 OPEN_CHECKPOINT = "@open"
+# While a diff scan fills bitmap NAME, "@scan:NAME" records the writes made
+# meanwhile; the scan's result is the diff OR these writes.
+SCAN_WRITES_PREFIX = "@scan:"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,199}")
 BITMAP_SUFFIX = ".bitmap"
 

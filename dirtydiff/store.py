@@ -39,7 +39,14 @@ from dirtydiff.bitmapfile import (
     fsync_dir,
     inconsistency,
 )
-from dirtydiff.state import OPEN_CHECKPOINT, BitmapInfo, StateDir, check_name, describe
+from dirtydiff.state import (
+    OPEN_CHECKPOINT,
+    SCAN_WRITES_PREFIX,
+    BitmapInfo,
+    StateDir,
+    check_name,
+    describe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +244,9 @@ class BitmapStore:
                 "reserved-name",
                 f"{OPEN_CHECKPOINT} records the open checkpoint interval and cannot be removed",
             )
+        self._remove(name)
+
+    def _remove(self, name: str) -> None:
         bitmap = self._get(name)
         with self._lock:
             del self.bitmaps[name]
@@ -366,6 +376,112 @@ class BitmapStore:
         self._finish(frozen)
         info = self._describe(name)
         return CheckpointResult(name, frozen.header.generation, drained, info.dirty_bytes)
+
+    # -- diff scans ------------------------------------------------------
+
+    def scan_begin(self, name: str, granularity: int = DEFAULT_GRANULARITY) -> dict[str, object]:
+        """Prepare bitmap ``name`` for a diff scan, or find the one to resume.
+
+        ``name`` is created disabled and INCONSISTENT (scan in progress), so it
+        is never served as complete until ``scan_complete``. While recording,
+        ``@scan:NAME`` starts recording every write first: a write the scan's
+        reads may have missed lands there. Returns {"resume": bool}; a scan
+        whose writes bitmap could not be trusted starts over.
+        """
+        check_name(name)
+        check_granularity(granularity)
+        writes_name = SCAN_WRITES_PREFIX + name
+        existing = self.bitmaps.get(name)
+        if existing is not None:
+            if existing.header.reason is not Reason.SCAN_IN_PROGRESS:
+                raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
+            writes = self.bitmaps.get(writes_name)
+            if not self.recording or (writes is not None and writes.consistent):
+                return {"resume": True, "granularity": existing.granularity}
+            # Writes during the interrupted scan may be lost: start afresh.
+            self.clear(name)
+            self._mark_scanning(existing)
+            if writes is not None:
+                self.clear(writes_name)
+            else:
+                self._add_internal(writes_name, existing.granularity)
+            return {"resume": False, "granularity": existing.granularity}
+        if self.recording:
+            self._add_internal(writes_name, granularity)
+        bitmap = BitmapFile.create(
+            self.state.bitmap_path(name),
+            granularity=granularity,
+            disk_size=self.disk_size,
+            flags=Flag(0),
+        )
+        self._mark_scanning(bitmap)
+        with self._lock:
+            self.bitmaps[name] = bitmap
+        return {"resume": False, "granularity": granularity}
+
+    @staticmethod
+    def _mark_scanning(bitmap: BitmapFile) -> None:
+        bitmap.header.flags &= ~Flag.ENABLED
+        bitmap.mark_inconsistent(Reason.SCAN_IN_PROGRESS)
+
+    def _add_internal(self, name: str, granularity: int) -> None:
+        flags = Flag.ENABLED | (Flag.IN_USE if self.recording else Flag(0))
+        bitmap = BitmapFile.create(
+            self.state.bitmap_path(name),
+            granularity=granularity,
+            disk_size=self.disk_size,
+            flags=flags,
+        )
+        with self._lock:
+            self.bitmaps[name] = bitmap
+            self._switch()
+
+    def scan_complete(self, name: str) -> BitmapInfo:
+        """The diff is in ``name``: add the writes made meanwhile, make it
+        record from now on, and only then declare it consistent.
+
+        Under the lock, so no write falls between: ``name`` joins the
+        recording set (with the writes in flight), ``@scan:NAME`` is merged
+        in and leaves the set.
+        """
+        bitmap = self._get(name)
+        if bitmap.header.reason is not Reason.SCAN_IN_PROGRESS:
+            raise errors.Conflict("not-scanning", f"bitmap {name!r} is not being filled by a scan")
+        writes = self.bitmaps.get(SCAN_WRITES_PREFIX + name)
+        if self.recording and (writes is None or not writes.consistent):
+            raise errors.Conflict(
+                "scan-writes-lost",
+                f"the writes made during the scan of {name!r} may be incomplete; scan again",
+            )
+        bitmap.header.flags |= Flag.ENABLED
+        if self.recording:
+            bitmap.begin_recording()
+        with self._lock:
+            self._switch()
+            if writes is not None:
+                bitmap.merge_from(writes)
+                del self.bitmaps[SCAN_WRITES_PREFIX + name]
+                writes.header.flags &= ~Flag.ENABLED
+                self._switch()
+            bitmap.header.flags &= ~Flag.INCONSISTENT
+            bitmap.header.reason = Reason.NONE
+            if not self.recording:
+                bitmap.bits.flush()
+            bitmap.write_header()
+        if writes is not None:
+            os.unlink(writes.path)
+            fsync_dir(writes.path.parent)
+            writes.close()
+        return self._describe(name)
+
+    def scan_abort(self, name: str) -> None:
+        """Forget a scan: remove ``name`` (only if a scan was filling it)."""
+        bitmap = self._get(name)
+        if bitmap.header.reason is not Reason.SCAN_IN_PROGRESS:
+            raise errors.Conflict("not-scanning", f"bitmap {name!r} is not being filled by a scan")
+        for victim in (SCAN_WRITES_PREFIX + name, name):
+            if victim in self.bitmaps:
+                self._remove(victim)
 
     def _finish(self, bitmap: BitmapFile) -> None:
         """A bitmap left the recording set: make it durable and not IN_USE."""

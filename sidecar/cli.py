@@ -31,6 +31,8 @@ from dirtydiff.extents import bitmap_extents, nbdinfo_json, nbdinfo_text
 from dirtydiff.state import StateDir
 from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
 from sidecar.nbdclient import context_extents
+from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
+from sidecar.scanjob import ScanOptions, abort_scan, run_scan
 from sidecar.serve import serve
 
 EXIT_FAILED = 1
@@ -167,6 +169,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
             bitmaps=args.bitmap,
         )
     )
+    return 0
+
+
+def _progress_printer(enabled: bool) -> Callable[[Progress], None]:
+    def show(p: Progress) -> None:
+        if not enabled:
+            return
+        width = 30
+        filled = int(width * p.ratio)
+        eta = f"{p.eta:.0f}s" if p.eta is not None else "?"
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {100 * p.ratio:5.1f}% "
+            f"{_human(p.position)}/{_human(p.total)} {_human(int(p.rate))}/s "
+            f"differing {p.differing_granules} granules, eta {eta}   "
+        )
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    state = StateDir(args.state)
+    if args.abort:
+        abort_scan(state, args.bitmap)
+        print(f"scan of {args.bitmap} aborted; the bitmap is removed")
+        return 0
+    if args.disk is None or args.backup is None:
+        raise errors.BadRequest("usage", "--disk and --backup are required")
+    options = ScanOptions(
+        disk=args.disk,
+        backup=args.backup,
+        name=args.bitmap,
+        granularity=args.granularity,
+        max_rate=args.max_rate,
+        chunk=args.chunk_size,
+        in_flight=args.in_flight,
+    )
+    interactive = sys.stderr.isatty() and not args.json
+    result = run_scan(state, options, on_progress=_progress_printer(interactive))
+    if interactive:
+        sys.stderr.write("\n")
+
+    def human(r: dict[str, Any]) -> None:
+        p, b = r["progress"], r["bitmap"]
+        print(
+            f"scan of {b['name']}: {_human(p['compared'])} compared in {p['elapsed']:.1f}s "
+            f"({_human(int(p['rate']))}/s), read {_human(p['read_disk'])} of the disk and "
+            f"{_human(p['read_backup'])} of the backup; {p['differing_granules']} granules "
+            f"differ; {b['name']} is consistent and recording ({_human(b['dirty_bytes'])} dirty)"
+        )
+
+    _emit(result, args.json, human)
     return 0
 
 
@@ -354,6 +408,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readonly", action="store_true", help="serve read-only")
     p.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
     p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("scan", help="rebuild a bitmap by diffing the disk against a backup")
+    state_arg(p)
+    json_arg(p)
+    p.add_argument(
+        "--disk", metavar="FILE|URI", help="the disk, or the tracker's URI while the VM runs"
+    )
+    p.add_argument("--backup", metavar="URI", help="the backup, exported over NBD")
+    p.add_argument("--bitmap", required=True, metavar="NAME", help="the bitmap to fill")
+    p.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY)
+    p.add_argument("--max-rate", type=float, metavar="BYTES/S", help="cap on bytes read per second")
+    p.add_argument("--chunk-size", type=_granularity, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
+    p.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=argparse.SUPPRESS)
+    p.add_argument("--wait", action="store_true", help="follow the scan to its end (the default)")
+    p.add_argument("--abort", action="store_true", help="forget an unfinished scan and its bitmap")
+    p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("serve", help="export the disk and its bitmaps over NBD, read-only")
     state_arg(p)

@@ -32,7 +32,7 @@ from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
 from dirtydiff.extents import extent_arrays
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
-from dirtydiff.state import StateDir
+from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
 from nbd_plugins.backends import Backend
 from nbd_plugins.backends import Connection as DiskConnection
 
@@ -70,6 +70,8 @@ class Export:
         for name in self.state.names():
             if self.bitmap_filter is not None and name not in self.bitmap_filter:
                 continue
+            if name.startswith(SCAN_WRITES_PREFIX):
+                continue  # a scan's scratch bitmap, not a result
             try:
                 header = self.state.read_header(name)
             except Exception as e:  # a corrupt or vanished file: not offered

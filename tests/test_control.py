@@ -352,7 +352,35 @@ def check_checkpoint(store: BitmapStore, result: Any) -> None:
     assert store.info(OPEN_CHECKPOINT).generation == 2
 
 
+def check_scan_begin(store: BitmapStore, result: Any) -> None:
+    assert result == {"resume": False, "granularity": 65536}
+    info = store.info("s")
+    assert not info.consistent and "scan" in info.reason and not info.enabled
+
+
+def check_scan_complete(store: BitmapStore, result: Any) -> None:
+    assert result["name"] == "s" and result["consistent"] and result["enabled"]
+    assert result["dirty_bytes"] == 65536
+
+
+def check_scan_abort(store: BitmapStore, result: Any) -> None:
+    assert result is None and "s" not in store.bitmaps
+
+
+def scanning(store: BitmapStore) -> None:
+    store.scan_begin("s")
+    store.mark_ranges("s", [(0, 1)])
+
+
+SETUP: dict[str, Callable[[BitmapStore], None]] = {
+    "scan.complete": scanning,
+    "scan.abort": scanning,
+}
+
 OPS: dict[str, tuple[dict[str, Any], Callable[[BitmapStore, Any], None]]] = {
+    "scan.begin": ({"name": "s"}, check_scan_begin),
+    "scan.complete": ({"name": "s"}, check_scan_complete),
+    "scan.abort": ({"name": "s"}, check_scan_abort),
     "ping": ({}, check_ping),
     "status": ({}, check_status),
     "bitmap.list": ({}, check_list),
@@ -376,6 +404,7 @@ def test_every_handler_has_a_dispatch_test() -> None:
 def test_dispatch_each_op_on_an_offline_store(store: BitmapStore, op: str) -> None:
     store.add("b")
     store.bitmaps["b"].mark(0, 1)
+    SETUP.get(op, lambda store: None)(store)
     args, check = OPS[op]
     # Through the wire format, as a client's request arrives.
     message = read_recorded(control.encode(control.request(op, **args)))

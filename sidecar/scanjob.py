@@ -1,0 +1,227 @@
+"""A diff scan as a job on a state directory: begin, resume, complete.
+
+Online (a tracker runs): the tracker starts recording the writes made during
+the scan (``@scan:NAME``) *before* the first read, the differing granules go
+to NAME through its control socket, and ``scan.complete`` ORs the writes into
+NAME, makes NAME record from then on, and only then declares it consistent.
+
+Offline (no tracker; the disk is not being written): the job takes the state
+lock for its whole run, so no tracker starts meanwhile, and works on the files.
+For a local disk file it also checks that the file was not modified during the
+scan, which would mean writes nobody recorded.
+
+Either way NAME stays inconsistent ("a diff scan is filling it") until the
+end, and ``STATE/scans/NAME.json`` holds the backup and the position, so that
+running the same scan again resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dirtydiff import control, errors
+from dirtydiff.bitmapfile import DEFAULT_GRANULARITY
+from dirtydiff.state import StateDir, check_name
+from dirtydiff.store import BitmapStore
+from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress, Scan, file_mtime, open_side
+
+
+@dataclass
+class ScanOptions:
+    disk: str
+    backup: str
+    name: str
+    granularity: int = DEFAULT_GRANULARITY
+    max_rate: float | None = None
+    chunk: int = DEFAULT_CHUNK
+    in_flight: int = DEFAULT_IN_FLIGHT
+
+
+class ScanRecord:
+    """STATE/scans/NAME.json: what a scan compares and how far it got."""
+
+    def __init__(self, state: StateDir, name: str) -> None:
+        self.dir = state.path / "scans"
+        self.path = self.dir / f"{name}.json"
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            record: dict[str, Any] = json.loads(self.path.read_text())
+            return record
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise errors.Corrupt(f"{self.path}: unreadable ({e})") from None
+
+    def save(self, record: dict[str, Any]) -> None:
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        tmp = self.path.with_suffix(".json.new")
+        with tmp.open("w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One scan per bitmap at a time."""
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(
+            self.dir / f"{self.path.stem}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise errors.Conflict(
+                    "scan-running", f"a scan of {self.path.stem!r} is already running"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+
+class _Bitmaps:
+    """The bitmap operations a scan needs, online or offline."""
+
+    def __init__(self, state: StateDir, store: BitmapStore | None) -> None:
+        self.state = state
+        self.store = store
+
+    def call(self, op: str, **args: Any) -> Any:
+        if self.store is None:
+            return control.call(self.state.socket_path, op, **args)
+        return control.result_of(control.dispatch(self.store, control.request(op, **args)))
+
+
+def run_scan(
+    state: StateDir,
+    options: ScanOptions,
+    *,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    check_name(options.name)
+    record = ScanRecord(state, options.name)
+    with record.exclusive():
+        lock = state.try_lock()
+        try:
+            return _run(state, options, record, lock, on_progress, cancel)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _run(
+    state: StateDir,
+    options: ScanOptions,
+    record: ScanRecord,
+    lock: Any,
+    on_progress: Callable[[Progress], None],
+    cancel: threading.Event | None,
+) -> dict[str, Any]:
+    disk = open_side("disk", options.disk)
+    try:
+        backup = open_side("backup", options.backup)
+    except BaseException:
+        disk.close()
+        raise
+    store: BitmapStore | None = None
+    try:
+        if backup.size != disk.size:
+            raise errors.Conflict(
+                "backup-size",
+                f"the backup {options.backup} has {backup.size} bytes but the disk has "
+                f"{disk.size} bytes: a backup of another disk, or the disk was resized",
+            )
+        if lock is not None:  # offline: no tracker; we own the files
+            known = state.disk_size()
+            if known is None:
+                state.prepare()
+                state.record_disk(disk.size, options.disk)
+            elif known != disk.size:
+                raise errors.Conflict(
+                    "disk-size-mismatch",
+                    f"the disk has {disk.size} bytes but {state.path} describes {known} bytes",
+                )
+            store = BitmapStore(state, disk.size, recording=False)
+        bitmaps = _Bitmaps(state, store)
+        previous = record.load()
+        if previous is not None and previous.get("backup") != options.backup:
+            raise errors.Conflict(
+                "scan-other-backup",
+                f"an unfinished scan of {options.name!r} compares against "
+                f"{previous.get('backup')}; finish it with the same --backup, or abort it (dirtydiff scan --abort)",
+            )
+        begun = bitmaps.call("scan.begin", name=options.name, granularity=options.granularity)
+        start = int(previous["position"]) if previous and begun["resume"] else 0
+        mtime = file_mtime(options.disk) if lock is not None and "://" not in options.disk else None
+        base = {"backup": options.backup, "disk": options.disk, "granularity": begun["granularity"]}
+        record.save({**base, "position": start})
+
+        def on_marks(ranges: list[tuple[int, int]]) -> None:
+            bitmaps.call("bitmap.mark", name=options.name, ranges=[list(r) for r in ranges])
+
+        def on_position(progress: Progress) -> None:
+            record.save({**base, "position": progress.position})
+            on_progress(progress)
+
+        scan = Scan(
+            disk,
+            backup,
+            begun["granularity"],
+            start=start,
+            chunk=options.chunk,
+            in_flight=options.in_flight,
+            max_rate=options.max_rate,
+            on_marks=on_marks,
+            on_position=on_position,
+            cancel=cancel,
+        )
+        progress = scan.run()
+        if mtime is not None and file_mtime(options.disk) != mtime:
+            raise errors.Conflict(
+                "disk-written",
+                f"{options.disk} was modified during the scan and no tracker recorded the writes; "
+                f"scan again with the tracker running (bitmap {options.name!r} stays inconsistent)",
+            )
+        info = bitmaps.call("scan.complete", name=options.name)
+        record.remove()
+        return {"bitmap": info, "progress": progress.as_dict(), "resumed_from": start}
+    finally:
+        if store is not None:
+            store.close()
+        disk.close()
+        backup.close()
+
+
+def abort_scan(state: StateDir, name: str) -> None:
+    record = ScanRecord(state, name)
+    with record.exclusive():
+        lock = state.try_lock()
+        try:
+            store = None
+            if lock is not None:
+                size = state.disk_size()
+                if size is None:
+                    raise errors.NotFound("never-tracked", f"no scan of {name!r} in {state.path}")
+                store = BitmapStore(state, size, recording=False)
+            try:
+                _Bitmaps(state, store).call("scan.abort", name=name)
+            finally:
+                if store is not None:
+                    store.close()
+            record.remove()
+        finally:
+            if lock is not None:
+                lock.release()
