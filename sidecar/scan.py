@@ -177,7 +177,7 @@ class NbdSide:
         """Retire finished reads: [(chunk start, buffer)]; raises on a failed read."""
         done: list[tuple[int, Any]] = []
         while self.pending:  # libnbd raises EINVAL when nothing is in flight
-            cookie = self.h.aio_peek_command_completed()
+            cookie = self._call(self.h.aio_peek_command_completed)
             if cookie <= 0:
                 return done
             self._call(self.h.aio_command_completed, cookie)
@@ -349,8 +349,8 @@ class Scan:
         poller = select.poll()
         by_fd = {}
         for side in sides:
-            fd = side.h.aio_get_fd()
-            direction = side.h.aio_get_direction()
+            fd = side._call(side.h.aio_get_fd)  # raises if the server went away
+            direction = side._call(side.h.aio_get_direction)
             events = (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0) | (
                 select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0
             )

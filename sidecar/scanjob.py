@@ -161,7 +161,8 @@ def _run(
             raise errors.Conflict(
                 "scan-other-backup",
                 f"an unfinished scan of {options.name!r} compares against "
-                f"{previous.get('backup')}; finish it with the same --backup, or abort it (dirtydiff scan --abort)",
+                f"{previous.get('backup')}; finish it with the same --backup, "
+                "or abort it (dirtydiff scan --abort)",
             )
         begun = bitmaps.call("scan.begin", name=options.name, granularity=options.granularity)
         start = int(previous["position"]) if previous and begun["resume"] else 0

@@ -140,8 +140,8 @@ class Processes:
         sock = self._sock("qemu-nbd")
         return self.start(["qemu-nbd", "-t", "-f", fmt, "-k", str(sock), *args, str(image)], sock)
 
-    def nbdkit(self, *args: str) -> Server:
-        sock = self._sock("nbdkit")
+    def nbdkit(self, *args: str, sock: Path | None = None) -> Server:
+        sock = sock or self._sock("nbdkit")
         return self.start(["nbdkit", "-f", "-U", str(sock), *args], sock)
 
     def stop_all(self) -> None:
