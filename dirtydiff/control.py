@@ -179,7 +179,9 @@ HANDLERS: dict[str, _Handler] = {
         _arg(args, "name", str), _ranges(args)
     ).as_dict(),
     "scan.begin": lambda store, args: store.scan_begin(
-        _arg(args, "name", str), _arg(args, "granularity", int, 65536)
+        _arg(args, "name", str),
+        _arg(args, "granularity", int, 65536),
+        restart=_arg(args, "restart", bool, False),
     ),
     "scan.complete": lambda store, args: store.scan_complete(_arg(args, "name", str)).as_dict(),
     "scan.abort": lambda store, args: store.scan_abort(_arg(args, "name", str)),

@@ -310,7 +310,11 @@ class BitmapStore:
         with self._lock:
             for offset, length in ranges:
                 bitmap.mark(offset, length)
-            if not bitmap.header.flags & Flag.IN_USE:
+            # A bitmap at rest must be durable, except one a scan is filling:
+            # it is made durable when the scan completes, and a host crash
+            # before that restarts the scan (its record names the boot).
+            at_rest = not bitmap.header.flags & Flag.IN_USE
+            if at_rest and bitmap.header.reason is not Reason.SCAN_IN_PROGRESS:
                 bitmap.bits.flush()
         return self._describe(name)
 
@@ -379,14 +383,17 @@ class BitmapStore:
 
     # -- diff scans ------------------------------------------------------
 
-    def scan_begin(self, name: str, granularity: int = DEFAULT_GRANULARITY) -> dict[str, object]:
+    def scan_begin(
+        self, name: str, granularity: int = DEFAULT_GRANULARITY, *, restart: bool = False
+    ) -> dict[str, object]:
         """Prepare bitmap ``name`` for a diff scan, or find the one to resume.
 
         ``name`` is created disabled and INCONSISTENT (scan in progress), so it
         is never served as complete until ``scan_complete``. While recording,
         ``@scan:NAME`` starts recording every write first: a write the scan's
         reads may have missed lands there. Returns {"resume": bool}; a scan
-        whose writes bitmap could not be trusted starts over.
+        whose writes bitmap could not be trusted, or that the caller asks to
+        ``restart`` (its record is from another boot), starts over.
         """
         check_name(name)
         check_granularity(granularity)
@@ -396,14 +403,15 @@ class BitmapStore:
             if existing.header.reason is not Reason.SCAN_IN_PROGRESS:
                 raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
             writes = self.bitmaps.get(writes_name)
-            if not self.recording or (writes is not None and writes.consistent):
+            trusted = not self.recording or (writes is not None and writes.consistent)
+            if trusted and not restart:
                 return {"resume": True, "granularity": existing.granularity}
             # Writes during the interrupted scan may be lost: start afresh.
             self.clear(name)
             self._mark_scanning(existing)
             if writes is not None:
                 self.clear(writes_name)
-            else:
+            elif self.recording:
                 self._add_internal(writes_name, existing.granularity)
             return {"resume": False, "granularity": existing.granularity}
         if self.recording:

@@ -2,10 +2,14 @@
 qemu:dirty-bitmap:NAME block status, as ``qemu-nbd -B NAME`` serves it.
 
 One ``Connection`` per client: the fixed-newstyle handshake, then the
-transmission phase where every request runs as its own task and replies go
-out whole, one chunk at a time, under a write lock (replies may come out of
-order; chunks never interleave). ``../shared/nbd-interop.md`` lists what real
-clients require; qemu-nbd 7.2 is the reference for every doubtful case.
+transmission phase. There a request that needs no waiting (a read of a local
+file, a bitmap's block status, errors) is answered at once in the event loop;
+one that may block (reads and allocation through libnbd, SEEK_DATA over a
+large range) runs as its own task. Every reply is queued whole on a
+``_Sender`` that writes straight to the socket, file data by sendfile(2);
+replies may come out of order, chunks never interleave.
+``../shared/nbd-interop.md`` lists what real clients require; qemu-nbd 7.2 is
+the reference for every doubtful case.
 
 Two kinds of failure: ``ProtocolError`` (or the client vanishing) ends that
 connection only; ``RequestError`` fails one request with an errno. Nothing a
@@ -17,10 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,12 +40,14 @@ from dirtydiff.extents import extent_arrays
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
-from nbd_plugins.backends import Backend
+from nbd_plugins.backends import Backend, FileBackend
 from nbd_plugins.backends import Connection as DiskConnection
 
 log = logging.getLogger(__name__)
 
-# Requests in flight per connection: enough to keep a disk busy.
+# Requests in flight per connection (accepted, reply not yet handed to the
+# kernel): enough to keep a disk busy, and the bound on what one client can
+# make the server queue when it stops reading replies.
 MAX_IN_FLIGHT = 16
 # Read buffers of all connections together: a client-given length never makes
 # the server hold more than this (each read is at most MAX_REQUEST).
@@ -159,6 +168,162 @@ def _merge(
     return [(length, flags) for length, flags in merged]
 
 
+class _Region:
+    """Bytes of the disk file still to send. sendfile(2) hands the page-cache
+    pages to the socket: no read buffer, no copy through Python, which is
+    what makes a Python server keep up with qemu-nbd's pread + sendmsg."""
+
+    __slots__ = ("count", "fd", "offset")
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.count = count
+
+
+# What a reply is queued as: bytes, file regions, and marks (callables run once
+# everything queued before them has gone to the kernel).
+Part = bytes | bytearray | memoryview | _Region | Callable[[], None]
+_IOV_MAX = 1024  # buffers per writev(2) (Linux's UIO_MAXIOV)
+
+
+class _Sender:
+    """The transmission phase's replies, written to the socket in queue order.
+
+    asyncio's transport (3.11) copies whatever the socket does not take at
+    once into a bytearray and memmoves it after every partial send; a 256 KiB
+    read reply never fits a unix socket's buffer, so every byte was copied
+    twice more in Python. Here the queue holds the caller's buffers and file
+    regions as they are, and flushes with writev(2)/sendfile(2) as soon as
+    something is queued, then whenever the socket is writable again.
+    """
+
+    def __init__(self, sock_fd: int, on_error: Callable[[OSError], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        # Our own fd for the socket: the loop may watch it for writing while
+        # the transport (which refuses add_writer on its fd) keeps reading.
+        self._fd = os.dup(sock_fd)
+        self._queue: deque[Part] = deque()
+        self._watching = False
+        self._on_error = on_error
+
+    def push(self, parts: Iterable[Part], done: Callable[[], None] | None = None) -> None:
+        """Queue one whole reply; ``done`` runs once it is all sent (or can
+        never be: the connection broke)."""
+        if self._fd < 0:
+            if done is not None:
+                done()
+            return
+        self._queue.extend(parts)
+        if done is not None:
+            self._queue.append(done)
+        if not self._watching:
+            self._flush()
+
+    def flushed(self) -> asyncio.Future[None]:
+        """Resolved once everything queued so far is sent."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        self.push((), functools.partial(_resolve, future))
+        return future
+
+    def _flush(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                head = queue[0]
+                if isinstance(head, _Region):
+                    sent = os.sendfile(self._fd, head.fd, head.offset, head.count)
+                    if sent == 0:  # the file shrank under us; the header is out already
+                        raise OSError(errno.EIO, "the disk ended before the data did")
+                    head.offset += sent
+                    head.count -= sent
+                    if not head.count:
+                        queue.popleft()
+                elif isinstance(head, bytes | bytearray | memoryview):
+                    buffers: list[bytes | bytearray | memoryview] = []
+                    for part in queue:
+                        if isinstance(part, _Region) or len(buffers) == _IOV_MAX:
+                            break
+                        if isinstance(part, bytes | bytearray | memoryview):
+                            buffers.append(part)
+                    self._consume(os.writev(self._fd, buffers))
+                else:
+                    queue.popleft()
+                    head()
+        except BlockingIOError:
+            if not self._watching:
+                self._loop.add_writer(self._fd, self._flush)
+                self._watching = True
+            return
+        except OSError as e:
+            self._fail(e)
+            return
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+
+    def _consume(self, sent: int) -> None:
+        """Drop the first ``sent`` bytes of queued buffers, running the marks
+        they pass."""
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            if isinstance(head, _Region):
+                return
+            if isinstance(head, bytes | bytearray | memoryview):
+                size = len(head)
+                if size > sent:
+                    if sent:
+                        queue[0] = memoryview(head)[sent:]
+                    return
+                sent -= size
+                queue.popleft()
+            else:
+                queue.popleft()
+                head()
+
+    def _fail(self, error: OSError) -> None:
+        self.close()
+        self._on_error(error)
+
+    def close(self) -> None:
+        """Stop sending; run the marks of whatever was still queued."""
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        queue, self._queue = self._queue, deque()
+        for part in queue:
+            if not isinstance(part, bytes | bytearray | memoryview | _Region):
+                part()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# Flags each command accepts; anything else is EINVAL, as in qemu-nbd.
+_ALLOWED_FLAGS: dict[int, int] = {
+    Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
+    Cmd.FLUSH: 0,
+    Cmd.CACHE: 0,
+    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
+    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+}
+
+
+def _data_header(cookie: int, offset: int, size: int, done: bool) -> bytes:
+    """An OFFSET_DATA chunk up to its data."""
+    flags = proto.REPLY_FLAG_DONE if done else 0
+    return proto.STRUCTURED_REPLY.pack(
+        proto.STRUCTURED_REPLY_MAGIC, flags, proto.ReplyType.OFFSET_DATA, cookie, 8 + size
+    ) + proto.OFFSET.pack(offset)
+
+
 class Connection:
     def __init__(
         self,
@@ -176,9 +341,12 @@ class Connection:
         self.contexts: list[Context] = []
         self.contexts_export: str | None = None
         self.disk: DiskConnection | None = None
+        self._file_fd = -1  # the disk's fd when it is a local file: reads use sendfile
         self._wlock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._sender: _Sender | None = None  # set when transmission starts
+        self._pending = 0  # requests accepted whose replies are not all sent
+        self._room: asyncio.Future[None] | None = None  # the reader waits here when full
 
     # -- I/O helpers ---------------------------------------------------------
 
@@ -194,10 +362,33 @@ class Connection:
             n -= len(chunk)
 
     async def _send(self, *chunks: bytes | bytearray) -> None:
+        """Send chunks whole; return once they are with the kernel."""
+        if self._sender is not None:
+            sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._sender.push(chunks, functools.partial(_resolve, sent))
+            await sent
+            return
         async with self._wlock:
             for chunk in chunks:
                 self.writer.write(chunk)
             await self.writer.drain()
+
+    def _reply_now(self, *parts: Part) -> None:
+        """Queue the whole reply of a request answered without a task; its
+        slot frees once the reply is sent."""
+        assert self._sender is not None
+        self._sender.push(parts, self._release)
+
+    def _release(self) -> None:
+        self._pending -= 1
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    def _broken(self, error: OSError) -> None:
+        """Writing failed (the client went away): end the connection."""
+        log.info("client %s: send failed: %s", self._peer(), error)
+        self.writer.transport.abort()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -212,6 +403,8 @@ class Connection:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._sender is not None:
+                self._sender.close()
             if self.disk is not None:
                 await asyncio.to_thread(self.disk.close)
             with contextlib.suppress(Exception):
@@ -420,10 +613,20 @@ class Connection:
         if self.contexts_export != export.name:
             self.contexts = []  # the selection belongs to the export named in it
         self.disk = await asyncio.to_thread(export.backend.connect)
+        self._file_fd = export.backend.fd if isinstance(export.backend, FileBackend) else -1
 
     # -- transmission --------------------------------------------------------
 
     async def _transmission(self) -> None:
+        transport = self.writer.transport
+        if transport.get_write_buffer_size():
+            # Replies now bypass the transport: whatever it still holds of the
+            # handshake must go first.
+            transport.set_write_buffer_limits(high=0)
+            await self.writer.drain()
+        sock = transport.get_extra_info("socket")
+        self._sender = _Sender(sock.fileno(), self._broken)
+        loop = asyncio.get_running_loop()
         while True:
             header = await self._read(proto.REQUEST.size)
             try:
@@ -437,39 +640,63 @@ class Connection:
                 raise
             if request.type == Cmd.DISC:
                 break
+            while self._pending >= MAX_IN_FLIGHT:
+                self._room = loop.create_future()
+                await self._room
+            self._pending += 1
             if request.type == Cmd.WRITE:
                 # Read-only: consume the payload (bounded) and fail the write.
                 if request.length > proto.MAX_REQUEST:
                     raise proto.ProtocolError(f"write of {request.length} bytes is over the limit")
                 await self._drain_bytes(request.length)
                 # EINVAL, not EPERM: what qemu-nbd 7.2 answers on a read-only export.
-                await self._fail(request, Errno.EINVAL, "export is read-only")
+                self._reply_now(self._error(request, Errno.EINVAL, "export is read-only"))
                 continue
-            await self._slots.acquire()
-            task = asyncio.create_task(self._handle(request))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+            try:
+                rest = self._dispatch(request)
+            except RequestError as e:
+                self._reply_now(self._error(request, e.errno, e.message))
+                continue
+            except OSError as e:
+                self._reply_now(self._io_error(request, e))
+                continue
+            if rest is not None:  # it may block: a task of its own
+                task = asyncio.create_task(self._finish(request, rest))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._sender.flushed()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._release()
+
+    def _error(self, request: proto.Request, errno: Errno, message: str) -> bytes:
+        if self.structured:
+            return proto.error_chunk(request.cookie, errno, message)
+        return proto.simple_reply(request.cookie, errno)
+
+    def _io_error(self, request: proto.Request, e: OSError) -> bytes:
+        log.warning("request %s failed: %s", request, e)
+        return self._error(request, Errno.EIO, f"I/O error: {e.strerror or e}")
 
     async def _fail(self, request: proto.Request, errno: Errno, message: str) -> None:
-        if self.structured:
-            await self._send(proto.error_chunk(request.cookie, errno, message))
-        else:
-            await self._send(proto.simple_reply(request.cookie, errno))
+        await self._send(self._error(request, errno, message))
 
-    async def _handle(self, request: proto.Request) -> None:
+    async def _finish(
+        self, request: proto.Request, rest: Coroutine[Any, Any, list[bytes | bytearray]]
+    ) -> None:
+        """The part of a request that may block, then its reply."""
         try:
-            await self._dispatch(request)
+            chunks = await rest
         except RequestError as e:
             await self._fail(request, e.errno, e.message)
         except OSError as e:
-            log.warning("request %s failed: %s", request, e)
-            await self._fail(request, Errno.EIO, f"I/O error: {e.strerror or e}")
+            await self._send(self._io_error(request, e))
+        else:
+            if chunks:
+                await self._send(*chunks)
 
     def _check_range(self, request: proto.Request) -> None:
         assert self.export is not None
@@ -477,93 +704,137 @@ class Connection:
         if request.offset > size or request.length > size - request.offset:
             raise RequestError(Errno.EINVAL, "request past the end of the export")
 
-    async def _dispatch(self, request: proto.Request) -> None:
+    def _dispatch(
+        self, request: proto.Request
+    ) -> Coroutine[Any, Any, list[bytes | bytearray]] | None:
+        """Answer a request now if nothing in it can block; else return the
+        coroutine that makes the reply's chunks."""
         kind, flags = request.type, request.flags
-        allowed = {
-            Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
-            Cmd.FLUSH: 0,
-            Cmd.CACHE: 0,
-            Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
-            Cmd.TRIM: CmdFlag.FUA,
-            Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-        }
-        if kind not in allowed:
+        allowed = _ALLOWED_FLAGS.get(kind)
+        if allowed is None:
             raise RequestError(Errno.EINVAL, f"unsupported command {kind}")
-        if flags & ~int(allowed[Cmd(kind)]):
+        if flags & ~allowed:
             raise RequestError(Errno.EINVAL, f"unsupported flags {flags:#x}")
-        if kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
+        if kind == Cmd.READ:
+            if request.length > proto.MAX_REQUEST:
+                raise RequestError(
+                    Errno.EINVAL, f"read of {request.length} bytes is over the limit"
+                )
+            self._check_range(request)
+            if self._file_fd < 0:
+                return self._read_buffered(request)
+            self._read_file(request)
+        elif kind == Cmd.BLOCK_STATUS:
+            self._check_block_status(request)
+            if any(context.blocking for context in self.contexts):
+                return self._block_status(request)
+            self._reply_now(*self._status_chunks(request, [
+                context.descriptors(request.length, request.offset, bool(flags & CmdFlag.REQ_ONE))
+                for context in self.contexts
+            ]))  # fmt: skip
+        elif kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
             # Not advertised on a read-only export: qemu-nbd answers EINVAL too.
             raise RequestError(Errno.EINVAL, "export is read-only")
-        if kind == Cmd.FLUSH:
-            await self._ok(request)
-        elif kind == Cmd.CACHE:
-            self._check_range(request)
-            await self._ok(request)
-        elif kind == Cmd.READ:
-            await self._read_request(request)
         else:
-            await self._block_status(request)
+            if kind == Cmd.CACHE:
+                self._check_range(request)
+            # Success of a command without data (FLUSH, CACHE): a simple reply
+            # even once structured replies are negotiated (the spec allows it;
+            # qemu does it).
+            self._reply_now(proto.simple_reply(request.cookie))
+        return None
 
-    async def _ok(self, request: proto.Request) -> None:
-        # Success of a command without data: a simple reply even once
-        # structured replies are negotiated (the spec allows it; qemu does it).
-        await self._send(proto.simple_reply(request.cookie))
-
-    async def _read_request(self, request: proto.Request) -> None:
-        """Answer a READ. With structured replies and no DF flag, zero ranges
-        go out as OFFSET_HOLE chunks and data as OFFSET_DATA, one chunk per
-        allocation extent, as qemu-nbd does; otherwise one data chunk."""
-        if request.length > proto.MAX_REQUEST:
-            raise RequestError(Errno.EINVAL, f"read of {request.length} bytes is over the limit")
-        self._check_range(request)
-        async with self.server.read_budget.hold(request.length):
-            await self._read_reply(request)
-
-    async def _read_reply(self, request: proto.Request) -> None:
-        assert self.export is not None and self.disk is not None
-        disk = self.disk
+    def _read_file(self, request: proto.Request) -> None:
+        """Answer a READ of the local disk file, data by sendfile. With
+        structured replies and no DF flag, zero ranges go out as OFFSET_HOLE
+        chunks and data as OFFSET_DATA, one chunk per allocation extent, as
+        qemu-nbd does; otherwise one data chunk."""
+        assert self.disk is not None
+        fd, cookie, offset, length = self._file_fd, request.cookie, request.offset, request.length
         if not self.structured:
-            buf = bytearray(request.length)
-            if request.length:
-                await asyncio.to_thread(disk.pread, buf, request.offset)
-            await self._send(proto.simple_reply(request.cookie), buf)
-            return
-        if request.length == 0:
-            await self._send(
-                proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True)
-            )
-            return
-        chunks = await asyncio.to_thread(
-            _read_chunks, disk, request.cookie, request.offset, request.length,
-            sparse=not request.flags & CmdFlag.DF,
-        )  # fmt: skip
-        await self._send(*chunks)
+            if length:
+                self._reply_now(proto.simple_reply(cookie), _Region(fd, offset, length))
+            else:
+                self._reply_now(proto.simple_reply(cookie))
+        elif length == 0:
+            self._reply_now(proto.structured_chunk(cookie, proto.ReplyType.NONE, b"", done=True))
+        elif request.flags & CmdFlag.DF:
+            self._reply_now(_data_header(cookie, offset, length, True), _Region(fd, offset, length))
+        else:
+            pieces = _merge(self.disk.extents(length, offset), offset, length, False)
+            parts: list[Part] = []
+            last = len(pieces) - 1
+            for i, (size, flags) in enumerate(pieces):
+                if flags & proto.STATE_ZERO:
+                    hole = proto.OFFSET_HOLE.pack(offset, size)
+                    parts.append(
+                        proto.structured_chunk(
+                            cookie, proto.ReplyType.OFFSET_HOLE, hole, done=i == last
+                        )
+                    )
+                else:
+                    parts += (
+                        _data_header(cookie, offset, size, i == last),
+                        _Region(fd, offset, size),
+                    )
+                offset += size
+            self._reply_now(*parts)
 
-    async def _block_status(self, request: proto.Request) -> None:
+    async def _read_buffered(self, request: proto.Request) -> list[bytes | bytearray]:
+        """A READ through the backend (libnbd), into a buffer that counts
+        against the read budget until the reply is sent."""
+        assert self.disk is not None
+        async with self.server.read_budget.hold(request.length):
+            if not self.structured:
+                buf = bytearray(request.length)
+                if request.length:
+                    await asyncio.to_thread(self.disk.pread, buf, request.offset)
+                chunks: list[bytes | bytearray] = [proto.simple_reply(request.cookie), buf]
+            elif request.length == 0:
+                chunks = [
+                    proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True)
+                ]
+            else:
+                chunks = await asyncio.to_thread(
+                    _read_chunks, self.disk, request.cookie, request.offset, request.length,
+                    sparse=not request.flags & CmdFlag.DF,
+                )  # fmt: skip
+            await self._send(*chunks)
+        return []
+
+    def _check_block_status(self, request: proto.Request) -> None:
         if not self.structured or not self.contexts:
             raise RequestError(Errno.EINVAL, "no meta context negotiated")
         if request.length == 0:
             raise RequestError(Errno.EINVAL, "block status of zero bytes")
         self._check_range(request)
+
+    async def _block_status(self, request: proto.Request) -> list[bytes | bytearray]:
         one = bool(request.flags & CmdFlag.REQ_ONE)
-        chunks = []
-        for i, context in enumerate(self.contexts):
+        found = []
+        for context in self.contexts:
             if context.blocking:
-                descriptors = await asyncio.to_thread(
-                    context.descriptors, request.length, request.offset, one
+                found.append(
+                    await asyncio.to_thread(
+                        context.descriptors, request.length, request.offset, one
+                    )
                 )
             else:
-                descriptors = context.descriptors(request.length, request.offset, one)
-            payload = proto.BLOCK_STATUS_ID.pack(context.id) + descriptors
-            chunks.append(
-                proto.structured_chunk(
-                    request.cookie,
-                    proto.ReplyType.BLOCK_STATUS,
-                    payload,
-                    done=i == len(self.contexts) - 1,
-                )
+                found.append(context.descriptors(request.length, request.offset, one))
+        return self._status_chunks(request, found)
+
+    def _status_chunks(self, request: proto.Request, found: list[bytes]) -> list[bytes | bytearray]:
+        """One BLOCK_STATUS chunk per selected context, DONE on the last."""
+        last = len(self.contexts) - 1
+        return [
+            proto.structured_chunk(
+                request.cookie,
+                proto.ReplyType.BLOCK_STATUS,
+                proto.BLOCK_STATUS_ID.pack(context.id) + descriptors,
+                done=i == last,
             )
-        await self._send(*chunks)
+            for i, (context, descriptors) in enumerate(zip(self.contexts, found, strict=True))
+        ]
 
 
 def _read_chunks(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dirtydiff import control, errors
-from dirtydiff.bitmapfile import DEFAULT_GRANULARITY
+from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, current_boot_id
 from dirtydiff.state import StateDir, check_name
 from dirtydiff.store import BitmapStore
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress, Scan, file_mtime, open_side
@@ -57,17 +57,23 @@ class ScanRecord:
             return record
         except FileNotFoundError:
             return None
-        except ValueError as e:
-            raise errors.Corrupt(f"{self.path}: unreadable ({e})") from None
+        except ValueError:
+            return None  # torn by a crash: the scan starts over
 
     def save(self, record: dict[str, Any]) -> None:
+        # Not fsynced: the record names its boot, and a record from another
+        # boot restarts the scan (the marks it covers were not durable either).
+        # Rewritten in place, not renamed over: ext4 flushes data on a rename
+        # that replaces a file, which cost more than the scan's own reads. A
+        # record torn by a crash reads as none, and the scan starts over.
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        tmp = self.path.with_suffix(".json.new")
-        with tmp.open("w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
+        text = json.dumps({**record, "boot": current_boot_id().hex()}).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, text, 0)
+            os.ftruncate(fd, len(text))
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -164,8 +170,14 @@ def _run(
                 f"{previous.get('backup')}; finish it with the same --backup, "
                 "or abort it (dirtydiff scan --abort)",
             )
-        begun = bitmaps.call("scan.begin", name=options.name, granularity=options.granularity)
-        start = int(previous["position"]) if previous and begun["resume"] else 0
+        same_boot = previous is not None and previous.get("boot") == current_boot_id().hex()
+        begun = bitmaps.call(
+            "scan.begin",
+            name=options.name,
+            granularity=options.granularity,
+            restart=previous is None or not same_boot,
+        )
+        start = int(previous["position"]) if previous is not None and begun["resume"] else 0
         mtime = file_mtime(options.disk) if lock is not None and "://" not in options.disk else None
         base = {"backup": options.backup, "disk": options.disk, "granularity": begun["granularity"]}
         record.save({**base, "position": start})

@@ -1,0 +1,145 @@
+"""What the diff scan costs, against the read limit and ``qemu-img compare``.
+
+    python -m bench scan [--quick] [--rounds N]
+
+A 2 GiB disk and its backup with about 1% of 64 KiB granules differing,
+dense (all data) and 50% sparse (half the granules holes on both sides), both
+served by ``qemu-nbd -r`` on unix sockets. In the same run, alternating:
+- ``dirtydiff scan`` of the pair (offline, a fresh state directory each time);
+- ``nbdcopy`` of both exports to ``null:`` at the same time: the two-sided
+  read limit of this machine;
+- ``qemu-img compare`` of two identical images, which reads everything (it
+  stops at the first difference, so it cannot produce a map of them).
+Printed: GiB/s of disk compared, the ratios, and client CPU seconds per GiB.
+Targets: >= 0.9 of the nbdcopy limit, and faster than qemu-img compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+GiB = 1 << 30
+GRANULE = 65536
+
+
+def make_pair(work: Path, size: int, sparse: bool, seed: int) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    backup, disk = work / f"backup-{sparse}.raw", work / f"disk-{sparse}.raw"
+    granules = size // GRANULE
+    holes = set(rng.sample(range(granules), granules // 2)) if sparse else set()
+    changed = set(rng.sample(sorted(set(range(granules)) - holes), granules // 100))
+    block = os.urandom(GRANULE * 64)
+    with backup.open("wb") as b, disk.open("wb") as d:
+        b.truncate(size)
+        d.truncate(size)
+        for g in range(granules):
+            if g in holes:
+                continue
+            data = block[(g % 64) * GRANULE : (g % 64 + 1) * GRANULE]
+            b.seek(g * GRANULE)
+            b.write(data)
+            d.seek(g * GRANULE)
+            d.write(os.urandom(GRANULE) if g in changed else data)
+    return backup, disk
+
+
+@contextlib.contextmanager
+def qemu_nbd(image: Path, sock: Path) -> Iterator[str]:
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "-f", "raw", "-k", str(sock), str(image)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        end = time.monotonic() + 30
+        while not sock.exists():
+            if time.monotonic() > end or proc.poll() is not None:
+                raise RuntimeError(f"qemu-nbd on {image} did not start")
+            time.sleep(0.02)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(*commands: list[str]) -> tuple[float, float]:
+    """Run commands at once; (wall seconds, client CPU seconds)."""
+    cpu = children_cpu()
+    started = time.monotonic()
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
+    for p in procs:
+        _, err = p.communicate(timeout=3600)
+        if p.returncode not in (0, 1):  # qemu-img compare: 1 = differ
+            raise RuntimeError(f"{p.args!r} failed: {err.decode()}")
+    return time.monotonic() - started, children_cpu() - cpu
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="256 MiB, 1 round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    size = GiB // 4 if args.quick else 2 * GiB
+    rounds = 1 if args.quick else args.rounds
+    for tool in ("qemu-nbd", "nbdcopy", "qemu-img"):
+        if shutil.which(tool) is None:
+            print(f"bench scan: {tool} is missing (make setup)", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="dirtydiff-bench-scan."))
+    gib = size / GiB
+    rows = []
+    try:
+        for sparse in (False, True):
+            backup, disk = make_pair(work, size, sparse, seed=7)
+            results: dict[str, list[tuple[float, float]]] = {"scan": [], "limit": [], "compare": []}
+            with qemu_nbd(backup, work / "b.sock") as b_uri, qemu_nbd(disk, work / "d.sock") as d_uri:
+                for r in range(rounds):
+                    state = work / f"state-{sparse}-{r}"
+                    state.mkdir()
+                    runs = {
+                        "scan": [[sys.executable, "-m", "sidecar.cli", "scan", "--state", str(state),
+                                  "--disk", d_uri, "--backup", b_uri, "--bitmap", "b"]],
+                        "limit": [["nbdcopy", d_uri, "null:"], ["nbdcopy", b_uri, "null:"]],
+                        "compare": [["qemu-img", "compare", "-f", "raw", "-F", "raw", b_uri, b_uri]],
+                    }  # fmt: skip
+                    order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+                    for name in order:
+                        results[name].append(timed(*runs[name]))
+            med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+                   for k, v in results.items()}  # fmt: skip
+            rows.append((sparse, med))
+        print()
+        print(f"{'pair':10s} {'':8s} {'scan':>8s} {'nbdcopy x2':>11s} {'qemu-img':>9s} "
+              f"{'scan/limit':>11s} {'scan/compare':>13s}")  # fmt: skip
+        for sparse, med in rows:
+            rate = {k: gib / w for k, (w, _) in med.items()}
+            cpu = {k: c / gib for k, (_, c) in med.items()}
+            label = "50% sparse" if sparse else "dense"
+            print(f"{label:10s} {'GiB/s':8s} {rate['scan']:8.2f} {rate['limit']:11.2f} {rate['compare']:9.2f} "
+                  f"{rate['scan'] / rate['limit']:11.2f} {rate['scan'] / rate['compare']:13.2f}")  # fmt: skip
+            print(f"{'':10s} {'CPU s/GiB':8s} {cpu['scan']:8.2f} {cpu['limit']:11.2f} {cpu['compare']:9.2f}")
+        print(f"(size {gib:.2f} GiB, medians of {rounds} round(s); targets: scan/limit >= 0.9, "
+              "scan/compare > 1; CPU is the client's: scan process, nbdcopy, qemu-img)")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
