@@ -1,13 +1,16 @@
-"""``make demo``: the tracker at work on built-in sample images.
+"""``make demo``: dirtydiff's main job on built-in sample images.
 
-1. makes a 256 MiB sample disk with some data on it;
-2. starts ``dirtydiff track`` on it, as a VM's disk server;
-3. takes a full backup: ``dirtydiff checkpoint full``, then a copy with nbdcopy;
-4. writes through the tracker as a VM would (qemu-io: writes, zeroes, trims);
-5. ``dirtydiff checkpoint inc1`` freezes what changed;
-6. takes an incremental backup: only the dirty extents of ``inc1``, read from
-   the tracker with libnbd, applied on top of the full backup;
-7. checks that the restored image equals the disk, byte for byte, and prints
+1. makes a 256 MiB sample disk and starts ``dirtydiff track`` on it, as a VM's
+   disk server;
+2. takes a full backup with nbdcopy, the way another tool would: no bitmap;
+3. the VM writes (qemu-io: writes, write-zeroes, trims) -- and we have no
+   bitmap to say where;
+4. ``dirtydiff scan`` rebuilds one against the backup (served by qemu-nbd)
+   while the VM keeps writing, showing progress;
+5. ``dirtydiff serve`` exports the disk with ``qemu:dirty-bitmap:since-full``;
+   the incremental backup uses stock tools only: ``nbdinfo --map`` for the
+   dirty extents, libnbd reads of those extents applied on the full backup;
+6. checks that the restored image equals the disk byte for byte, and prints
    a summary.
 """
 
@@ -19,12 +22,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import nbd
-
-from dirtydiff.bitmapfile import DEFAULT_GRANULARITY
 
 MiB = 1 << 20
 DISK_SIZE = 256 * MiB
@@ -36,55 +38,56 @@ def step(text: str) -> None:
 
 def sh(*argv: str, shown: str | None = None) -> str:
     print("$ " + (shown or " ".join(argv)), flush=True)
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300).stdout
-    return out
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=600).stdout
 
 
 def dirtydiff(*args: str) -> str:
     return sh(sys.executable, "-m", "sidecar.cli", *args, shown="dirtydiff " + " ".join(args))
 
 
-def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], deadline: float = 20.0) -> None:
-    end = time.monotonic() + deadline
+def start(argv: list[str], sock: Path, shown: str) -> subprocess.Popen[bytes]:
+    print(f"$ {shown} &", flush=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    end = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None:
-            raise SystemExit(f"the tracker exited with {proc.returncode}")
+            raise SystemExit(f"{shown} exited with {proc.returncode}")
         if time.monotonic() > end:
-            raise SystemExit(f"the tracker did not listen on {sock} within {deadline}s")
+            raise SystemExit(f"{shown} did not listen on {sock} within 30s")
         time.sleep(0.05)
+    return proc
 
 
-def vm_writes(uri: str, rng: random.Random) -> list[str]:
-    commands = []
-    for _ in range(200):
+def vm_writes(uri: str, rng: random.Random, count: int) -> None:
+    argv = ["qemu-io", "-f", "raw"]
+    for _ in range(count):
         offset = rng.randrange(0, DISK_SIZE - 256 * 1024)
         length = rng.choice([512, 4096, 65536, 200_000])
         kind = rng.choices(["write", "write -z", "discard"], weights=[8, 1, 1])[0]
-        if kind == "write":
-            commands.append(f"write -P {rng.randrange(1, 255)} {offset} {length}")
-        else:
-            commands.append(f"{kind} {offset} {length}")
-    argv = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        argv += ["-c", c]
+        pattern = f" -P {rng.randrange(1, 255)}" if kind == "write" else ""
+        argv += ["-c", f"{kind}{pattern} {offset} {length}"]
     subprocess.run([*argv, uri], check=True, capture_output=True, timeout=300)
-    return commands
 
 
 def main() -> int:
-    for tool in ("nbdkit", "qemu-io", "nbdcopy"):
+    for tool in ("nbdkit", "qemu-io", "qemu-nbd", "nbdcopy", "nbdinfo"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: run `make setup` first")
     work = Path(tempfile.mkdtemp(prefix="dirtydiff-demo."))
-    tracker: subprocess.Popen[bytes] | None = None
+    servers: list[subprocess.Popen[bytes]] = []
     try:
-        disk, state, sock = work / "vm-disk.raw", work / "state", work / "tracker.sock"
+        disk, state = work / "vm-disk.raw", work / "state"
         full, restored = work / "backup-full.raw", work / "restored.raw"
+        vm_sock, backup_sock, export_sock = (
+            work / "vm.sock",
+            work / "backup.sock",
+            work / "export.sock",
+        )
         state.mkdir(mode=0o700)
+        vm_uri = f"nbd+unix:///?socket={vm_sock}"
 
         step(f"a sample VM disk of {DISK_SIZE // MiB} MiB with some data, in {work}")
-        disk.write_bytes(b"")
-        with disk.open("r+b") as f:
+        with disk.open("wb") as f:
             f.truncate(DISK_SIZE)
         sh(
             "qemu-io",
@@ -97,45 +100,67 @@ def main() -> int:
             str(disk),
         )
 
-        step("start the tracker: the VM's disk server, recording every write")
-        argv = [
-            sys.executable,
-            "-m",
-            "sidecar.cli",
-            "track",
-            str(disk),
-            "--state",
-            str(state),
-            "--socket",
-            str(sock),
-        ]
-        print("$ dirtydiff " + " ".join(argv[3:]), flush=True)
-        tracker = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        wait_for_socket(sock, tracker)
-        uri = f"nbd+unix:///?socket={sock}"
+        step("the VM's disk server: the tracker records every write from now on")
+        servers.append(start(
+            [sys.executable, "-m", "sidecar.cli", "track", str(disk), "--state", str(state),
+             "--socket", str(vm_sock)],
+            vm_sock, f"dirtydiff track {disk.name} --state state --socket vm.sock",
+        ))  # fmt: skip
 
-        step("full backup: freeze the interval so far, then copy the whole disk")
-        print(dirtydiff("checkpoint", "--state", str(state), "full"), end="")
-        sh("nbdcopy", uri, str(full))
+        step("a full backup taken by another tool: no bitmap anywhere")
+        sh("nbdcopy", vm_uri, str(full))
+        servers.append(start(
+            ["qemu-nbd", "-r", "-t", "-e", "4", "-f", "raw", "-k", str(backup_sock), str(full)],
+            backup_sock, "qemu-nbd -r -t -f raw -k backup.sock backup-full.raw",
+        ))  # fmt: skip
 
-        step("the VM writes: 200 writes, zeroes and trims at random places")
-        vm_writes(uri, random.Random(2026))
+        step("the VM writes 300 times: writes, write-zeroes, trims")
+        rng = random.Random(2026)
+        vm_writes(vm_uri, rng, 300)
 
-        step("incremental checkpoint: freeze what changed since the full backup")
-        print(dirtydiff("checkpoint", "--state", str(state), "inc1"), end="")
+        step("rebuild the lost bitmap: diff the live disk against the backup, while the VM writes")
+        stop = threading.Event()
+
+        def keep_writing() -> None:
+            while not stop.is_set():
+                vm_writes(vm_uri, rng, 20)
+
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+        try:
+            started = time.monotonic()
+            print("$ dirtydiff scan --state state --disk VM --backup BACKUP --bitmap since-full")
+            scan = subprocess.run(
+                [sys.executable, "-m", "sidecar.cli", "scan", "--state", str(state), "--disk", vm_uri,
+                 "--backup", f"nbd+unix:///?socket={backup_sock}", "--bitmap", "since-full",
+                 "--max-rate", str(400 * MiB)],
+                check=True, timeout=600,
+            )  # fmt: skip
+            scan_time = time.monotonic() - started
+        finally:
+            stop.set()
+            writer.join()
+        assert scan.returncode == 0
         print(dirtydiff("status", "--state", str(state)), end="")
-        extents = json.loads(dirtydiff("bitmap", "show", "--state", str(state), "--json", "inc1"))
-        dirty = [e for e in extents if e["type"] == 1]
-        print(f"inc1 has {len(dirty)} dirty extents; the first ones:")
-        print(
-            "\n".join(dirtydiff("bitmap", "show", "--state", str(state), "inc1").splitlines()[:6])
-        )
 
-        step("incremental backup: read only the dirty extents, apply them to the full backup")
+        step("export it, and take an incremental backup with stock tools")
+        servers.append(start(
+            [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state), "--disk", vm_uri,
+             "--socket", str(export_sock), "--bitmap", "since-full"],
+            export_sock, "dirtydiff serve --state state --disk VM --socket export.sock --bitmap since-full",
+        ))  # fmt: skip
+        export_uri = f"nbd+unix:///?socket={export_sock}"
+        extents = json.loads(
+            sh("nbdinfo", "--json", "--map=qemu:dirty-bitmap:since-full", export_uri)
+        )
+        dirty = [e for e in extents if e["type"] == 1]
+        print(f"{len(dirty)} dirty extents; the first ones:")
+        for e in dirty[:4]:
+            print(f"  offset {e['offset']:>10}  length {e['length']:>8}  {e['description']}")
         started = time.monotonic()
         shutil.copyfile(full, restored)
         h = nbd.NBD()
-        h.connect_uri(uri)
+        h.connect_uri(export_uri)
         read = 0
         with restored.open("r+b") as out:
             for e in dirty:
@@ -146,25 +171,24 @@ def main() -> int:
                     out.write(h.pread(chunk, pos))
                     read += chunk
         h.shutdown()
-        elapsed = time.monotonic() - started
+        backup_time = time.monotonic() - started
 
-        step("verify: the restored image equals the disk")
+        step("verify: full backup + incremental == the disk, byte for byte")
         sh("cmp", str(disk), str(restored))
         print("identical")
 
         step("summary")
-        print(f"disk size:                {DISK_SIZE // MiB} MiB")
-        print(f"granularity:              {DEFAULT_GRANULARITY // 1024} KiB")
-        print(f"dirty since full backup:  {read / MiB:.1f} MiB in {len(dirty)} extents")
-        print(
-            f"incremental read:         {read / MiB:.1f} MiB vs {DISK_SIZE // MiB} MiB full "
-            f"({100 * read / DISK_SIZE:.1f}%) in {elapsed:.2f}s"
-        )
+        print(f"disk size:              {DISK_SIZE // MiB} MiB")
+        print(f"scan time:              {scan_time:.1f}s (while the VM kept writing)")
+        print(f"dirty since the backup: {read / MiB:.1f} MiB in {len(dirty)} extents")
+        print(f"incremental read:       {read / MiB:.1f} MiB instead of {DISK_SIZE // MiB} MiB "
+              f"({100 * read / DISK_SIZE:.1f}% of a full backup) in {backup_time:.2f}s")  # fmt: skip
         return 0
     finally:
-        if tracker is not None and tracker.poll() is None:
-            tracker.terminate()
-            tracker.wait(30)
+        for proc in reversed(servers):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
 
 
