@@ -131,8 +131,9 @@ def main() -> int:
             started = time.monotonic()
             print("$ dirtydiff scan --state state --disk VM --backup BACKUP --bitmap since-full")
             scan = subprocess.run(
-                [sys.executable, "-m", "sidecar.cli", "scan", "--state", str(state), "--disk", vm_uri,
-                 "--backup", f"nbd+unix:///?socket={backup_sock}", "--bitmap", "since-full",
+                [sys.executable, "-m", "sidecar.cli", "scan", "--state", str(state),
+                 "--disk", vm_uri, "--backup", f"nbd+unix:///?socket={backup_sock}",
+                 "--bitmap", "since-full",
                  "--max-rate", str(400 * MiB)],
                 check=True, timeout=600,
             )  # fmt: skip
@@ -147,7 +148,8 @@ def main() -> int:
         servers.append(start(
             [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state), "--disk", vm_uri,
              "--socket", str(export_sock), "--bitmap", "since-full"],
-            export_sock, "dirtydiff serve --state state --disk VM --socket export.sock --bitmap since-full",
+            export_sock,
+            "dirtydiff serve --state state --disk VM --socket export.sock --bitmap since-full",
         ))  # fmt: skip
         export_uri = f"nbd+unix:///?socket={export_sock}"
         extents = json.loads(
@@ -182,7 +184,8 @@ def main() -> int:
         print(f"scan time:              {scan_time:.1f}s (while the VM kept writing)")
         print(f"dirty since the backup: {read / MiB:.1f} MiB in {len(dirty)} extents")
         print(f"incremental read:       {read / MiB:.1f} MiB instead of {DISK_SIZE // MiB} MiB "
-              f"({100 * read / DISK_SIZE:.1f}% of a full backup) in {backup_time:.2f}s")  # fmt: skip
+              f"({100 * read / DISK_SIZE:.1f}% of a full backup) "
+              f"in {backup_time:.2f}s")  # fmt: skip
         return 0
     finally:
         for proc in reversed(servers):
