@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -289,3 +291,34 @@ def test_checkpoint_under_load_drains_and_switches(
     assert {g for g, sent, _ in log if sent > acked} <= following
     assert {g for g, _, done in log if done > acked} <= frozen | following
     assert len([g for g, sent, _ in log if sent > acked]) >= 10
+
+
+KILLED_CLIENT = """
+import nbd, os, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for i in range(64):
+    h.aio_pread(nbd.Buffer(1 << 20), (i % 16) << 20)
+h.poll(0)
+os._exit(0)  # vanish with the reads in flight
+"""
+
+
+def test_tracker_survives_clients_vanishing_with_requests_in_flight(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """Regression: with worker threads per connection (nbdkit's PARALLEL and
+    SERIALIZE_ALL_REQUESTS models), nbdkit 1.32 aborts on
+    `raw_send_socket: Assertion sock >= 0` when a client dies with replies
+    pending, taking the VM's disk down with it. The tracker's thread model
+    must not expose it."""
+    disk = make_disk(tmp_path / "disk.raw", 16 * MiB)
+    tracker = procs.tracker(state, disk=disk)
+    vm = connect(tracker.uri)
+    vm.pwrite(b"before", 0)
+    for _ in range(30):
+        subprocess.run([sys.executable, "-c", KILLED_CLIENT, tracker.uri], check=True, timeout=60)
+    assert tracker.proc.poll() is None, tracker.stderr()
+    vm.pwrite(b"after", MiB)  # the VM's own connection never noticed
+    assert vm.pread(5, MiB) == b"after"
+    vm.shutdown()
