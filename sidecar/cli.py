@@ -27,13 +27,11 @@ from typing import Any, NoReturn
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, inconsistency
-from dirtydiff.extents import bitmap_extents, nbdinfo_json, nbdinfo_text
 from dirtydiff.state import StateDir
 from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
 from sidecar.nbdclient import context_extents
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
 from sidecar.scanjob import ScanOptions, abort_scan, run_scan
-from sidecar.serve import serve
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -158,6 +156,10 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here: the export pulls in numpy, which costs every other
+    # command (a scan, a checkpoint from a backup script) a noticeable start.
+    from sidecar.serve import serve  # noqa: PLC0415
+
     state = StateDir(args.state)
     asyncio.run(
         serve(
@@ -230,6 +232,8 @@ def cmd_bitmap_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bitmap_show(args: argparse.Namespace) -> int:
+    from dirtydiff.extents import bitmap_extents, nbdinfo_json, nbdinfo_text  # noqa: PLC0415 (numpy)
+
     state = StateDir(args.state)
     with state.open_bitmap(args.name) as bitmap:
         why = inconsistency(bitmap.header)
