@@ -223,6 +223,10 @@ class BitmapStore:
         check_granularity(granularity)
         if name in self.bitmaps:
             raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
+        self._create(name, granularity, enabled=enabled)
+        return self._describe(name)
+
+    def _create(self, name: str, granularity: int, *, enabled: bool = True) -> None:
         flags = Flag.ENABLED if enabled else Flag(0)
         if enabled and self.recording:
             flags |= Flag.IN_USE
@@ -236,7 +240,6 @@ class BitmapStore:
         with self._lock:
             self.bitmaps[name] = bitmap
             self._switch()
-        return self._describe(name)
 
     def remove(self, name: str) -> None:
         if name == OPEN_CHECKPOINT:
@@ -412,10 +415,10 @@ class BitmapStore:
             if writes is not None:
                 self.clear(writes_name)
             elif self.recording:
-                self._add_internal(writes_name, existing.granularity)
+                self._create(writes_name, existing.granularity)
             return {"resume": False, "granularity": existing.granularity}
         if self.recording:
-            self._add_internal(writes_name, granularity)
+            self._create(writes_name, granularity)
         bitmap = BitmapFile.create(
             self.state.bitmap_path(name),
             granularity=granularity,
@@ -431,18 +434,6 @@ class BitmapStore:
     def _mark_scanning(bitmap: BitmapFile) -> None:
         bitmap.header.flags &= ~Flag.ENABLED
         bitmap.mark_inconsistent(Reason.SCAN_IN_PROGRESS)
-
-    def _add_internal(self, name: str, granularity: int) -> None:
-        flags = Flag.ENABLED | (Flag.IN_USE if self.recording else Flag(0))
-        bitmap = BitmapFile.create(
-            self.state.bitmap_path(name),
-            granularity=granularity,
-            disk_size=self.disk_size,
-            flags=flags,
-        )
-        with self._lock:
-            self.bitmaps[name] = bitmap
-            self._switch()
 
     def scan_complete(self, name: str) -> BitmapInfo:
         """The diff is in ``name``: add the writes made meanwhile, make it

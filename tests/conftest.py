@@ -212,3 +212,28 @@ def bitmap_json(state: Path, name: str = "@open") -> list[dict[str, object]]:
         dirtydiff("bitmap", "show", "--state", str(state), "--json", name).stdout
     )
     return found
+
+
+def qemu_bitmap_pair(
+    procs: Processes, tmp: Path, size: int, ops: list[str]
+) -> tuple[Path, Path, Server]:
+    """The same writes on a raw file and on a qcow2 image with QEMU bitmap b0.
+
+    Returns the raw file, a state directory holding b0 imported from QEMU
+    (disabled, so it stays as QEMU recorded it), and ``qemu-nbd -B b0``.
+    """
+    raw = make_disk(tmp / "disk.raw", size)
+    qcow2 = tmp / "ref.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(size)])
+    run(["qemu-img", "bitmap", "--add", "--enable", str(qcow2), "b0"])
+    qemu_io(str(raw), *ops)
+    qemu_io(str(qcow2), *ops, fmt="qcow2")
+    state = tmp / "state"
+    state.mkdir()
+    tracker = procs.tracker(state, disk=raw)  # once, so the state knows its disk
+    tracker.proc.terminate()
+    tracker.proc.wait(10)
+    reference = procs.qemu_nbd(qcow2, "-r", "-B", "b0", fmt="qcow2")
+    dirtydiff("bitmap", "import", "--state", str(state), "--disabled", "b0",
+              "--from", reference.uri, "--context", "qemu:dirty-bitmap:b0")  # fmt: skip
+    return raw, state, reference

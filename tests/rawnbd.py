@@ -84,9 +84,7 @@ class RawClient:
             _, _, reply, length = proto.OPTION_REPLY.unpack(head)
             payload = self.recv(length) if length else b""
             found.append((reply, payload))
-            if (
-                reply not in (proto.Rep.INFO, proto.Rep.META_CONTEXT, proto.Rep.SERVER)
-            ):
+            if reply not in (proto.Rep.INFO, proto.Rep.META_CONTEXT, proto.Rep.SERVER):
                 return found
 
     def go(self, name: str = "", contexts: tuple[str, ...] = ("base:allocation",)) -> None:

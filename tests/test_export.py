@@ -20,7 +20,15 @@ from typing import Any
 import nbd
 import pytest
 
-from tests.conftest import Processes, Server, dirtydiff, make_disk, qemu_io, run
+from tests.conftest import (
+    Processes,
+    Server,
+    dirtydiff,
+    make_disk,
+    qemu_bitmap_pair,
+    qemu_io,
+    run,
+)
 
 MiB = 1 << 20
 SIZE = 96 * MiB + 3 * 512  # qcow2 wants whole sectors; not whole granules
@@ -59,21 +67,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     tmp = tmp_path_factory.mktemp("export")
     procs = Processes(tmp)
     try:
-        raw = make_disk(tmp / "disk.raw", SIZE)
-        qcow2 = tmp / "ref.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(SIZE)])
-        run(["qemu-img", "bitmap", "--add", "--enable", str(qcow2), "b0"])
-        qemu_io(str(raw), *writes(SIZE))
-        qemu_io(str(qcow2), *writes(SIZE), fmt="qcow2")
-        state = tmp / "state"
-        state.mkdir()
-        tracker = procs.tracker(state, disk=raw)  # once, so the state knows its disk
-        tracker.proc.terminate()
-        tracker.proc.wait(10)
-
-        ref_bitmap = procs.qemu_nbd(qcow2, "-r", "-B", "b0", fmt="qcow2")
-        dirtydiff("bitmap", "import", "--state", str(state), "--disabled", "b0",
-                  "--from", ref_bitmap.uri, "--context", "qemu:dirty-bitmap:b0")  # fmt: skip
+        raw, state, ref_bitmap = qemu_bitmap_pair(procs, tmp, SIZE, writes(SIZE))
         ref_raw = procs.qemu_nbd(raw, "-r")
         sock = tmp / "ours.sock"
         ours = procs.start(serve_argv(state, raw, sock, "--bitmap", "b0"), sock)

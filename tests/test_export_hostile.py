@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from dirtydiff import nbdproto as proto
 from dirtydiff.nbdproto import Cmd, CmdFlag, Opt, Rep
-from tests.conftest import Processes, Server, dirtydiff, make_disk, qemu_io, run
+from tests.conftest import Processes, Server, qemu_bitmap_pair
 from tests.rawnbd import Outcome, RawClient, info_payload, meta_payload
 
 MiB = 1 << 20
@@ -34,20 +34,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     tmp = tmp_path_factory.mktemp("hostile")
     procs = Processes(tmp)
     try:
-        raw = make_disk(tmp / "disk.raw", SIZE)
-        qcow2 = tmp / "ref.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(SIZE)])
-        run(["qemu-img", "bitmap", "--add", "--enable", str(qcow2), "b0"])
-        for image, fmt in ((raw, "raw"), (qcow2, "qcow2")):
-            qemu_io(str(image), "write -P 1 1M 64k", "write -P 2 5M 1", fmt=fmt)
-        state = tmp / "state"
-        state.mkdir()
-        tracker = procs.tracker(state, disk=raw)
-        tracker.proc.terminate()
-        tracker.proc.wait(10)
-        qemu = procs.qemu_nbd(qcow2, "-r", "-B", "b0", fmt="qcow2")
-        dirtydiff("bitmap", "import", "--state", str(state), "--disabled", "b0",
-                  "--from", qemu.uri, "--context", "qemu:dirty-bitmap:b0")  # fmt: skip
+        raw, state, qemu = qemu_bitmap_pair(
+            procs, tmp, SIZE, ["write -P 1 1M 64k", "write -P 2 5M 1"]
+        )
         sock = tmp / "ours.sock"
         ours = procs.start(
             [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state),
