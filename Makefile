@@ -8,7 +8,7 @@ DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio
             python3-venv python3-msgpack
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench install-units clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench
+
+# The units expect this clone at /opt/dirtydiff (see systemd/*.service).
+install-units: setup
+	$(SUDO) install -m 0644 systemd/dirtydiff-track@.service systemd/dirtydiff-sidecar@.service /etc/systemd/system/
+	$(SUDO) install -d -m 0755 /etc/dirtydiff
+	$(SUDO) systemctl daemon-reload
 
 clean:
 	rm -rf $(VENV) .deb-installed .pytest_cache .mypy_cache .ruff_cache

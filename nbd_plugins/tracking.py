@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dirtydiff import errors
+from dirtydiff import errors, sdnotify
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity
 from dirtydiff.state import StateDir, StateLock
 from dirtydiff.store import BitmapStore
@@ -106,8 +106,11 @@ class Tracker:
         log.info("tracking %s (%d bytes) in %s", self.backend.describe(), self.size, self.state.path)
 
     def after_fork(self) -> None:
-        assert self.control is not None
+        assert self.control is not None and self.backend is not None
         self.control.start()
+        # nbdkit has bound its socket by now: a unit ordered after ours (the
+        # VM, the sidecar) may connect as soon as systemd hears this.
+        sdnotify.ready(f"tracking {self.backend.describe()}")
 
     def close(self) -> None:
         if self.control is not None:

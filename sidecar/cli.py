@@ -107,6 +107,8 @@ def cmd_track(args: argparse.Namespace) -> NoReturn:
     state = StateDir(args.state)
     if args.disk is None and args.uri is None:
         raise errors.BadRequest("usage", "give a DISK or --uri URI")
+    if args.uri is None and "://" in args.disk:  # one DISK setting for files and URIs
+        args.uri, args.disk = args.disk, None
     if args.disk is not None and not Path(args.disk).exists():
         raise errors.NotFound("no-disk", f"disk {args.disk} does not exist")
     nbdkit = shutil.which("nbdkit")

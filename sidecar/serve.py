@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from dirtydiff import errors
+from dirtydiff import errors, sdnotify
 from dirtydiff.state import StateDir
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
 from sidecar.nbd_server import Export, NbdServer
@@ -69,6 +69,7 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
+    sdnotify.ready(f"serving {disk} on {socket_path}")
     try:
         await stop.wait()
     finally:
