@@ -241,13 +241,36 @@ class BitmapStore:
             self.bitmaps[name] = bitmap
             self._switch()
 
+    def _changeable(self, name: str) -> BitmapFile:
+        """A bitmap users may change: not a scan's scratch bitmap, and not one
+        a scan is filling (clearing or enabling it would make a half-built
+        bitmap look complete)."""
+        bitmap = self._get(name)
+        if name.startswith(SCAN_WRITES_PREFIX):
+            raise errors.BadRequest(
+                "reserved-name",
+                f"{name} records the writes made during the scan of "
+                f"{name[len(SCAN_WRITES_PREFIX) :]!r}; it is not for users to change",
+            )
+        if bitmap.header.reason is Reason.SCAN_IN_PROGRESS:
+            raise errors.Conflict(
+                "scan-in-progress",
+                f"a diff scan is filling {name!r}; let it finish, or abort it "
+                "(dirtydiff scan --abort)",
+            )
+        return bitmap
+
     def remove(self, name: str) -> None:
         if name == OPEN_CHECKPOINT:
             raise errors.BadRequest(
                 "reserved-name",
                 f"{OPEN_CHECKPOINT} records the open checkpoint interval and cannot be removed",
             )
+        if name.startswith(SCAN_WRITES_PREFIX):
+            self._changeable(name)  # raises reserved-name
         self._remove(name)
+        if SCAN_WRITES_PREFIX + name in self.bitmaps:  # its unfinished scan goes too
+            self._remove(SCAN_WRITES_PREFIX + name)
 
     def _remove(self, name: str) -> None:
         bitmap = self._get(name)
@@ -259,6 +282,10 @@ class BitmapStore:
         bitmap.close()
 
     def clear(self, name: str) -> BitmapInfo:
+        self._changeable(name)
+        return self._clear(name)
+
+    def _clear(self, name: str) -> BitmapInfo:
         bitmap = self._get(name)
         with self._lock:
             bitmap.clear()
@@ -276,7 +303,7 @@ class BitmapStore:
         return self._describe(name)
 
     def enable(self, name: str) -> BitmapInfo:
-        bitmap = self._get(name)
+        bitmap = self._changeable(name)
         if bitmap.header.flags & Flag.ENABLED:
             return self._describe(name)
         bitmap.header.flags |= Flag.ENABLED
@@ -290,7 +317,7 @@ class BitmapStore:
 
     def disable(self, name: str, timeout: float = DRAIN_TIMEOUT) -> BitmapInfo:
         self._check_timeout(timeout)
-        bitmap = self._get(name)
+        bitmap = self._changeable(name)
         if not bitmap.header.flags & Flag.ENABLED:
             return self._describe(name)
         with self._lock:
@@ -322,7 +349,7 @@ class BitmapStore:
         return self._describe(name)
 
     def merge(self, target: str, sources: list[str]) -> BitmapInfo:
-        into = self._get(target)
+        into = self._changeable(target)
         found = [self._get(s) for s in sources]
         with self._lock:
             for source in found:
@@ -410,10 +437,10 @@ class BitmapStore:
             if trusted and not restart:
                 return {"resume": True, "granularity": existing.granularity}
             # Writes during the interrupted scan may be lost: start afresh.
-            self.clear(name)
+            self._clear(name)
             self._mark_scanning(existing)
             if writes is not None:
-                self.clear(writes_name)
+                self._clear(writes_name)
             elif self.recording:
                 self._create(writes_name, existing.granularity)
             return {"resume": False, "granularity": existing.granularity}

@@ -676,3 +676,32 @@ def test_corrupt_bitmap_refuses_to_open_the_store(state: StateDir) -> None:
         f.write(b"garbage!")
     with pytest.raises(errors.Corrupt, match=str(path)):
         BitmapStore(state, DISK, recording=True, granularity=G)
+
+
+def test_a_bitmap_a_scan_is_filling_cannot_be_made_to_look_complete(store: BitmapStore) -> None:
+    """Regression guard: clear/enable/merge on a half-built bitmap would make
+    it consistent and exported while it misses differences."""
+    store.scan_begin("half")
+    changes: list[Callable[[], object]] = [
+        lambda: store.clear("half"),
+        lambda: store.enable("half"),
+        lambda: store.disable("half"),
+        lambda: store.merge("half", [OPEN_CHECKPOINT]),
+    ]
+    for change in changes:
+        with pytest.raises(errors.Conflict) as failed:
+            change()
+        assert failed.value.code == "scan-in-progress"
+    scratch: list[Callable[[], object]] = [
+        lambda: store.clear("@scan:half"),
+        lambda: store.disable("@scan:half"),
+        lambda: store.remove("@scan:half"),
+    ]
+    for change in scratch:
+        with pytest.raises(errors.BadRequest) as refused:
+            change()
+        assert refused.value.code == "reserved-name"
+    info = store.info("half")
+    assert not info.consistent and not info.enabled
+    store.remove("half")  # removing it forgets its scan too
+    assert "half" not in store.bitmaps and "@scan:half" not in store.bitmaps
