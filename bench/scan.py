@@ -58,8 +58,11 @@ def make_pair(work: Path, size: int, sparse: bool, seed: int) -> tuple[Path, Pat
 @contextlib.contextmanager
 def qemu_nbd(image: Path, sock: Path) -> Iterator[str]:
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "-f", "raw", "-k", str(sock), str(image)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-r", "-t", "-e", "4", "-f", "raw", "-k", str(sock), str(image)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         end = time.monotonic() + 30
         while not sock.exists():
@@ -81,7 +84,9 @@ def timed(*commands: list[str]) -> tuple[float, float]:
     """Run commands at once; (wall seconds, client CPU seconds)."""
     cpu = children_cpu()
     started = time.monotonic()
-    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands]
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands
+    ]
     for p in procs:
         _, err = p.communicate(timeout=3600)
         if p.returncode not in (0, 1):  # qemu-img compare: 1 = differ
@@ -90,8 +95,11 @@ def timed(*commands: list[str]) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench scan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="256 MiB, 1 round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
@@ -108,34 +116,61 @@ def main(argv: Sequence[str]) -> int:
         for sparse in (False, True):
             backup, disk = make_pair(work, size, sparse, seed=7)
             results: dict[str, list[tuple[float, float]]] = {"scan": [], "limit": [], "compare": []}
-            with qemu_nbd(backup, work / "b.sock") as b_uri, qemu_nbd(disk, work / "d.sock") as d_uri:
+            with (
+                qemu_nbd(backup, work / "b.sock") as b_uri,
+                qemu_nbd(disk, work / "d.sock") as d_uri,
+            ):
                 for r in range(rounds):
                     state = work / f"state-{sparse}-{r}"
                     state.mkdir()
                     runs = {
-                        "scan": [[sys.executable, "-m", "sidecar.cli", "scan", "--state", str(state),
-                                  "--disk", d_uri, "--backup", b_uri, "--bitmap", "b"]],
+                        "scan": [
+                            [
+                                sys.executable,
+                                "-m",
+                                "sidecar.cli",
+                                "scan",
+                                "--state",
+                                str(state),
+                                "--disk",
+                                d_uri,
+                                "--backup",
+                                b_uri,
+                                "--bitmap",
+                                "b",
+                            ]
+                        ],
                         "limit": [["nbdcopy", d_uri, "null:"], ["nbdcopy", b_uri, "null:"]],
-                        "compare": [["qemu-img", "compare", "-f", "raw", "-F", "raw", b_uri, b_uri]],
-                    }  # fmt: skip
+                        "compare": [
+                            ["qemu-img", "compare", "-f", "raw", "-F", "raw", b_uri, b_uri]
+                        ],
+                    }
                     order = list(runs) if r % 2 == 0 else list(runs)[::-1]
                     for name in order:
                         results[name].append(timed(*runs[name]))
-            med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
-                   for k, v in results.items()}  # fmt: skip
+            med = {
+                k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+                for k, v in results.items()
+            }
             rows.append((sparse, med))
         print()
-        print(f"{'pair':10s} {'':8s} {'scan':>8s} {'nbdcopy x2':>11s} {'qemu-img':>9s} "
-              f"{'scan/limit':>11s} {'scan/compare':>13s}")  # fmt: skip
+        print(
+            f"{'pair':10s} {'':8s} {'scan':>8s} {'nbdcopy x2':>11s} {'qemu-img':>9s} "
+            f"{'scan/limit':>11s} {'scan/compare':>13s}"
+        )
         for sparse, med in rows:
             rate = {k: gib / w for k, (w, _) in med.items()}
             cpu = {k: c / gib for k, (_, c) in med.items()}
             label = "50% sparse" if sparse else "dense"
-            print(f"{label:10s} {'GiB/s':8s} {rate['scan']:8.2f} {rate['limit']:11.2f} {rate['compare']:9.2f} "
-                  f"{rate['scan'] / rate['limit']:11.2f} {rate['scan'] / rate['compare']:13.2f}")  # fmt: skip
-            print(f"{'':10s} {'CPU s/GiB':8s} {cpu['scan']:8.2f} {cpu['limit']:11.2f} {cpu['compare']:9.2f}")
-        print(f"(size {gib:.2f} GiB, medians of {rounds} round(s); targets: scan/limit >= 0.9, "
-              "scan/compare > 1; CPU is the client's: scan process, nbdcopy, qemu-img)")
+            speeds = f"{rate['scan']:8.2f} {rate['limit']:11.2f} {rate['compare']:9.2f}"
+            ratios = f"{rate['scan'] / rate['limit']:11.2f} {rate['scan'] / rate['compare']:13.2f}"
+            print(f"{label:10s} {'GiB/s':8s} {speeds} {ratios}")
+            costs = f"{cpu['scan']:8.2f} {cpu['limit']:11.2f} {cpu['compare']:9.2f}"
+            print(f"{'':10s} {'CPU s/GiB':8s} {costs}")
+        print(
+            f"(size {gib:.2f} GiB, medians of {rounds} round(s); targets: scan/limit >= 0.9, "
+            "scan/compare > 1; CPU is the client's: scan process, nbdcopy, qemu-img)"
+        )
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -6,6 +6,7 @@ imports nbdkit, so tests drive them directly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -198,7 +199,8 @@ class NbdBackend:
     """An upstream NBD export (e.g. qemu-nbd serving qcow2), one libnbd handle per connection."""
 
     def __init__(self, uri: str, *, readonly: bool = False) -> None:
-        import nbd  # Debian's python3-libnbd; imported here so file-only users need not have it
+        # Debian's python3-libnbd; imported here so file-only users need not have it.
+        import nbd  # noqa: PLC0415
 
         self._nbd = nbd
         self.uri = uri
@@ -224,7 +226,9 @@ class NbdBackend:
             h.connect_uri(self.uri)
         except self._nbd.Error as e:
             del h
-            raise OSError(e.errnum or errno.EIO, f"cannot connect to {self.uri}: {e.string}") from None
+            raise OSError(
+                e.errnum or errno.EIO, f"cannot connect to {self.uri}: {e.string}"
+            ) from None
         return h
 
     def connect(self) -> Connection:
@@ -292,7 +296,5 @@ class _NbdConnection:
 
 def _disconnect(handle: Any) -> None:
     """Say NBD_CMD_DISC politely; the handle is freed when collected."""
-    try:
+    with contextlib.suppress(Exception):  # the upstream may already be gone
         handle.shutdown()
-    except Exception:  # the upstream may already be gone; nothing to save
-        pass

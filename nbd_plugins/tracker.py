@@ -10,8 +10,11 @@ Only nbdkit callbacks live here; the logic is in nbd_plugins.tracking.
 """
 
 import errno
+import functools
 import os
 import sys
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 # nbdkit embeds /usr/bin/python3, which knows nothing of the project's venv:
 # make the package next to this file importable however nbdkit was started.
@@ -22,26 +25,33 @@ if _ROOT not in sys.path:
 import nbdkit
 
 from dirtydiff.errors import DirtydiffError
+from nbd_plugins import threadstate
+from nbd_plugins.backends import Connection, Extent
 from nbd_plugins.tracking import Tracker, TrackerConfig, configure_logging
 
 API_VERSION = 2
 
 _config = TrackerConfig()
-_tracker: Tracker | None = None
+# Set by get_ready(); nbdkit calls no other callback that uses it before.
+_tracker: Tracker
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def thread_model() -> int:
     # SERIALIZE_REQUESTS: one request at a time per connection, connections in
-    # parallel. Not PARALLEL, nor SERIALIZE_ALL_REQUESTS: with those nbdkit
-    # 1.32 runs worker threads per connection and aborts the whole server
-    # (raw_send_socket: Assertion `sock >= 0') when a client dies with replies
-    # pending -- a killed backup client would take the VM's disk down
-    # (tests/test_tracker_faults.py, ..._vanishing_with_requests_in_flight).
-    # The GIL serialises our Python anyway; perf-notes measured per-connection
-    # serialisation at 0.80-0.86 of nbdkit's file plugin, and multi-conn
-    # clients still get parallel connections. The store's lock keeps marking
-    # and checkpoint switches safe across connections.
-    return nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS
+    # parallel. Not PARALLEL: with it nbdkit 1.32 runs worker threads per
+    # connection and aborts the whole server (raw_send_socket: Assertion
+    # `sock >= 0') when a client dies with replies pending -- a killed backup
+    # client would take the VM's disk down (tests/test_tracker_faults.py,
+    # ..._vanishing_with_requests_in_flight). The serialised models run one
+    # thread per connection (nbdkit -v: "processing requests serially"); this
+    # one keeps connections parallel for multi-conn clients. The GIL
+    # serialises our Python anyway; bench/tracker_fio.py measures the cost.
+    # The store's lock keeps marking and checkpoint switches safe across
+    # connections.
+    return int(nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS)
 
 
 def _refuse_to_start(error: DirtydiffError) -> None:
@@ -71,7 +81,7 @@ def config_complete() -> None:
 def get_ready() -> None:
     # Before nbdkit binds its socket or forks: every start-up error (bad state
     # dir, corrupt bitmap, disk of another size) reaches the terminal.
-    global _tracker
+    global _tracker  # noqa: PLW0603 -- the plugin's one state object, made once
     try:
         _tracker = Tracker(_config)
     except DirtydiffError as e:
@@ -81,128 +91,122 @@ def get_ready() -> None:
 
 
 def after_fork() -> None:
-    assert _tracker is not None
     _tracker.after_fork()  # threads do not survive nbdkit's fork
 
 
 def cleanup() -> None:
-    if _tracker is not None:
+    if "_tracker" in globals():
         _tracker.close()
 
 
-def open(readonly):
-    assert _tracker is not None
+def _errno(callback: Callable[P, R]) -> Callable[P, R]:
+    """Report an OSError's errno to the client (EIO if it has none)."""
+
+    @functools.wraps(callback)  # nbdkit finds callbacks by their names
+    def reporting(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return callback(*args, **kwargs)
+        except OSError as e:
+            nbdkit.set_error(e.errno or errno.EIO)
+            raise
+
+    return reporting
+
+
+def open(readonly: bool) -> Connection:
     return _tracker.connect()
 
 
-def close(h):
+def close(h: Connection) -> None:
     h.close()
 
 
-def get_size(h):
+def get_size(h: Connection) -> int:
     return _tracker.size
 
 
-def can_write(h):
-    return not _tracker.backend.readonly
+def can_write(h: Connection) -> bool:
+    return not _tracker.disk.readonly
 
 
-def can_flush(h):
-    return getattr(_tracker.backend, "can_flush", True)
+def can_flush(h: Connection) -> bool:
+    return bool(getattr(_tracker.disk, "can_flush", True))
 
 
-def can_trim(h):
-    return _tracker.backend.can_trim
+def can_trim(h: Connection) -> bool:
+    return _tracker.disk.can_trim
 
 
-def can_zero(h):
-    return getattr(_tracker.backend, "can_zero", True)
+def can_zero(h: Connection) -> bool:
+    return bool(getattr(_tracker.disk, "can_zero", True))
 
 
-def can_fast_zero(h):
-    return _tracker.backend.can_fast_zero
+def can_fast_zero(h: Connection) -> bool:
+    return _tracker.disk.can_fast_zero
 
 
-def can_fua(h):
-    return nbdkit.FUA_NATIVE if _tracker.backend.can_fua_native else nbdkit.FUA_EMULATE
+def can_fua(h: Connection) -> int:
+    return int(nbdkit.FUA_NATIVE if _tracker.disk.can_fua_native else nbdkit.FUA_EMULATE)
 
 
-def can_multi_conn(h):
-    return _tracker.backend.can_multi_conn
+def can_multi_conn(h: Connection) -> bool:
+    return _tracker.disk.can_multi_conn
 
 
-def can_cache(h):
-    return nbdkit.CACHE_NATIVE if _tracker.backend.can_cache else nbdkit.CACHE_NONE
+def can_cache(h: Connection) -> int:
+    return int(nbdkit.CACHE_NATIVE if _tracker.disk.can_cache else nbdkit.CACHE_NONE)
 
 
-def can_extents(h):
-    return getattr(_tracker.backend, "can_extents", True)
+def can_extents(h: Connection) -> bool:
+    return bool(getattr(_tracker.disk, "can_extents", True))
 
 
-def block_size(h):
+def block_size(h: Connection) -> tuple[int, int, int]:
     # Byte-granular requests reach us as they are: no read-modify-write in
     # nbdkit, so a 1-byte write marks exactly its granule.
     return (1, 4096, 32 * 1024 * 1024)
 
 
-def pread(h, buf, offset, flags):
-    try:
-        h.pread(buf, offset)
-    except OSError as e:
-        nbdkit.set_error(e.errno or errno.EIO)
-        raise
+# The I/O callbacks start with threadstate.keep(): see nbd_plugins/threadstate.py,
+# about a third of the CPU per request.
 
 
-def pwrite(h, buf, offset, flags):
-    try:
-        _tracker.write(h, buf, offset, bool(flags & nbdkit.FLAG_FUA))
-    except OSError as e:
-        nbdkit.set_error(e.errno or errno.EIO)
-        raise
+@_errno
+def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
+    threadstate.keep()
+    h.pread(buf, offset)
 
 
-def zero(h, count, offset, flags):
-    try:
-        _tracker.zero(
-            h,
-            count,
-            offset,
-            bool(flags & nbdkit.FLAG_MAY_TRIM),
-            bool(flags & nbdkit.FLAG_FAST_ZERO),
-            bool(flags & nbdkit.FLAG_FUA),
-        )
-    except OSError as e:
-        nbdkit.set_error(e.errno or errno.EIO)
-        raise
+@_errno
+def pwrite(h: Connection, buf: Any, offset: int, flags: int) -> None:
+    threadstate.keep()
+    _tracker.write(h, buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
-def trim(h, count, offset, flags):
-    try:
-        _tracker.trim(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
-    except OSError as e:
-        nbdkit.set_error(e.errno or errno.EIO)
-        raise
+@_errno
+def zero(h: Connection, count: int, offset: int, flags: int) -> None:
+    threadstate.keep()
+    may_trim = bool(flags & nbdkit.FLAG_MAY_TRIM)
+    fast = bool(flags & nbdkit.FLAG_FAST_ZERO)
+    _tracker.zero(h, count, offset, may_trim, fast, bool(flags & nbdkit.FLAG_FUA))
 
 
-def flush(h, flags):
-    try:
-        h.flush()
-    except OSError as e:
-        nbdkit.set_error(e.errno or errno.EIO)
-        raise
+@_errno
+def trim(h: Connection, count: int, offset: int, flags: int) -> None:
+    threadstate.keep()
+    _tracker.trim(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
-def cache(h, count, offset, flags):
-    try:
-        h.cache(count, offset)
-    except OSError as e:
-        nbdkit.set_error(e.errno or errno.EIO)
-        raise
+@_errno
+def flush(h: Connection, flags: int) -> None:
+    h.flush()
 
 
-def extents(h, count, offset, flags):
-    try:
-        return h.extents(count, offset)
-    except OSError as e:
-        nbdkit.set_error(e.errno or errno.EIO)
-        raise
+@_errno
+def cache(h: Connection, count: int, offset: int, flags: int) -> None:
+    h.cache(count, offset)
+
+
+@_errno
+def extents(h: Connection, count: int, offset: int, flags: int) -> list[Extent]:
+    return h.extents(count, offset)

@@ -99,11 +99,21 @@ class Tracker:
             self.store = BitmapStore(
                 self.state, self.size, recording=True, granularity=config.granularity
             )
-            self.control = ControlServer(self.state.socket_path, self.store, mode=config.socket_mode)
+            self.control = ControlServer(
+                self.state.socket_path, self.store, mode=config.socket_mode
+            )
         except BaseException:
             self.close()
             raise
-        log.info("tracking %s (%d bytes) in %s", self.backend.describe(), self.size, self.state.path)
+        log.info(
+            "tracking %s (%d bytes) in %s", self.backend.describe(), self.size, self.state.path
+        )
+
+    @property
+    def disk(self) -> Backend:
+        """The backend; only absent after close()."""
+        assert self.backend is not None
+        return self.backend
 
     def after_fork(self) -> None:
         assert self.control is not None and self.backend is not None
@@ -137,7 +147,9 @@ class Tracker:
         finally:
             self.store.end_write(gen, token)
 
-    def zero(self, conn: Connection, count: int, offset: int, may_trim: bool, fast: bool, fua: bool) -> None:
+    def zero(
+        self, conn: Connection, count: int, offset: int, may_trim: bool, fast: bool, fua: bool
+    ) -> None:
         gen, token = self.store.begin_write(offset, count)
         try:
             conn.zero(count, offset, may_trim, fast, fua)
@@ -156,4 +168,3 @@ def configure_logging() -> None:
     """nbdkit captures the plugin's stderr; keep messages one line each."""
     level = os.environ.get("DIRTYDIFF_LOG", "INFO").upper()
     logging.basicConfig(level=level, format="dirtydiff-tracker: %(levelname)s: %(message)s")
-
