@@ -45,6 +45,9 @@ from nbd_plugins.backends import Connection as DiskConnection
 
 log = logging.getLogger(__name__)
 
+# Receive buffer of a connection in the transmission phase: thousands of
+# request headers.
+_INPUT = 64 * 1024
 # Requests in flight per connection (accepted, reply not yet handed to the
 # kernel): enough to keep a disk busy, and the bound on what one client can
 # make the server queue when it stops reading replies.
@@ -136,6 +139,109 @@ def _pack(lengths: Any, flags: Any) -> bytes:
     return out.tobytes()
 
 
+class _BitmapStatus:
+    """qemu:dirty-bitmap:NAME block status on one connection.
+
+    Clients walk the disk one request after another, each sent once the
+    previous reply is in (nbdinfo --map, virtnbdbackup, ovirt-imageio), so
+    the time of every answer adds up; and numpy's time goes mostly by call,
+    not by byte (in the server, between other work, an 8 KiB bitmap window
+    cost ~100 us, several times what it costs in a loop). So a request that
+    continues a walk is answered by one extent_arrays call over it and the
+    next AHEAD - 1 requests of the same length. Each answer kept keeps the
+    bitmap bytes it was computed from, and is used only for exactly its
+    request and only while those bytes are unchanged: then it is the answer
+    computing it at that moment would give.
+    """
+
+    AHEAD = 8
+    # Bitmap bytes one computation may cover: numpy's temporaries stay small
+    # (a 128 KiB window cost ~1.5 ms a computation in the server), and so do
+    # the answers kept: at most 8 * WINDOW extents, 3 MiB of descriptors per
+    # connection and bitmap (its replies in flight may hold up to 16 MiB).
+    WINDOW = 48 * 1024
+
+    def __init__(self, bitmap: BitmapFile) -> None:
+        self._bits: Any = bitmap.bits
+        self._granularity = bitmap.granularity
+        self._size = bitmap.header.disk_size
+        self._end = 0  # where the last answer ended: a walk goes on from there
+        # (offset, count) -> (first bitmap byte, those bitmap bytes, descriptors, covered)
+        self._ahead: dict[tuple[int, int], tuple[int, bytes, bytes, int]] = {}
+
+    def _window(self, offset: int, count: int) -> tuple[int, int]:
+        """The bitmap bytes extent_arrays reads for [offset, offset+count)."""
+        g = self._granularity
+        end = min(self._size, offset + count)
+        return (offset // g) >> 3, ((end + g - 1) // g + 7) >> 3
+
+    def descriptors(self, count: int, offset: int, one: bool) -> bytes:
+        g, size = self._granularity, self._size
+        if one:  # qemu-img map asks one extent at a time: no need to scan far
+            first = bitmap_extents(self._bits, g, size, offset, count, max_extents=1)
+            return proto.EXTENT.pack(first[0].length, int(first[0].dirty))
+        ready = self._ahead.pop((offset, count), None)
+        if ready is not None:
+            byte0, known, answer, covered = ready
+            if bytes(self._bits[byte0 : byte0 + len(known)]) == known:
+                self._end = offset + covered
+                return answer
+        walking = offset == self._end
+        self._ahead.clear()
+        requests = min(self.AHEAD, self.WINDOW // max(1, count // g >> 3)) if walking else 1
+        if requests <= 1:
+            lengths, kinds = extent_arrays(self._bits, g, size, offset, count, proto.MAX_EXTENTS)
+            capped = len(lengths) == proto.MAX_EXTENTS
+            self._end = offset + (int(lengths.sum()) if capped else count)
+            return _pack(lengths, kinds)  # STATE_DIRTY is bit 0: the bit itself
+        return self._walk(offset, count, requests)
+
+    def _walk(self, offset: int, count: int, requests: int) -> bytes:
+        """Answer [offset, offset+count) and keep the answers for the next
+        requests of the walk, all from one extent_arrays call."""
+        g, size = self._granularity, self._size
+        length = min(count * requests, size - offset)
+        byte0, byte1 = self._window(offset, length)
+        known = bytes(self._bits[byte0:byte1])  # the answers are made from this copy
+        shift = byte0 * 8 * g  # extents do not change when whole bytes are cut off
+        lengths, kinds = extent_arrays(known, g, size - shift, offset - shift, length)
+        packed = _pack(lengths, kinds)  # STATE_DIRTY is bit 0: the bit itself
+        bounds = np.empty(len(lengths) + 1, np.int64)  # extent i is [bounds[i], bounds[i+1])
+        bounds[0] = offset
+        np.cumsum(lengths, out=bounds[1:])
+        bounds[1:] += offset
+        starts = list(range(offset, offset + length, count))
+        stops = [min(start + count, size) for start in starts]
+        firsts = np.searchsorted(bounds, starts, "right").tolist()
+        lasts = np.searchsorted(bounds, stops, "left").tolist()
+        kind0 = int(kinds[0])
+        answer = b""
+        for start, stop, after_first, last_or_end in zip(starts, stops, firsts, lasts, strict=True):
+            first = after_first - 1  # extents first .. last - 1 meet [start, stop)
+            last = min(last_or_end, first + proto.MAX_EXTENTS)
+            end = min(int(bounds[last]), stop)  # short of stop only when capped
+            kind = kind0 ^ (first & 1)  # states alternate, extent after extent
+            if last - first == 1:
+                descriptors = proto.EXTENT.pack(end - start, kind)
+            else:
+                descriptors = b"".join((
+                    proto.EXTENT.pack(int(bounds[first + 1]) - start, kind),
+                    packed[8 * (first + 1) : 8 * (last - 1)],
+                    proto.EXTENT.pack(end - int(bounds[last - 1]), kind0 ^ ((last - 1) & 1)),
+                ))  # fmt: skip
+            if start == offset:
+                answer = descriptors
+                self._end = end
+            else:
+                low, high = self._window(start, stop - start)
+                self._ahead[start, stop - start] = (
+                    low, known[low - byte0 : high - byte0], descriptors, end - start
+                )  # fmt: skip
+            if end < stop:
+                break  # capped: the walk goes on from end, not from stop
+        return answer
+
+
 def _merge(
     found: Iterable[tuple[int, int, int]], offset: int, count: int, one: bool
 ) -> list[tuple[int, int]]:
@@ -184,6 +290,7 @@ class _Region:
 # What a reply is queued as: bytes, file regions, and marks (callables run once
 # everything queued before them has gone to the kernel).
 Part = bytes | bytearray | memoryview | _Region | Callable[[], None]
+_BUFFERS = (bytes, bytearray, memoryview)  # a tuple: isinstance is cheapest with one
 _IOV_MAX = 1024  # buffers per writev(2) (Linux's UIO_MAXIOV)
 
 
@@ -239,12 +346,12 @@ class _Sender:
                     head.count -= sent
                     if not head.count:
                         queue.popleft()
-                elif isinstance(head, bytes | bytearray | memoryview):
+                elif isinstance(head, _BUFFERS):
                     buffers: list[bytes | bytearray | memoryview] = []
                     for part in queue:
                         if isinstance(part, _Region) or len(buffers) == _IOV_MAX:
                             break
-                        if isinstance(part, bytes | bytearray | memoryview):
+                        if isinstance(part, _BUFFERS):
                             buffers.append(part)
                     self._consume(os.writev(self._fd, buffers))
                 else:
@@ -270,7 +377,7 @@ class _Sender:
             head = queue[0]
             if isinstance(head, _Region):
                 return
-            if isinstance(head, bytes | bytearray | memoryview):
+            if isinstance(head, _BUFFERS):
                 size = len(head)
                 if size > sent:
                     if sent:
@@ -296,7 +403,7 @@ class _Sender:
             self._fd = -1
         queue, self._queue = self._queue, deque()
         for part in queue:
-            if not isinstance(part, bytes | bytearray | memoryview | _Region):
+            if not isinstance(part, (*_BUFFERS, _Region)):
                 part()
 
 
@@ -305,6 +412,11 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+# A BLOCK_STATUS chunk's header: the structured reply header, the context id.
+_STATUS_HEADER = struct.Struct(proto.STRUCTURED_REPLY.format + proto.BLOCK_STATUS_ID.format[1:])
+# Plain ints for the hot paths: operators on IntFlag members build new members.
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+_DF = int(CmdFlag.DF)
 # Flags each command accepts; anything else is EINVAL, as in qemu-nbd.
 _ALLOWED_FLAGS: dict[int, int] = {
     Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
@@ -346,7 +458,16 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sender: _Sender | None = None  # set when transmission starts
         self._pending = 0  # requests accepted whose replies are not all sent
-        self._room: asyncio.Future[None] | None = None  # the reader waits here when full
+        # The transmission phase's request parser (see _transmission): bytes
+        # received are _input[_head:_tail].
+        self._input = bytearray()
+        self._head = self._tail = 0
+        self._skip = 0  # payload bytes of a refused write still to discard
+        self._skipping: proto.Request | None = None  # ...and that write
+        self._paused = False  # MAX_IN_FLIGHT reached: the transport stopped reading
+        self._resuming = False
+        self._ended: asyncio.Future[None] | None = None
+        self._status_blocks = False  # whether block status needs a task (and a thread)
 
     # -- I/O helpers ---------------------------------------------------------
 
@@ -381,9 +502,16 @@ class Connection:
 
     def _release(self) -> None:
         self._pending -= 1
-        room = self._room
-        if room is not None and not room.done():
-            room.set_result(None)
+        if self._paused and not self._resuming:
+            # Not from here: a reply's mark runs inside the sender's flush,
+            # and parsing queues more replies on that sender.
+            self._resuming = True
+            asyncio.get_running_loop().call_soon(self._resume)
+
+    def _transport(self) -> asyncio.Transport:
+        transport = self.writer.transport
+        assert isinstance(transport, asyncio.Transport)  # a socket's: it reads too
+        return transport
 
     def _broken(self, error: OSError) -> None:
         """Writing failed (the client went away): end the connection."""
@@ -405,6 +533,8 @@ class Connection:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._sender is not None:
                 self._sender.close()
+            if self._file_fd >= 0:
+                self.disk = None  # the file backend's shared fd stays open
             if self.disk is not None:
                 await asyncio.to_thread(self.disk.close)
             with contextlib.suppress(Exception):
@@ -553,7 +683,9 @@ class Connection:
         if export is None:
             await self._reply(option, Rep.ERR_UNKNOWN, f"export {name!r} not present".encode())
             return False
-        available = await asyncio.to_thread(export.contexts)
+        # A few small state-dir reads, done inline like export.bitmap() below:
+        # a thread hop (a new thread, on a fresh server) cost more.
+        available = export.contexts()
         if option == Opt.LIST_META_CONTEXT:
             chosen = [c for c in available if not queries or any(_matches(q, c) for q in queries)]
             for context in chosen:
@@ -593,80 +725,173 @@ class Connection:
                 return b"".join(proto.EXTENT.pack(length, flags) for length, flags in found)
 
             return Context(number, name, allocation)
-        bitmap = export.bitmap(name[len(proto.DIRTY_BITMAP_PREFIX) :])
-        bits: Any = bitmap.bits
-
-        def dirty(count: int, offset: int, one: bool) -> bytes:
-            size = bitmap.header.disk_size
-            if one:  # qemu-img map asks one extent at a time: no need to scan far
-                first = bitmap_extents(bits, bitmap.granularity, size, offset, count, max_extents=1)
-                return proto.EXTENT.pack(first[0].length, int(first[0].dirty))
-            lengths, state = extent_arrays(
-                bits, bitmap.granularity, size, offset, count, proto.MAX_EXTENTS
-            )
-            return _pack(lengths, state)  # STATE_DIRTY is bit 0: the bit itself
-
-        return Context(number, name, dirty, blocking=False)
+        status = _BitmapStatus(export.bitmap(name[len(proto.DIRTY_BITMAP_PREFIX) :]))
+        return Context(number, name, status.descriptors, blocking=False)
 
     async def _enter(self, export: Export) -> None:
         self.export = export
         if self.contexts_export != export.name:
             self.contexts = []  # the selection belongs to the export named in it
-        self.disk = await asyncio.to_thread(export.backend.connect)
-        self._file_fd = export.backend.fd if isinstance(export.backend, FileBackend) else -1
+        backend = export.backend
+        if isinstance(backend, FileBackend):
+            # Its connection is the backend's shared fd: nothing to wait for,
+            # and a thread hop costs more than the whole call.
+            self.disk = backend.connect()
+            self._file_fd = backend.fd
+        else:
+            self.disk = await asyncio.to_thread(backend.connect)
 
     # -- transmission --------------------------------------------------------
 
     async def _transmission(self) -> None:
-        transport = self.writer.transport
+        """Requests are parsed as bytes arrive, in the transport's callback,
+        from a buffer it receives into: a StreamReader costs a future, a
+        task wake-up and a second loop iteration per request, and asyncio's
+        plain protocols a fresh 256 KiB bytes object per receive. Clients
+        like nbdinfo --map wait for each reply before the next request, so
+        this is their latency. This coroutine only waits for the end."""
+        transport = self._transport()
         if transport.get_write_buffer_size():
             # Replies now bypass the transport: whatever it still holds of the
             # handshake must go first.
             transport.set_write_buffer_limits(high=0)
             await self.writer.drain()
-        sock = transport.get_extra_info("socket")
-        self._sender = _Sender(sock.fileno(), self._broken)
-        loop = asyncio.get_running_loop()
-        while True:
-            header = await self._read(proto.REQUEST.size)
-            try:
-                request = proto.parse_request(header)
-            except proto.ProtocolError:
-                # As qemu-nbd: fail the garbled request by its cookie, then hang up.
-                cookie = proto.REQUEST.unpack(header)[3]
-                await self._fail(
-                    proto.Request(0, 0, cookie, 0, 0), Errno.EINVAL, "bad request magic"
-                )
-                raise
-            if request.type == Cmd.DISC:
-                break
-            while self._pending >= MAX_IN_FLIGHT:
-                self._room = loop.create_future()
-                await self._room
-            self._pending += 1
-            if request.type == Cmd.WRITE:
-                # Read-only: consume the payload (bounded) and fail the write.
-                if request.length > proto.MAX_REQUEST:
-                    raise proto.ProtocolError(f"write of {request.length} bytes is over the limit")
-                await self._drain_bytes(request.length)
-                # EINVAL, not EPERM: what qemu-nbd 7.2 answers on a read-only export.
-                self._reply_now(self._error(request, Errno.EINVAL, "export is read-only"))
-                continue
-            try:
-                rest = self._dispatch(request)
-            except RequestError as e:
-                self._reply_now(self._error(request, e.errno, e.message))
-                continue
-            except OSError as e:
-                self._reply_now(self._io_error(request, e))
-                continue
-            if rest is not None:  # it may block: a task of its own
-                task = asyncio.create_task(self._finish(request, rest))
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
+        self._sender = _Sender(transport.get_extra_info("socket").fileno(), self._broken)
+        # The selection is final once the handshake is over.
+        self._status_blocks = any(context.blocking for context in self.contexts)
+        self._ended = asyncio.get_running_loop().create_future()
+        stream = transport.get_protocol()
+        assert isinstance(stream, _Protocol)
+        # What the client sent after its last option is still in the reader;
+        # EOF makes it hand all of that over without waiting.
+        self.reader.feed_eof()
+        leftover = await self.reader.read()
+        self._input = bytearray(max(_INPUT, 2 * len(leftover)))
+        self._input[: len(leftover)] = leftover
+        self._tail = len(leftover)
+        transport.set_protocol(_Intake(self, stream))
+        self._parse()
+        if stream.done:  # the stream ended before the switch
+            self._lost(stream.error)
+        try:
+            await self._ended
+        except proto.ProtocolError:
+            await self._sender.flushed()  # qemu-nbd's last words (bad magic) first
+            raise
+        # NBD_CMD_DISC: finish what is in flight, send nothing more, close.
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._sender.flushed()
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended is not None and not self._ended.done():
+            self._transport().pause_reading()  # nothing more is read
+            if error is None:
+                self._ended.set_result(None)
+            else:
+                self._ended.set_exception(error)
+
+    def _lost(self, error: Exception | None) -> None:
+        """The client's side of the stream ended (EOF or the connection
+        broke): as a StreamReader's readexactly would have reported it."""
+        if error is None:
+            partial = bytes(self._input[self._head : self._tail])
+            error = asyncio.IncompleteReadError(partial, proto.REQUEST.size)
+        self._end(error)
+
+    def _get_buffer(self) -> memoryview:
+        """Where the transport receives to: after what is not parsed yet.
+        Reading pauses whenever parsing stops short of the end (requests in
+        flight at the limit, or the end of the connection), so room is only
+        ever short of a request header here."""
+        data = self._input
+        if len(data) - self._tail < _INPUT // 2:
+            size = self._tail - self._head
+            data[:size] = data[self._head : self._tail]
+            self._head, self._tail = 0, size
+        return memoryview(data)[self._tail :]
+
+    def _buffer_updated(self, size: int) -> None:
+        self._tail += size
+        self._parse()
+
+    def _resume(self) -> None:
+        self._resuming = False
+        assert self._ended is not None
+        if self._paused and self._pending < MAX_IN_FLIGHT and not self._ended.done():
+            self._paused = False
+            self._parse()
+            if not self._paused and not self._ended.done():
+                self._transport().resume_reading()
+
+    def _parse(self) -> None:
+        """Act on every whole request received, until MAX_IN_FLIGHT are
+        pending (then the transport stops reading: what a client may make
+        the server hold stays bounded)."""
+        assert self._ended is not None
+        data, pos, tail = self._input, self._head, self._tail
+        try:
+            while not self._ended.done():
+                if self._skipping is not None:
+                    taken = min(self._skip, tail - pos)
+                    pos += taken
+                    self._skip -= taken
+                    if self._skip:
+                        break
+                    # EINVAL, not EPERM: what qemu-nbd 7.2 answers on a read-only export.
+                    self._reply_now(
+                        self._error(self._skipping, Errno.EINVAL, "export is read-only")
+                    )
+                    self._skipping = None
+                if tail - pos < proto.REQUEST.size:
+                    break
+                if self._pending >= MAX_IN_FLIGHT:
+                    if not self._paused:
+                        self._paused = True
+                        self._transport().pause_reading()
+                    break
+                fields = proto.REQUEST.unpack_from(data, pos)
+                pos += proto.REQUEST.size
+                self._request(*fields)
+        except Exception as e:  # ends this connection only: run() reports it
+            self._end(e)
+        finally:
+            self._head = pos
+
+    def _request(
+        self, magic: int, flags: int, kind: int, cookie: int, offset: int, length: int
+    ) -> None:
+        if magic != proto.REQUEST_MAGIC:
+            # As qemu-nbd: fail the garbled request by its cookie, then hang up.
+            self._pending += 1
+            self._reply_now(
+                self._error(proto.Request(0, 0, cookie, 0, 0), Errno.EINVAL, "bad request magic")
+            )
+            self._end(proto.ProtocolError(f"bad request magic {magic:#x}"))
+            return
+        request = proto.Request(flags, kind, cookie, offset, length)
+        if request.type == Cmd.DISC:
+            self._end(None)
+            return
+        self._pending += 1
+        if request.type == Cmd.WRITE:
+            # Read-only: consume the payload (bounded) and fail the write.
+            if request.length > proto.MAX_REQUEST:
+                raise proto.ProtocolError(f"write of {request.length} bytes is over the limit")
+            self._skip, self._skipping = request.length, request
+            return
+        try:
+            rest = self._dispatch(request)
+        except RequestError as e:
+            self._reply_now(self._error(request, e.errno, e.message))
+            return
+        except OSError as e:
+            self._reply_now(self._io_error(request, e))
+            return
+        if rest is not None:  # it may block: a task of its own
+            task = asyncio.create_task(self._finish(request, rest))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -726,10 +951,11 @@ class Connection:
             self._read_file(request)
         elif kind == Cmd.BLOCK_STATUS:
             self._check_block_status(request)
-            if any(context.blocking for context in self.contexts):
+            if self._status_blocks:
                 return self._block_status(request)
+            one = bool(flags & _REQ_ONE)
             self._reply_now(*self._status_chunks(request, [
-                context.descriptors(request.length, request.offset, bool(flags & CmdFlag.REQ_ONE))
+                context.descriptors(request.length, request.offset, one)
                 for context in self.contexts
             ]))  # fmt: skip
         elif kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
@@ -758,7 +984,7 @@ class Connection:
                 self._reply_now(proto.simple_reply(cookie))
         elif length == 0:
             self._reply_now(proto.structured_chunk(cookie, proto.ReplyType.NONE, b"", done=True))
-        elif request.flags & CmdFlag.DF:
+        elif request.flags & _DF:
             self._reply_now(_data_header(cookie, offset, length, True), _Region(fd, offset, length))
         else:
             pieces = _merge(self.disk.extents(length, offset), offset, length, False)
@@ -810,7 +1036,7 @@ class Connection:
         self._check_range(request)
 
     async def _block_status(self, request: proto.Request) -> list[bytes | bytearray]:
-        one = bool(request.flags & CmdFlag.REQ_ONE)
+        one = bool(request.flags & _REQ_ONE)
         found = []
         for context in self.contexts:
             if context.blocking:
@@ -824,17 +1050,21 @@ class Connection:
         return self._status_chunks(request, found)
 
     def _status_chunks(self, request: proto.Request, found: list[bytes]) -> list[bytes | bytearray]:
-        """One BLOCK_STATUS chunk per selected context, DONE on the last."""
+        """One BLOCK_STATUS chunk per selected context, DONE on the last;
+        each chunk as its header and its descriptors, which writev sends
+        without another copy."""
+        chunks: list[bytes | bytearray] = []
         last = len(self.contexts) - 1
-        return [
-            proto.structured_chunk(
-                request.cookie,
-                proto.ReplyType.BLOCK_STATUS,
-                proto.BLOCK_STATUS_ID.pack(context.id) + descriptors,
-                done=i == last,
-            )
-            for i, (context, descriptors) in enumerate(zip(self.contexts, found, strict=True))
-        ]
+        for i, (context, descriptors) in enumerate(zip(self.contexts, found, strict=True)):
+            flags = proto.REPLY_FLAG_DONE if i == last else 0
+            chunks += (
+                _STATUS_HEADER.pack(
+                    proto.STRUCTURED_REPLY_MAGIC, flags, proto.ReplyType.BLOCK_STATUS,
+                    request.cookie, 4 + len(descriptors), context.id,
+                ),
+                descriptors,
+            )  # fmt: skip
+        return chunks
 
 
 def _read_chunks(
@@ -900,6 +1130,58 @@ class ByteBudget:
                 self._changed.notify_all()
 
 
+class _Protocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol (the handshake's), remembering whether the
+    stream ended: after EOF the transport reads no more, so the protocol
+    that takes over for the transmission phase would never hear of it."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, connected: Callable[..., Coroutine[Any, Any, None]]
+    ) -> None:
+        super().__init__(reader, connected)
+        self.done = False
+        self.error: Exception | None = None
+
+    def eof_received(self) -> bool | None:
+        self.done = True
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done = True
+        self.error = self.error or exc
+        super().connection_lost(exc)
+
+
+class _Intake(asyncio.BufferedProtocol):
+    """The transmission phase's protocol: the transport receives straight
+    into the connection's request buffer. The stream protocol still hears
+    how the connection ends (its writer waits on that to close)."""
+
+    def __init__(self, connection: Connection, stream: _Protocol) -> None:
+        self._connection = connection
+        self._stream = stream
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._connection._get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._connection._buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        self._connection._lost(None)
+        return self._stream.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connection._lost(exc)
+        self._stream.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream.resume_writing()
+
+
 class NbdServer:
     def __init__(self, exports: Iterable[Export], read_budget: int = READ_BUDGET) -> None:
         self.exports = {e.name: e for e in exports}
@@ -917,12 +1199,18 @@ class NbdServer:
         finally:
             self.connections.discard(connection)
 
+    def _protocol(self) -> _Protocol:
+        # What asyncio.start_server builds, with our protocol.
+        return _Protocol(asyncio.StreamReader(), self._client)
+
     async def listen_unix(self, path: Path) -> None:
         path.unlink(missing_ok=True)
-        self._servers.append(await asyncio.start_unix_server(self._client, path=str(path)))
+        loop = asyncio.get_running_loop()
+        self._servers.append(await loop.create_unix_server(self._protocol, path=str(path)))
 
     async def listen_tcp(self, host: str, port: int) -> int:
-        server = await asyncio.start_server(self._client, host=host, port=port)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._protocol, host=host, port=port)
         self._servers.append(server)
         bound: int = server.sockets[0].getsockname()[1]
         return bound
