@@ -34,8 +34,12 @@ $(STAMP): .deb-installed pyproject.toml
 demo: setup
 	$(PY) -m sidecar.demo
 
+# The suite, then the linters: a green `make test` means typed and clean too.
 test: setup
 	$(PY) -m pytest -q -m 'not slow'
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
