@@ -34,12 +34,13 @@ $(STAMP): .deb-installed pyproject.toml
 demo: setup
 	$(PY) -m sidecar.demo
 
-# The suite, then the linters: a green `make test` means typed and clean too.
+# The linters, then the suite: a green `make test` means typed and clean too
+# (the suite last, so that its summary closes the output).
 test: setup
-	$(PY) -m pytest -q -m 'not slow'
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -m 'not slow'
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
