@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import nbd
 import pytest
 
 from dirtydiff.bitmapfile import BitmapFile
-from tests.conftest import ROOT, Processes, dirtydiff, make_disk
+from tests.conftest import ROOT, Processes, Server, dirtydiff, make_disk
 
 MiB = 1 << 20
 
@@ -63,6 +64,35 @@ def random_pair(rng: random.Random, size: int, kind: str) -> tuple[bytes, bytes]
     if rng.random() < 0.5:
         disk[-1] ^= 0xFF  # the last byte, in the partial last granule
     return bytes(backup), bytes(disk)
+
+
+def pair_files(tmp_path: Path, size: int, seed: int, kind: str) -> tuple[bytes, bytes, Path, Path]:
+    """A random (backup, disk) pair written sparsely: their bytes and files."""
+    rng = random.Random(seed)
+    backup_bytes, disk_bytes = random_pair(rng, size, kind)
+    backup, disk = tmp_path / "backup.raw", tmp_path / "disk.raw"
+    write_sparse(backup, backup_bytes, rng)
+    write_sparse(disk, disk_bytes, rng)
+    return backup_bytes, disk_bytes, backup, disk
+
+
+@dataclass
+class Live:
+    """A pair in use: the backup served, the disk behind a running tracker."""
+
+    backup_bytes: bytes
+    disk: Path
+    backup: Path
+    backup_server: Server
+    tracker: Server
+
+
+def live_pair(
+    procs: Processes, tmp_path: Path, state: Path, size: int, seed: int, kind: str
+) -> Live:
+    backup_bytes, _, backup, disk = pair_files(tmp_path, size, seed, kind)
+    backup_server = procs.nbdkit(*BACKUP, str(backup))
+    return Live(backup_bytes, disk, backup, backup_server, procs.tracker(state, disk=disk))
 
 
 def differing(a: bytes, b: bytes, granularity: int) -> set[int]:
@@ -116,11 +146,7 @@ def test_offline_scan_marks_exactly_the_differing_granules(
     size: int,
     extra: tuple[str, ...],
 ) -> None:
-    rng = random.Random(seed)
-    backup_bytes, disk_bytes = random_pair(rng, size, kind)
-    backup, disk = tmp_path / "backup.raw", tmp_path / "disk.raw"
-    write_sparse(backup, backup_bytes, rng)
-    write_sparse(disk, disk_bytes, rng)
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, seed, kind)
     server = procs.nbdkit("-r", "file", str(backup))
     # The disk as a local file, and the disk over NBD: the same answer.
     result = scan(state, str(disk), server.uri, "local", "--granularity", str(granularity), *extra)
@@ -211,13 +237,14 @@ def start_writers(
 
 def test_online_scan_with_writes_during_it(procs: Processes, tmp_path: Path, state: Path) -> None:
     size = 48 * MiB
-    rng = random.Random(11)
-    backup_bytes, disk_bytes = random_pair(rng, size, "sparse")
-    backup, disk = tmp_path / "backup.raw", tmp_path / "disk.raw"
-    write_sparse(backup, backup_bytes, rng)
-    write_sparse(disk, disk_bytes, rng)
-    backup_server = procs.nbdkit(*BACKUP, str(backup))
-    tracker = procs.tracker(state, disk=disk)
+    live = live_pair(procs, tmp_path, state, size, 11, "sparse")
+    backup_bytes, disk, _, backup_server, tracker = (
+        live.backup_bytes,
+        live.disk,
+        live.backup,
+        live.backup_server,
+        live.tracker,
+    )
     stop, threads, done = start_writers(tracker.uri, size)
     try:
         # Slow enough that the writers overlap the whole scan.
@@ -270,13 +297,14 @@ def test_scan_killed_and_resumed_with_writes_going_on(
     procs: Processes, tmp_path: Path, state: Path
 ) -> None:
     size = 64 * MiB
-    rng = random.Random(21)
-    backup_bytes, disk_bytes = random_pair(rng, size, "dense")
-    backup, disk = tmp_path / "backup.raw", tmp_path / "disk.raw"
-    write_sparse(backup, backup_bytes, rng)
-    write_sparse(disk, disk_bytes, rng)
-    backup_server = procs.nbdkit(*BACKUP, str(backup))
-    tracker = procs.tracker(state, disk=disk)
+    live = live_pair(procs, tmp_path, state, size, 21, "dense")
+    backup_bytes, disk, _, backup_server, tracker = (
+        live.backup_bytes,
+        live.disk,
+        live.backup,
+        live.backup_server,
+        live.tracker,
+    )
     stop, threads, _ = start_writers(tracker.uri, size, n=1)
     try:
         # 1. the scanning process dies (kill -9) part way.
@@ -311,13 +339,14 @@ def test_scan_killed_and_resumed_with_writes_going_on(
 
 def test_backup_server_killed_mid_scan(procs: Processes, tmp_path: Path, state: Path) -> None:
     size = 64 * MiB
-    rng = random.Random(31)
-    backup_bytes, disk_bytes = random_pair(rng, size, "dense")
-    backup, disk = tmp_path / "backup.raw", tmp_path / "disk.raw"
-    write_sparse(backup, backup_bytes, rng)
-    write_sparse(disk, disk_bytes, rng)
-    backup_server = procs.nbdkit(*BACKUP, str(backup))
-    tracker = procs.tracker(state, disk=disk)
+    live = live_pair(procs, tmp_path, state, size, 31, "dense")
+    backup_bytes, disk, backup, backup_server, tracker = (
+        live.backup_bytes,
+        live.disk,
+        live.backup,
+        live.backup_server,
+        live.tracker,
+    )
     proc = scan_process(state, tracker.uri, backup_server.uri, "b", "--max-rate", "30000000")
     wait_for_position(state, "b", proc)
     backup_server.proc.send_signal(signal.SIGKILL)
