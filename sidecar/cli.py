@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import shutil
 import socket
 import sys
 import sysconfig
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -171,6 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             tcp=args.tcp,
             export_name=args.export_name,
             bitmaps=args.bitmap,
+            metrics=args.metrics,
         )
     )
     return 0
@@ -193,13 +196,59 @@ def _progress_printer(enabled: bool) -> Callable[[Progress], None]:
     return show
 
 
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def _scan_in_sidecar(
+    sidecar: Path, options: ScanOptions, args: argparse.Namespace, interactive: bool
+) -> int:
+    """The sidecar runs the scan; return at once, or follow it with --wait."""
+    job = control.call(sidecar, "scan.start", **dataclasses.asdict(options))
+    if not args.wait:
+        if args.json:
+            _emit(job, True, print)
+        else:
+            print(f"scan of {options.name} started in the sidecar; follow it with --wait")
+        return 0
+    show = _progress_printer(interactive)
+    while job["state"] == "running":
+        time.sleep(0.5)  # polling the sidecar's job for the progress display
+        job = control.call(sidecar, "scan.status", name=options.name)
+        if job["progress"]:
+            p = Progress(total=job["progress"]["total"])
+            p.position = job["progress"]["position"]
+            p.compared = job["progress"]["compared"]
+            p.differing_granules = job["progress"]["differing_granules"]
+            show(p)
+    if interactive:
+        sys.stderr.write("\n")
+    if job["state"] != "done":
+        raise errors.DirtydiffError(
+            "scan-" + job["state"], f"scan of {options.name}: {job['state']}: {job['error']}"
+        )
+    if args.json:
+        _emit(job, True, print)
+    else:
+        print(
+            f"scan of {options.name} done in the sidecar; "
+            f"{options.name} is consistent and recording"
+        )
+    return 0
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
     if args.abort:
         abort_scan(state, args.bitmap)
         print(f"scan of {args.bitmap} aborted; the bitmap is removed")
         return 0
-    if args.disk is None or args.backup is None:
+    if not args.cancel and (args.disk is None or args.backup is None):
         raise errors.BadRequest("usage", "--disk and --backup are required")
     options = ScanOptions(
         disk=args.disk,
@@ -211,6 +260,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
         in_flight=args.in_flight,
     )
     interactive = sys.stderr.isatty() and not args.json
+    sidecar = state.path / "sidecar.sock"
+    if args.cancel:
+        job = control.call(sidecar, "scan.cancel", name=args.bitmap)
+        print(f"scan of {args.bitmap}: {job['state']}, cancel requested")
+        return 0
+    if _answers(sidecar):
+        return _scan_in_sidecar(sidecar, options, args, interactive)
     result = run_scan(state, options, on_progress=_progress_printer(interactive))
     if interactive:
         sys.stderr.write("\n")
@@ -427,7 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rate", type=float, metavar="BYTES/S", help="cap on bytes read per second")
     p.add_argument("--chunk-size", type=_granularity, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
     p.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=argparse.SUPPRESS)
-    p.add_argument("--wait", action="store_true", help="follow the scan to its end (the default)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="with a running sidecar, follow the scan to its end "
+        "(without one, scans run in the foreground)",
+    )
+    p.add_argument("--cancel", action="store_true", help="stop the sidecar's scan (it can resume)")
     p.add_argument("--abort", action="store_true", help="forget an unfinished scan and its bitmap")
     p.set_defaults(func=cmd_scan)
 
@@ -439,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", required=True, metavar="SOCK", help="unix socket to listen on")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (give the address)")
     p.add_argument("--export-name", default="", help="export name (default: empty)")
+    p.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics (e.g. 127.0.0.1:9300)"
+    )
     p.add_argument(
         "--bitmap",
         action="append",

@@ -201,6 +201,7 @@ def _run(
             on_position=on_position,
             cancel=cancel,
         )
+        on_progress(scan.progress)  # visible from the start, before the first save
         progress = scan.run()
         if mtime is not None and file_mtime(options.disk) != mtime:
             raise errors.Conflict(

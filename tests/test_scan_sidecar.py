@@ -1,0 +1,108 @@
+"""Scans as background jobs of a running sidecar, watched through /metrics.
+
+``dirtydiff scan`` with a sidecar running returns at once; the scan runs in the
+sidecar, ``--wait`` follows it, ``--cancel`` stops it, and Prometheus sees its
+progress rise to completion.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import Processes, Server, dirtydiff
+from tests.test_scan import BACKUP, differing, dirty_set, pair_files
+
+MiB = 1 << 20
+
+
+def sidecar(procs: Processes, tmp_path: Path, state: Path, disk_uri: str) -> tuple[Server, int]:
+    sock = tmp_path / "export.sock"
+    server = procs.start(
+        [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state), "--disk", disk_uri,
+         "--socket", str(sock), "--metrics", "127.0.0.1:0"],
+        sock,
+    )  # fmt: skip
+    end = time.monotonic() + 30
+    while "metrics on" not in server.stderr():
+        assert time.monotonic() < end, server.stderr()
+        time.sleep(0.02)  # polling the log for the chosen port, under a deadline
+    port = int(re.search(r"127\.0\.0\.1:(\d+)/metrics", server.stderr()).group(1))  # type: ignore[union-attr]
+    return server, port
+
+
+def scrape(port: int, bitmap: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {}
+    for line in text.splitlines():
+        m = re.match(r"(dirtydiff_scan_\w+)\{([^}]*)\} (\S+)", line)
+        if m and f'bitmap="{bitmap}"' in m.group(2):
+            state = re.search(r'state="(\w+)"', m.group(2))
+            key = f"{m.group(1)}:{state.group(1)}" if state else m.group(1)
+            found[key] = float(m.group(3))
+    return found
+
+
+def test_background_scan_with_metrics_rising_to_completion(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    size = 96 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 41, "dense")
+    backup_server = procs.nbdkit(*BACKUP, str(backup))
+    tracker = procs.tracker(state, disk=disk)
+    _, port = sidecar(procs, tmp_path, state, tracker.uri)
+    started = dirtydiff("scan", "--state", str(state), "--disk", tracker.uri, "--backup",
+                        backup_server.uri, "--bitmap", "bg", "--max-rate", "60000000")  # fmt: skip
+    assert "started in the sidecar" in started.stdout
+    ratios = []
+    end = time.monotonic() + 120
+    while True:
+        sample = scrape(port, "bg")
+        if "dirtydiff_scan_progress_ratio" in sample:
+            ratios.append(sample["dirtydiff_scan_progress_ratio"])
+        if sample.get("dirtydiff_scan_state:done") == 1.0:
+            break
+        assert sample.get("dirtydiff_scan_state:failed") != 1.0
+        assert time.monotonic() < end, ratios
+        time.sleep(0.2)  # scrape interval
+    assert ratios == sorted(ratios), ratios
+    assert ratios[-1] == 1.0 and any(0 < r < 1 for r in ratios), ratios
+    final = scrape(port, "bg")
+    assert final["dirtydiff_scan_bytes_total"] == size
+    assert final["dirtydiff_scan_differing_granules"] == len(
+        differing(backup_bytes, disk_bytes, 65536)
+    )
+    assert dirty_set(state, "bg") == differing(backup_bytes, disk_bytes, 65536)
+
+    # --wait follows a scan to its end; the bitmap is then consistent.
+    waited = dirtydiff("scan", "--state", str(state), "--disk", tracker.uri, "--backup",
+                       backup_server.uri, "--bitmap", "bg2", "--wait")  # fmt: skip
+    assert "done in the sidecar" in waited.stdout
+    assert dirty_set(state, "bg2") == dirty_set(state, "bg")
+
+
+def test_background_scan_cancelled_then_resumed(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    size = 96 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 43, "dense")
+    backup_server = procs.nbdkit(*BACKUP, str(backup))
+    tracker = procs.tracker(state, disk=disk)
+    _, port = sidecar(procs, tmp_path, state, tracker.uri)
+    args = ["scan", "--state", str(state), "--disk", tracker.uri, "--backup", backup_server.uri,
+            "--bitmap", "c"]  # fmt: skip
+    dirtydiff(*args, "--max-rate", "30000000")
+    end = time.monotonic() + 60
+    while scrape(port, "c").get("dirtydiff_scan_progress_ratio", 0.0) <= 0:
+        assert time.monotonic() < end
+        time.sleep(0.2)
+    dirtydiff(*args, "--cancel")
+    while scrape(port, "c").get("dirtydiff_scan_state:cancelled") != 1.0:
+        assert time.monotonic() < end
+        time.sleep(0.2)
+    assert (state / "scans" / "c.json").exists()  # the position, for the resume
+    dirtydiff(*args, "--wait")
+    assert dirty_set(state, "c") == differing(backup_bytes, disk_bytes, 65536)
