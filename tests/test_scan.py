@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,23 +75,13 @@ def pair_files(tmp_path: Path, size: int, seed: int, kind: str) -> tuple[bytes, 
     return backup_bytes, disk_bytes, backup, disk
 
 
-@dataclass
-class Live:
-    """A pair in use: the backup served, the disk behind a running tracker."""
-
-    backup_bytes: bytes
-    disk: Path
-    backup: Path
-    backup_server: Server
-    tracker: Server
-
-
 def live_pair(
     procs: Processes, tmp_path: Path, state: Path, size: int, seed: int, kind: str
-) -> Live:
+) -> tuple[bytes, Path, Path, Server, Server]:
+    """A pair in use: (backup bytes, disk, backup file, backup server, tracker)."""
     backup_bytes, _, backup, disk = pair_files(tmp_path, size, seed, kind)
     backup_server = procs.nbdkit(*BACKUP, str(backup))
-    return Live(backup_bytes, disk, backup, backup_server, procs.tracker(state, disk=disk))
+    return backup_bytes, disk, backup, backup_server, procs.tracker(state, disk=disk)
 
 
 def differing(a: bytes, b: bytes, granularity: int) -> set[int]:
@@ -237,13 +226,8 @@ def start_writers(
 
 def test_online_scan_with_writes_during_it(procs: Processes, tmp_path: Path, state: Path) -> None:
     size = 48 * MiB
-    live = live_pair(procs, tmp_path, state, size, 11, "sparse")
-    backup_bytes, disk, _, backup_server, tracker = (
-        live.backup_bytes,
-        live.disk,
-        live.backup,
-        live.backup_server,
-        live.tracker,
+    backup_bytes, disk, _, backup_server, tracker = live_pair(
+        procs, tmp_path, state, size, 11, "sparse"
     )
     stop, threads, done = start_writers(tracker.uri, size)
     try:
@@ -297,13 +281,8 @@ def test_scan_killed_and_resumed_with_writes_going_on(
     procs: Processes, tmp_path: Path, state: Path
 ) -> None:
     size = 64 * MiB
-    live = live_pair(procs, tmp_path, state, size, 21, "dense")
-    backup_bytes, disk, _, backup_server, tracker = (
-        live.backup_bytes,
-        live.disk,
-        live.backup,
-        live.backup_server,
-        live.tracker,
+    backup_bytes, disk, _, backup_server, tracker = live_pair(
+        procs, tmp_path, state, size, 21, "dense"
     )
     stop, threads, _ = start_writers(tracker.uri, size, n=1)
     try:
@@ -339,13 +318,8 @@ def test_scan_killed_and_resumed_with_writes_going_on(
 
 def test_backup_server_killed_mid_scan(procs: Processes, tmp_path: Path, state: Path) -> None:
     size = 64 * MiB
-    live = live_pair(procs, tmp_path, state, size, 31, "dense")
-    backup_bytes, disk, backup, backup_server, tracker = (
-        live.backup_bytes,
-        live.disk,
-        live.backup,
-        live.backup_server,
-        live.tracker,
+    backup_bytes, disk, backup, backup_server, tracker = live_pair(
+        procs, tmp_path, state, size, 31, "dense"
     )
     proc = scan_process(state, tracker.uri, backup_server.uri, "b", "--max-rate", "30000000")
     wait_for_position(state, "b", proc)
