@@ -50,6 +50,7 @@ import os
 import struct
 import time
 import uuid
+import weakref
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,11 @@ class BitmapFile:
         except BaseException:
             os.close(self._fd)
             raise
+        # A reader may drop a file without close() (the export lets every
+        # connection that still reads a replaced file finish with it): the
+        # descriptor goes with the object. While it is open, the inode cannot
+        # be reused, so an inode number names this file and no other.
+        self._closer = weakref.finalize(self, os.close, self._fd)
 
     # -- creation --------------------------------------------------------
 
@@ -349,7 +355,7 @@ class BitmapFile:
         if self._fd < 0:
             return
         self.bits.close()
-        os.close(self._fd)
+        self._closer()
         self._fd = -1
 
     def __enter__(self) -> BitmapFile:

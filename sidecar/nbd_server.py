@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from dirtydiff import errors
 from dirtydiff import nbdproto as proto
 from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
 from dirtydiff.extents import extent_arrays
@@ -104,17 +105,21 @@ class Export:
             proto.DIRTY_BITMAP_PREFIX + n for n in self.bitmap_names()
         ]
 
-    def bitmap(self, name: str) -> BitmapFile:
-        """The live bitmap, mapped read-only; reopened if the file was replaced."""
+    def bitmap(self, name: str) -> tuple[int, BitmapFile]:
+        """The file now named ``name`` (its inode, and it mapped read-only);
+        reopened if the name was given to another file."""
         assert self.state is not None
         path = self.state.bitmap_path(name)
         inode = os.stat(path).st_ino
         cached = self._open_bitmaps.get(name)
         if cached is not None and cached[0] == inode:
-            return cached[1]
-        bitmap = BitmapFile(path, writable=False)
-        self._open_bitmaps[name] = (inode, bitmap)
-        return bitmap
+            return cached
+        # The file it replaces is not closed here: connections bound to it
+        # hold it (so its inode cannot be reused) and rebind on their next
+        # request; it closes when the last one lets go.
+        found = inode, BitmapFile(path, writable=False)
+        self._open_bitmaps[name] = found
+        return found
 
 
 @dataclass
@@ -161,13 +166,47 @@ class _BitmapStatus:
     # connection and bitmap (its replies in flight may hold up to 16 MiB).
     WINDOW = 48 * 1024
 
-    def __init__(self, bitmap: BitmapFile) -> None:
+    def __init__(self, export: Export, name: str) -> None:
+        self._export = export
+        self._name = name
+        self._bind(*export.bitmap(name))
+
+    def _bind(self, inode: int, bitmap: BitmapFile) -> None:
+        self._inode = inode
+        self._bitmap = bitmap
         self._bits: Any = bitmap.bits
         self._granularity = bitmap.granularity
         self._size = bitmap.header.disk_size
         self._end = 0  # where the last answer ended: a walk goes on from there
         # (offset, count) -> (first bitmap byte, those bitmap bytes, descriptors, covered)
         self._ahead: dict[tuple[int, int], tuple[int, bytes, bytes, int]] = {}
+
+    def _check(self) -> None:
+        """Follow the name, not the file, on every request.
+
+        A checkpoint renames the open interval's file to the checkpoint's
+        name and puts a new file under ``@open``: a client that chose
+        ``qemu:dirty-bitmap:@open`` before it would otherwise go on reading
+        the frozen file and miss every later write. A bitmap that was
+        removed, or found inconsistent meanwhile (a tracker restarted after
+        a host crash), fails the request: a backup tool stops instead of
+        copying too little. A stat and a 4 KiB pread cost a few
+        microseconds; a request covers up to 4 GiB.
+        """
+        name = self._name
+        assert self._export.state is not None
+        try:
+            inode = os.stat(self._export.state.bitmap_path(name)).st_ino
+            if inode != self._inode:
+                self._bind(*self._export.bitmap(name))
+            header = self._bitmap.reload_header()
+        except (OSError, errors.DirtydiffError) as e:
+            raise RequestError(Errno.EIO, f"bitmap {name!r} is gone: {e}") from None
+        if header.disk_size != self._size:
+            raise RequestError(Errno.EIO, f"bitmap {name!r} now describes another disk size")
+        why = inconsistency(header)
+        if why is not Reason.NONE:
+            raise RequestError(Errno.EIO, f"bitmap {name!r} is inconsistent: {why.describe()}")
 
     def _window(self, offset: int, count: int) -> tuple[int, int]:
         """The bitmap bytes extent_arrays reads for [offset, offset+count)."""
@@ -176,6 +215,7 @@ class _BitmapStatus:
         return (offset // g) >> 3, ((end + g - 1) // g + 7) >> 3
 
     def descriptors(self, count: int, offset: int, one: bool) -> bytes:
+        self._check()
         g, size = self._granularity, self._size
         if one:  # qemu-img map asks one extent at a time: no need to scan far
             first = bitmap_extents(self._bits, g, size, offset, count, max_extents=1)
@@ -725,7 +765,7 @@ class Connection:
                 return b"".join(proto.EXTENT.pack(length, flags) for length, flags in found)
 
             return Context(number, name, allocation)
-        status = _BitmapStatus(export.bitmap(name[len(proto.DIRTY_BITMAP_PREFIX) :]))
+        status = _BitmapStatus(export, name[len(proto.DIRTY_BITMAP_PREFIX) :])
         return Context(number, name, status.descriptors, blocking=False)
 
     async def _enter(self, export: Export) -> None:

@@ -213,3 +213,89 @@ def test_live_export_through_the_tracker_and_over_tcp(
     # TCP: loopback, the port the kernel chose, printed on stderr.
     port = int(ours.stderr().split("listening on tcp 127.0.0.1:")[1].split()[0])
     qemu_io(f"nbd://127.0.0.1:{port}/", "read -P 0x5b 9M 1", readonly=True)
+
+
+def dirty_offsets(h: Any, context: str, size: int) -> list[int]:
+    """Offsets of dirty extents of ``context`` on an open libnbd handle."""
+    found: list[int] = []
+
+    def collect(meta: str, offset: int, entries: list[int], err: int) -> int:
+        if meta == context:
+            position = offset
+            for length, flags in zip(entries[::2], entries[1::2], strict=True):
+                if flags & 1:
+                    found.append(position)
+                position += length
+        return 0
+
+    h.block_status(size, 0, collect)
+    return found
+
+
+def test_a_connection_follows_the_bitmap_name_across_checkpoints(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """A client that chose qemu:dirty-bitmap:@open and stays connected sees
+    the writes made after a checkpoint (the name now belongs to a new file),
+    and a bitmap removed or found inconsistent under it fails its requests
+    instead of answering from the file it had."""
+    size = 16 * MiB
+    disk = make_disk(tmp_path / "disk.raw", size)
+    tracker = procs.tracker(state, disk=disk)
+    sock = tmp_path / "ours.sock"
+    argv = serve_argv(state, disk, sock)
+    argv[argv.index(str(disk))] = tracker.uri
+    ours = procs.start(argv, sock)
+    qemu_io(tracker.uri, "write -P 1 1M 4k")
+    h = nbd.NBD()
+    h.add_meta_context("qemu:dirty-bitmap:@open")
+    h.connect_uri(ours.uri)
+    try:
+        assert dirty_offsets(h, "qemu:dirty-bitmap:@open", size) == [1 * MiB]
+        dirtydiff("checkpoint", "--state", str(state), "cp1")
+        qemu_io(tracker.uri, "write -P 2 5M 4k")
+        # the same connection: the new interval, not the frozen one
+        assert dirty_offsets(h, "qemu:dirty-bitmap:@open", size) == [5 * MiB]
+        dirtydiff("checkpoint", "--state", str(state), "cp2")
+        dirtydiff("bitmap", "remove", "--state", str(state), "cp1")
+        qemu_io(tracker.uri, "write -P 3 7M 4k")
+        assert dirty_offsets(h, "qemu:dirty-bitmap:@open", size) == [7 * MiB]
+    finally:
+        h.shutdown()
+
+    h = nbd.NBD()
+    h.add_meta_context("qemu:dirty-bitmap:cp2")
+    h.connect_uri(ours.uri)
+    try:
+        assert dirty_offsets(h, "qemu:dirty-bitmap:cp2", size) == [5 * MiB]
+        dirtydiff("bitmap", "remove", "--state", str(state), "cp2")
+        with pytest.raises(nbd.Error) as removed:
+            dirty_offsets(h, "qemu:dirty-bitmap:cp2", size)
+        assert removed.value.errno == "EIO"
+        h.pread(4096, 7 * MiB)  # the connection goes on
+    finally:
+        h.shutdown()
+
+    # Reading the file itself, this export's connections outlive the tracker.
+    sock = tmp_path / "direct.sock"
+    direct = procs.start(serve_argv(state, disk, sock), sock)
+    h = nbd.NBD()
+    h.add_meta_context("qemu:dirty-bitmap:@open")
+    h.connect_uri(direct.uri)
+    try:
+        assert dirty_offsets(h, "qemu:dirty-bitmap:@open", size) == [7 * MiB]
+        # A host crash: the tracker comes back under another boot and finds
+        # @open was recording; it may have missed writes.
+        tracker.proc.kill()
+        tracker.proc.wait(10)
+        procs.tracker(
+            state,
+            disk=disk,
+            sock=tracker.sock,
+            env={"DIRTYDIFF_BOOT_ID": "00000000-0000-0000-0000-000000000002"},
+        )
+        with pytest.raises(nbd.Error) as inconsistent:
+            dirty_offsets(h, "qemu:dirty-bitmap:@open", size)
+        assert inconsistent.value.errno == "EIO"
+    finally:
+        h.shutdown()
