@@ -23,7 +23,15 @@ Header, format version 1, every integer big-endian::
     40     8    created, ns since the epoch
     48     16   boot id of the last boot that set IN_USE
     64     4    CRC-32 of bytes 0..63
-    68     ..   zero up to 4096
+    68     ..   zero up to 1024
+    1024   4    length L of the backup reference, 0 if none (at most 2048)
+    1028   4    CRC-32 of the L bytes that follow
+    1032   L    backup reference, UTF-8: the backup (an NBD URI) this bitmap
+                counts changes from, so that ``dirtydiff rebuild`` can scan
+                against it. Written when the file is made and never changed:
+                a checkpoint gives it to the next interval's file before the
+                renames, so the reference moves with the bits, atomically.
+    ..     ..   zero up to 4096
 
 Bit array at 4096: bit ``i`` covers bytes ``[i*G, (i+1)*G)`` of the disk, least
 significant bit first in each byte (QEMU's serialisation order); its length is
@@ -67,6 +75,10 @@ DEFAULT_GRANULARITY = 65536
 # magic, version, flags, granularity, reason, disk size, generation, created, boot id
 _HEADER = struct.Struct("!8sIIIIQQQ16s")
 _CRC = struct.Struct("!I")
+# length, CRC-32 of the reference
+_BACKUP_AT = 1024
+_BACKUP = struct.Struct("!II")
+MAX_BACKUP_REFERENCE = 2048
 
 # Tests simulate a host crash by pretending to be another boot.
 BOOT_ID_ENV = "DIRTYDIFF_BOOT_ID"
@@ -94,6 +106,8 @@ class Reason(enum.IntEnum):
     """The disk changed size while recorded."""
     SCAN_IN_PROGRESS = 3
     """A diff scan is filling it and has not finished."""
+    SCAN_ABORTED = 4
+    """A rebuild of it was aborted before it finished."""
 
     def describe(self) -> str:
         return {
@@ -101,6 +115,7 @@ class Reason(enum.IntEnum):
             Reason.HOST_CRASH: "the host went down while it was recording",
             Reason.DISK_RESIZED: "the disk changed size",
             Reason.SCAN_IN_PROGRESS: "a diff scan is filling it and has not finished",
+            Reason.SCAN_ABORTED: "a rebuild of it was aborted before it finished",
         }[self]
 
 
@@ -143,8 +158,11 @@ class Header:
     created_ns: int = 0
     boot_id: bytes = bytes(16)
     reason: Reason = Reason.NONE
+    backup: str = ""  # the backup reference; see the format above
 
     def pack(self) -> bytes:
+        """The fixed fields, which change; the backup reference is written
+        once, by ``pack_backup``."""
         body = _HEADER.pack(
             MAGIC,
             FORMAT_VERSION,
@@ -157,6 +175,11 @@ class Header:
             self.boot_id,
         )
         return body + _CRC.pack(zlib.crc32(body))
+
+    def pack_backup(self) -> bytes:
+        """The backup reference's area, to be written at ``_BACKUP_AT``."""
+        raw = self.backup.encode()
+        return _BACKUP.pack(len(raw), zlib.crc32(raw)) + raw
 
     @classmethod
     def unpack(cls, raw: bytes, where: str) -> Header:
@@ -180,7 +203,29 @@ class Header:
             why = Reason(reason)
         except (errors.BadRequest, ValueError) as e:
             raise errors.Corrupt(f"{where}: bad header field ({e})") from None
-        return cls(Flag(flags), gran, disk_size, gen, created, boot, why)
+        return cls(Flag(flags), gran, disk_size, gen, created, boot, why, _backup(raw, where))
+
+
+def check_backup_reference(backup: str) -> None:
+    if len(backup.encode()) > MAX_BACKUP_REFERENCE or "\0" in backup:
+        raise errors.BadRequest(
+            "bad-backup", f"a backup reference is at most {MAX_BACKUP_REFERENCE} bytes, no NUL"
+        )
+
+
+def _backup(raw: bytes, where: str) -> str:
+    """The backup reference of a whole header; "" for a header read short."""
+    if len(raw) < _BACKUP_AT + _BACKUP.size:
+        return ""
+    length, crc = _BACKUP.unpack_from(raw, _BACKUP_AT)
+    start = _BACKUP_AT + _BACKUP.size
+    body = raw[start : start + length]
+    if length > MAX_BACKUP_REFERENCE or len(body) != length or zlib.crc32(body) != crc:
+        raise errors.Corrupt(f"{where}: backup reference checksum mismatch")
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        raise errors.Corrupt(f"{where}: backup reference is not UTF-8") from None
 
 
 class BitmapFile:
@@ -230,6 +275,7 @@ class BitmapFile:
         disk_size: int,
         flags: Flag,
         generation: int = 0,
+        backup: str = "",
     ) -> BitmapFile:
         """Create a new, all-clean bitmap file durably, then open it writable.
 
@@ -237,6 +283,7 @@ class BitmapFile:
         leaves a half-made file under a bitmap's name.
         """
         check_granularity(granularity)
+        check_backup_reference(backup)
         header = Header(
             flags=flags,
             granularity=granularity,
@@ -244,12 +291,14 @@ class BitmapFile:
             generation=generation,
             created_ns=time.time_ns(),
             boot_id=current_boot_id() if flags & Flag.IN_USE else bytes(16),
+            backup=backup,
         )
         tmp = path.with_name(f".{path.name}.new")
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                os.pwrite(fd, header.pack().ljust(HEADER_SIZE, b"\0"), 0)
+                area = header.pack().ljust(_BACKUP_AT, b"\0") + header.pack_backup()
+                os.pwrite(fd, area.ljust(HEADER_SIZE, b"\0"), 0)
                 # Reserve every block now: a store into a hole of a mapped file
                 # on a full filesystem is a SIGBUS in the middle of a VM's
                 # write. Better a clear ENOSPC here, when the bitmap is made.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 
 from dirtydiff import errors
+from dirtydiff.state import StateDir
 from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
 
 API_VERSION = 1
@@ -108,7 +109,7 @@ def reply_error(error: errors.DirtydiffError) -> Message:
 _Handler = Callable[[BitmapStore, dict[str, Any]], object]
 
 
-def _arg(args: dict[str, Any], name: str, kind: type, default: object = ...) -> Any:
+def arg(args: dict[str, Any], name: str, kind: type, default: object = ...) -> Any:
     if name not in args:
         if default is ...:
             raise errors.BadRequest("bad-request", f"missing argument {name!r}")
@@ -121,14 +122,14 @@ def _arg(args: dict[str, Any], name: str, kind: type, default: object = ...) -> 
 
 
 def _seconds(args: dict[str, Any]) -> float:
-    value = _arg(args, "timeout", object, DRAIN_TIMEOUT)
+    value = arg(args, "timeout", object, DRAIN_TIMEOUT)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
         raise errors.BadRequest("bad-request", "argument 'timeout' must be seconds, 0 < t <= 3600")
     return float(value)
 
 
 def _names(args: dict[str, Any]) -> list[str]:
-    sources = _arg(args, "sources", list)
+    sources = arg(args, "sources", list)
     if not sources or not all(isinstance(s, str) for s in sources):
         raise errors.BadRequest(
             "bad-request", "argument 'sources' must be a non-empty list of names"
@@ -137,7 +138,7 @@ def _names(args: dict[str, Any]) -> list[str]:
 
 
 def _ranges(args: dict[str, Any]) -> list[tuple[int, int]]:
-    ranges = _arg(args, "ranges", list)
+    ranges = arg(args, "ranges", list)
     found = []
     for item in ranges:
         if (
@@ -163,38 +164,43 @@ HANDLERS: dict[str, _Handler] = {
     "ping": lambda store, args: {"api": API_VERSION},
     "status": _status,
     "bitmap.list": lambda store, args: [b.as_dict() for b in store.list()],
-    "bitmap.info": lambda store, args: store.info(_arg(args, "name", str)).as_dict(),
+    "bitmap.info": lambda store, args: store.info(arg(args, "name", str)).as_dict(),
     "bitmap.add": lambda store, args: store.add(
-        _arg(args, "name", str),
-        _arg(args, "granularity", int, 65536),
-        enabled=_arg(args, "enabled", bool, True),
+        arg(args, "name", str),
+        arg(args, "granularity", int, 65536),
+        enabled=arg(args, "enabled", bool, True),
+        backup=arg(args, "backup", str, ""),
     ).as_dict(),
-    "bitmap.remove": lambda store, args: store.remove(_arg(args, "name", str)),
-    "bitmap.clear": lambda store, args: store.clear(_arg(args, "name", str)).as_dict(),
-    "bitmap.enable": lambda store, args: store.enable(_arg(args, "name", str)).as_dict(),
+    "bitmap.remove": lambda store, args: store.remove(arg(args, "name", str)),
+    "bitmap.clear": lambda store, args: store.clear(arg(args, "name", str)).as_dict(),
+    "bitmap.enable": lambda store, args: store.enable(arg(args, "name", str)).as_dict(),
     "bitmap.disable": lambda store, args: store.disable(
-        _arg(args, "name", str), _seconds(args)
+        arg(args, "name", str), _seconds(args)
     ).as_dict(),
     "bitmap.mark": lambda store, args: store.mark_ranges(
-        _arg(args, "name", str), _ranges(args)
+        arg(args, "name", str), _ranges(args)
     ).as_dict(),
     "scan.begin": lambda store, args: store.scan_begin(
-        _arg(args, "name", str),
-        _arg(args, "granularity", int, 65536),
-        restart=_arg(args, "restart", bool, False),
+        arg(args, "name", str),
+        arg(args, "granularity", int, 65536),
+        restart=arg(args, "restart", bool, False),
+        backup=arg(args, "backup", str, ""),
+        rebuild=arg(args, "rebuild", bool, False),
     ),
-    "scan.complete": lambda store, args: store.scan_complete(_arg(args, "name", str)).as_dict(),
-    "scan.abort": lambda store, args: store.scan_abort(_arg(args, "name", str)),
+    "scan.complete": lambda store, args: store.scan_complete(arg(args, "name", str)).as_dict(),
+    "scan.abort": lambda store, args: store.scan_abort(arg(args, "name", str)),
     "bitmap.merge": lambda store, args: store.merge(
-        _arg(args, "target", str), _names(args)
+        arg(args, "target", str), _names(args)
     ).as_dict(),
     "checkpoint": lambda store, args: asdict(
-        store.checkpoint(_arg(args, "name", str), _seconds(args))
+        store.checkpoint(arg(args, "name", str), _seconds(args), arg(args, "backup", str, ""))
     ),
 }
 
 
-def parse_request(message: Message) -> tuple[str, dict[str, Any]]:
+def parse_request(
+    message: Message, known: Collection[str] = HANDLERS.keys()
+) -> tuple[str, dict[str, Any]]:
     version = message.get("version")
     # True == 1 and 1.0 == 1 in Python: only the integer is the version.
     if type(version) is not int or version != API_VERSION:
@@ -203,7 +209,7 @@ def parse_request(message: Message) -> tuple[str, dict[str, Any]]:
             f"control API version {version!r} is not supported (this is {API_VERSION})",
         )
     op = message.get("op")
-    if not isinstance(op, str) or op not in HANDLERS:
+    if not isinstance(op, str) or op not in known:
         raise errors.BadRequest("unknown-op", f"unknown operation {op!r}")
     args = message.get("args", {})
     if not isinstance(args, dict):
@@ -218,6 +224,31 @@ def dispatch(store: BitmapStore, message: Message) -> Message:
         return reply_ok(HANDLERS[op](store, args))
     except errors.DirtydiffError as e:
         return reply_error(e)
+
+
+def run(state: StateDir, op: str, **args: object) -> Any:
+    """Run one store request where it can run: through the tracker's socket
+    while a tracker holds the state lock, else on the files under the lock
+    (which keeps a tracker from starting meanwhile). The same ``dispatch``
+    either way."""
+    lock = state.try_lock()
+    if lock is None:
+        return call(state.socket_path, op, **args)
+    try:
+        size = state.disk_size()
+        if size is None:
+            raise errors.NotFound(
+                "never-tracked",
+                f"state directory {state.path} has never been tracked; run `dirtydiff track` "
+                "on the disk once to create it",
+            )
+        store = BitmapStore(state, size, recording=False)
+        try:
+            return result_of(dispatch(store, request(op, **args)))
+        finally:
+            store.close()
+    finally:
+        lock.release()
 
 
 # -- client ---------------------------------------------------------------
@@ -237,6 +268,12 @@ def call(socket_path: Path, op: str, **args: object) -> Any:
             sock.connect(str(socket_path))
             sock.sendall(encode(request(op, **args)))
             reply = read_message(sock)
+        except PermissionError as e:
+            raise errors.PermissionDenied(
+                "permission-denied",
+                f"control socket {socket_path}: {e.strerror}; it is for its owner "
+                "(and the group given to dirtydiff serve --control-group)",
+            ) from None
         except (ConnectionError, FileNotFoundError, TimeoutError) as e:
             raise errors.Unavailable(
                 "unavailable", f"control socket {socket_path}: {e.strerror or e}"

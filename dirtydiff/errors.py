@@ -58,6 +58,12 @@ class Unavailable(DirtydiffError):
     code = "unavailable"
 
 
+class PermissionDenied(DirtydiffError):
+    """The caller may not use a socket or file it needs."""
+
+    code = "permission-denied"
+
+
 class ProtocolError(DirtydiffError):
     """A peer broke the control protocol; the connection ends."""
 
@@ -66,5 +72,14 @@ class ProtocolError(DirtydiffError):
 
 ERROR_CLASSES: dict[str, type[DirtydiffError]] = {
     cls.code: cls
-    for cls in (BadRequest, NotFound, Conflict, Corrupt, StorageError, Unavailable, ProtocolError)
+    for cls in (
+        BadRequest,
+        NotFound,
+        Conflict,
+        Corrupt,
+        StorageError,
+        Unavailable,
+        PermissionDenied,
+        ProtocolError,
+    )
 }

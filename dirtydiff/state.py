@@ -69,6 +69,7 @@ class BitmapInfo:
     reason: str
     dirty_bytes: int
     generation: int
+    backup: str  # the backup it counts changes from, "" if not known
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -87,6 +88,7 @@ def describe(name: str, bitmap: BitmapFile, *, recording: bool) -> BitmapInfo:
         reason=why.describe(),
         dirty_bytes=min(bitmap.dirty_granules() * bitmap.granularity, header.disk_size),
         generation=header.generation,
+        backup=header.backup,
     )
 
 
@@ -118,6 +120,7 @@ class StateDir:
         self.bitmaps_dir = self.path / "bitmaps"
         self.lock_path = self.path / "lock"
         self.socket_path = self.path / "tracker.sock"
+        self.sidecar_socket_path = self.path / "sidecar.sock"  # the sidecar's control API
         self.disk_path = self.path / "disk.json"
 
     # -- ownership -------------------------------------------------------

@@ -35,6 +35,7 @@ from dirtydiff.bitmapfile import (
     BitmapFile,
     Flag,
     Reason,
+    check_backup_reference,
     check_granularity,
     fsync_dir,
     inconsistency,
@@ -217,16 +218,25 @@ class BitmapStore:
             ) from None
 
     def add(
-        self, name: str, granularity: int = DEFAULT_GRANULARITY, *, enabled: bool = True
+        self,
+        name: str,
+        granularity: int = DEFAULT_GRANULARITY,
+        *,
+        enabled: bool = True,
+        backup: str = "",
     ) -> BitmapInfo:
+        """A new, clean bitmap; ``backup``: the backup taken just before,
+        which it counts changes from (``rebuild`` scans against it)."""
         check_name(name)
         check_granularity(granularity)
         if name in self.bitmaps:
             raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
-        self._create(name, granularity, enabled=enabled)
+        self._create(name, granularity, enabled=enabled, backup=backup)
         return self._describe(name)
 
-    def _create(self, name: str, granularity: int, *, enabled: bool = True) -> None:
+    def _create(
+        self, name: str, granularity: int, *, enabled: bool = True, backup: str = ""
+    ) -> None:
         flags = Flag.ENABLED if enabled else Flag(0)
         if enabled and self.recording:
             flags |= Flag.IN_USE
@@ -236,6 +246,7 @@ class BitmapStore:
             granularity=granularity,
             disk_size=self.disk_size,
             flags=flags,
+            backup=backup,
         )
         with self._lock:
             self.bitmaps[name] = bitmap
@@ -285,14 +296,18 @@ class BitmapStore:
         self._changeable(name)
         return self._clear(name)
 
+    def _clear_bits(self, bitmap: BitmapFile) -> None:
+        """Clear the bits, not the header. Caller holds _lock."""
+        bitmap.clear()
+        # A write in flight may land after the clear: keep it marked.
+        if bitmap in self._gen.bitmaps:
+            for offset, length in self._inflight.ranges.values():
+                bitmap.mark(offset, length)
+
     def _clear(self, name: str) -> BitmapInfo:
         bitmap = self._get(name)
         with self._lock:
-            bitmap.clear()
-            # A write in flight may land after the clear: keep it marked.
-            if bitmap in self._gen.bitmaps:
-                for offset, length in self._inflight.ranges.values():
-                    bitmap.mark(offset, length)
+            self._clear_bits(bitmap)
             bitmap.header.flags &= ~Flag.INCONSISTENT
             bitmap.header.reason = Reason.NONE
             if bitmap.header.flags & Flag.IN_USE:
@@ -361,8 +376,14 @@ class BitmapStore:
                 into.bits.flush()
         return self._describe(target)
 
-    def checkpoint(self, name: str, timeout: float = DRAIN_TIMEOUT) -> CheckpointResult:
+    def checkpoint(
+        self, name: str, timeout: float = DRAIN_TIMEOUT, backup: str = ""
+    ) -> CheckpointResult:
         """Freeze the open interval's bitmap as ``name``; start the next one.
+
+        ``backup`` names the backup the caller takes at this checkpoint: the
+        next interval counts changes from it. ``name`` keeps the reference
+        the interval it froze had.
 
         Crash safety: the next interval's file is made durably under a staging
         name first; then, under the lock (so no write marks either file
@@ -372,9 +393,17 @@ class BitmapStore:
         """
         check_name(name)
         self._check_timeout(timeout)
+        check_backup_reference(backup)
         if name in self.bitmaps:
             raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
         frozen = self.bitmaps[OPEN_CHECKPOINT]
+        if frozen.header.reason is Reason.SCAN_IN_PROGRESS:
+            # Its scan's writes bitmap and record name @open: freezing it now
+            # would turn half a rebuild into a checkpoint.
+            raise errors.Conflict(
+                "scan-in-progress",
+                f"a rebuild of {OPEN_CHECKPOINT} is running; let it finish, or abort it",
+            )
         staging = self.state.bitmaps_dir / _STAGING
         staging.unlink(missing_ok=True)
         flags = Flag.ENABLED | (Flag.IN_USE if self.recording else Flag(0))
@@ -384,6 +413,7 @@ class BitmapStore:
             disk_size=self.disk_size,
             flags=flags,
             generation=frozen.header.generation + 1,
+            backup=backup,
         )
         target = self.state.bitmap_path(name)
         with self._lock:
@@ -414,7 +444,13 @@ class BitmapStore:
     # -- diff scans ------------------------------------------------------
 
     def scan_begin(
-        self, name: str, granularity: int = DEFAULT_GRANULARITY, *, restart: bool = False
+        self,
+        name: str,
+        granularity: int = DEFAULT_GRANULARITY,
+        *,
+        restart: bool = False,
+        backup: str = "",
+        rebuild: bool = False,
     ) -> dict[str, object]:
         """Prepare bitmap ``name`` for a diff scan, or find the one to resume.
 
@@ -424,26 +460,39 @@ class BitmapStore:
         reads may have missed lands there. Returns {"resume": bool}; a scan
         whose writes bitmap could not be trusted, or that the caller asks to
         ``restart`` (its record is from another boot), starts over.
+
+        ``rebuild``: ``name`` exists and is inconsistent (a host crash); it is
+        refilled the same way, against the backup it refers to, and keeps
+        its name (``@open`` included: the checkpoint interval after a crash).
         """
-        check_name(name)
         check_granularity(granularity)
+        check_backup_reference(backup)
         writes_name = SCAN_WRITES_PREFIX + name
         existing = self.bitmaps.get(name)
+        if not (rebuild and name == OPEN_CHECKPOINT):  # @open can be rebuilt
+            check_name(name)
         if existing is not None:
             if existing.header.reason is not Reason.SCAN_IN_PROGRESS:
-                raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
+                if not rebuild:
+                    raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
+                self._begin_rebuild(name, existing)
+                return {"resume": False, "granularity": existing.granularity}
             writes = self.bitmaps.get(writes_name)
             trusted = not self.recording or (writes is not None and writes.consistent)
             if trusted and not restart:
                 return {"resume": True, "granularity": existing.granularity}
             # Writes during the interrupted scan may be lost: start afresh.
-            self._clear(name)
-            self._mark_scanning(existing)
+            # It is still marked as being scanned: at no moment does its
+            # header call the cleared bits complete.
+            with self._lock:
+                self._clear_bits(existing)
             if writes is not None:
                 self._clear(writes_name)
             elif self.recording:
                 self._create(writes_name, existing.granularity)
             return {"resume": False, "granularity": existing.granularity}
+        if rebuild:
+            raise errors.NotFound("unknown-bitmap", f"no bitmap named {name!r} to rebuild")
         if self.recording:
             self._create(writes_name, granularity)
         bitmap = BitmapFile.create(
@@ -451,11 +500,44 @@ class BitmapStore:
             granularity=granularity,
             disk_size=self.disk_size,
             flags=Flag(0),
+            backup=backup,
         )
         self._mark_scanning(bitmap)
         with self._lock:
             self.bitmaps[name] = bitmap
         return {"resume": False, "granularity": granularity}
+
+    def _begin_rebuild(self, name: str, bitmap: BitmapFile) -> None:
+        """Turn inconsistent ``name`` into a bitmap a scan is filling.
+
+        The order keeps every write covered: ``@scan:NAME`` joins the
+        recording set first (with the writes in flight), then ``name`` leaves
+        it and is marked as being scanned, and only then are its bits
+        cleared.
+        """
+        if bitmap.consistent:
+            raise errors.Conflict(
+                "consistent",
+                f"bitmap {name!r} is consistent: nothing to rebuild "
+                "(a scan into a new bitmap compares against another backup)",
+            )
+        if not bitmap.header.backup:
+            raise errors.Conflict(
+                "no-backup",
+                f"bitmap {name!r} does not know the backup it counts changes from; "
+                "scan into a new bitmap against the backup you have "
+                "(dirtydiff scan --backup URI --bitmap NEW)",
+            )
+        writes_name = SCAN_WRITES_PREFIX + name
+        if writes_name in self.bitmaps:  # left by a crash at the end of a scan
+            self._remove(writes_name)
+        if self.recording:
+            self._create(writes_name, bitmap.granularity)
+        with self._lock:
+            bitmap.header.flags &= ~(Flag.ENABLED | Flag.IN_USE)
+            self._mark_scanning(bitmap)
+            self._switch()
+            self._clear_bits(bitmap)
 
     @staticmethod
     def _mark_scanning(bitmap: BitmapFile) -> None:
@@ -501,13 +583,27 @@ class BitmapStore:
         return self._describe(name)
 
     def scan_abort(self, name: str) -> None:
-        """Forget a scan: remove ``name`` (only if a scan was filling it)."""
+        """Forget a scan: remove ``name`` (only if a scan was filling it).
+
+        ``@open`` stays, inconsistent: the checkpoint interval must go on
+        recording (the next checkpoint starts a consistent one).
+        """
         bitmap = self._get(name)
         if bitmap.header.reason is not Reason.SCAN_IN_PROGRESS:
             raise errors.Conflict("not-scanning", f"bitmap {name!r} is not being filled by a scan")
-        for victim in (SCAN_WRITES_PREFIX + name, name):
-            if victim in self.bitmaps:
-                self._remove(victim)
+        if SCAN_WRITES_PREFIX + name in self.bitmaps:
+            self._remove(SCAN_WRITES_PREFIX + name)
+        if name != OPEN_CHECKPOINT:
+            self._remove(name)
+            return
+        bitmap.header.reason = Reason.SCAN_ABORTED
+        bitmap.header.flags |= Flag.ENABLED
+        if self.recording:
+            bitmap.begin_recording()
+        else:
+            bitmap.write_header()
+        with self._lock:
+            self._switch()
 
     def _finish(self, bitmap: BitmapFile) -> None:
         """A bitmap left the recording set: make it durable and not IN_USE."""

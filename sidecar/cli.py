@@ -30,10 +30,10 @@ from typing import Any, NoReturn
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, inconsistency
 from dirtydiff.state import StateDir
-from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
+from dirtydiff.store import DRAIN_TIMEOUT
 from sidecar.nbdclient import context_extents
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
-from sidecar.scanjob import ScanOptions, abort_scan, run_scan
+from sidecar.scanjob import ScanOptions, abort_scan, rebuild_backup, run_scan
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -43,26 +43,13 @@ PLUGIN = Path(__file__).resolve().parent.parent / "nbd_plugins" / "tracker.py"
 
 
 def run_request(state_dir: str, op: str, **args: object) -> Any:
-    """Run one control request, through the tracker if it runs."""
+    """Run one control request: through the sidecar's API when a sidecar
+    runs, else through the tracker, else on the files (``control.run``)."""
     state = StateDir(state_dir)
-    lock = state.try_lock()
-    if lock is None:
-        return control.call(state.socket_path, op, **args)
-    try:
-        size = state.disk_size()
-        if size is None:
-            raise errors.NotFound(
-                "never-tracked",
-                f"state directory {state.path} has never been tracked; run `dirtydiff track` "
-                "on the disk once to create it",
-            )
-        store = BitmapStore(state, size, recording=False)
-        try:
-            return control.result_of(control.dispatch(store, control.request(op, **args)))
-        finally:
-            store.close()
-    finally:
-        lock.release()
+    sidecar = state.sidecar_socket_path
+    if _answers(sidecar):
+        return control.call(sidecar, op, **args)
+    return control.run(state, op, **args)
 
 
 # -- output -------------------------------------------------------------
@@ -174,6 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             export_name=args.export_name,
             bitmaps=args.bitmap,
             metrics=args.metrics,
+            control_group=args.control_group,
+            auto_rebuild=args.auto_rebuild,
         )
     )
     return 0
@@ -197,9 +186,13 @@ def _progress_printer(enabled: bool) -> Callable[[Progress], None]:
 
 
 def _answers(path: Path) -> bool:
+    """A server listens on ``path``; one we may not reach (permissions) is
+    reported by the call itself, as a clear error."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
+            return True
+        except PermissionError:
             return True
         except OSError:
             return False
@@ -209,13 +202,27 @@ def _scan_in_sidecar(
     sidecar: Path, options: ScanOptions, args: argparse.Namespace, interactive: bool
 ) -> int:
     """The sidecar runs the scan; return at once, or follow it with --wait."""
-    job = control.call(sidecar, "scan.start", **dataclasses.asdict(options))
+    fields = dataclasses.asdict(options)
+    if not options.disk:
+        del fields["disk"]  # the sidecar's own disk
+    job = control.call(sidecar, "scan.start", **fields)
     if not args.wait:
         if args.json:
             _emit(job, True, print)
         else:
             print(f"scan of {options.name} started in the sidecar; follow it with --wait")
         return 0
+    return _follow(sidecar, job, options, args, interactive)
+
+
+def _follow(
+    sidecar: Path,
+    job: dict[str, Any],
+    options: ScanOptions,
+    args: argparse.Namespace,
+    interactive: bool,
+) -> int:
+    """Show a sidecar's scan job until it ends."""
     show = _progress_printer(interactive)
     while job["state"] == "running":
         time.sleep(0.5)  # polling the sidecar's job for the progress display
@@ -242,16 +249,33 @@ def _scan_in_sidecar(
     return 0
 
 
+def _scan_summary(r: dict[str, Any]) -> str:
+    p, b = r["progress"], r["bitmap"]
+    return (
+        f"{_human(p['compared'])} compared in {p['elapsed']:.1f}s "
+        f"({_human(int(p['rate']))}/s), read {_human(p['read_disk'])} of the disk and "
+        f"{_human(p['read_backup'])} of the backup; {p['differing_granules']} granules "
+        f"differ; {b['name']} is consistent and recording ({_human(b['dirty_bytes'])} dirty)"
+    )
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
     if args.abort:
-        abort_scan(state, args.bitmap)
-        print(f"scan of {args.bitmap} aborted; the bitmap is removed")
+        if _answers(state.sidecar_socket_path):  # it stops its job first
+            control.call(state.sidecar_socket_path, "scan.abort", name=args.bitmap)
+        else:
+            abort_scan(state, args.bitmap)
+        print(f"scan of {args.bitmap} aborted")
         return 0
-    if not args.cancel and (args.disk is None or args.backup is None):
-        raise errors.BadRequest("usage", "--disk and --backup are required")
+    sidecar = state.sidecar_socket_path
+    in_sidecar = _answers(sidecar)
+    if not args.cancel and (args.backup is None or (args.disk is None and not in_sidecar)):
+        raise errors.BadRequest(
+            "usage", "--backup is required, and --disk too when no sidecar runs"
+        )
     options = ScanOptions(
-        disk=args.disk,
+        disk=args.disk or "",
         backup=args.backup,
         name=args.bitmap,
         granularity=args.granularity,
@@ -260,27 +284,49 @@ def cmd_scan(args: argparse.Namespace) -> int:
         in_flight=args.in_flight,
     )
     interactive = sys.stderr.isatty() and not args.json
-    sidecar = state.path / "sidecar.sock"
     if args.cancel:
         job = control.call(sidecar, "scan.cancel", name=args.bitmap)
         print(f"scan of {args.bitmap}: {job['state']}, cancel requested")
         return 0
-    if _answers(sidecar):
+    if in_sidecar:
         return _scan_in_sidecar(sidecar, options, args, interactive)
     result = run_scan(state, options, on_progress=_progress_printer(interactive))
     if interactive:
         sys.stderr.write("\n")
+    _emit(result, args.json, lambda r: print(f"scan of {args.bitmap}: {_scan_summary(r)}"))
+    return 0
 
-    def human(r: dict[str, Any]) -> None:
-        p, b = r["progress"], r["bitmap"]
-        print(
-            f"scan of {b['name']}: {_human(p['compared'])} compared in {p['elapsed']:.1f}s "
-            f"({_human(int(p['rate']))}/s), read {_human(p['read_disk'])} of the disk and "
-            f"{_human(p['read_backup'])} of the backup; {p['differing_granules']} granules "
-            f"differ; {b['name']} is consistent and recording ({_human(b['dirty_bytes'])} dirty)"
-        )
 
-    _emit(result, args.json, human)
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Refill an inconsistent bitmap by a diff scan against its backup."""
+    state = StateDir(args.state)
+    sidecar = state.sidecar_socket_path
+    info = run_request(args.state, "bitmap.info", name=args.name)
+    backup = rebuild_backup(info, args.backup)
+    options = ScanOptions(
+        disk=args.disk or "",
+        backup=backup,
+        name=args.name,
+        granularity=info["granularity"],
+        max_rate=args.max_rate,
+        rebuild=True,
+    )
+    interactive = sys.stderr.isatty() and not args.json
+    if _answers(sidecar):
+        fields = dataclasses.asdict(options)
+        if not args.disk:
+            del fields["disk"]  # the sidecar's own disk
+        job = control.call(sidecar, "rebuild", **fields)
+        if not args.wait:
+            _emit(job, args.json, lambda j: print(f"rebuild of {args.name} started in the sidecar"))
+            return 0
+        return _follow(sidecar, job, options, args, interactive)
+    if not args.disk:
+        raise errors.BadRequest("usage", "no sidecar runs: give --disk (the tracker's URI or file)")
+    result = run_scan(state, options, on_progress=_progress_printer(interactive))
+    if interactive:
+        sys.stderr.write("\n")
+    _emit(result, args.json, lambda r: print(f"{args.name} rebuilt: {_scan_summary(r)}"))
     return 0
 
 
@@ -318,6 +364,7 @@ def cmd_bitmap_add(args: argparse.Namespace) -> int:
         name=args.name,
         granularity=args.granularity,
         enabled=not args.disabled,
+        backup=args.backup or "",
     )
     _emit(info, args.json, _info_line)
     return 0
@@ -374,7 +421,13 @@ def cmd_bitmap_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    result = run_request(args.state, "checkpoint", name=args.name, timeout=float(args.timeout))
+    result = run_request(
+        args.state,
+        "checkpoint",
+        name=args.name,
+        timeout=float(args.timeout),
+        backup=args.backup or "",
+    )
 
     def human(r: dict[str, Any]) -> None:
         print(f"checkpoint {r['name']}: {_human(r['dirty_bytes'])} changed since the previous one")
@@ -420,8 +473,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         bad = [b["name"] for b in s["bitmaps"] if not b["consistent"]]
         if bad:
             print(
-                f"\n{len(bad)} bitmap(s) inconsistent: {', '.join(bad)} — they may miss changes; "
-                "rebuild them with a scan against their backup, or remove them"
+                f"\n{len(bad)} bitmap(s) inconsistent: {', '.join(bad)} — they may miss changes "
+                "and are not exported; `dirtydiff rebuild NAME` refills one by a diff scan "
+                "against the backup it names, or remove them"
             )
 
     _emit(status, args.json, human)
@@ -510,7 +564,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="export only these bitmaps (repeat); default: every consistent one",
     )
+    p.add_argument(
+        "--control-group",
+        metavar="GROUP",
+        help="let GROUP use the control socket STATE/sidecar.sock (default: owner only, 0600)",
+    )
+    p.add_argument(
+        "--auto-rebuild",
+        action="store_true",
+        help="at start, rebuild every inconsistent bitmap that names its backup "
+        "(unfinished scans always resume)",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "rebuild", help="refill an inconsistent bitmap by a diff scan against its backup"
+    )
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("name")
+    p.add_argument(
+        "--disk", metavar="FILE|URI", help="the disk (default: the running sidecar's disk)"
+    )
+    p.add_argument(
+        "--backup", metavar="URI", help="the backup to compare with (default: the one recorded)"
+    )
+    p.add_argument("--max-rate", type=float, metavar="BYTES/S", help="cap on bytes read per second")
+    p.add_argument("--wait", action="store_true", help="follow the sidecar's rebuild to its end")
+    p.set_defaults(func=cmd_rebuild)
 
     bitmap = sub.add_parser(
         "bitmap", help="add, remove, clear, enable, disable, merge, list, show bitmaps"
@@ -523,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY)
     p.add_argument("--disabled", action="store_true", help="create it not recording")
+    p.add_argument(
+        "--backup", metavar="URI", help="the backup it counts changes from (for rebuild)"
+    )
     p.set_defaults(func=cmd_bitmap_add)
 
     for action, op, text in (
@@ -573,6 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
     json_arg(p)
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=DRAIN_TIMEOUT, help="drain timeout, seconds")
+    p.add_argument(
+        "--backup",
+        metavar="URI",
+        help="where the backup taken at this checkpoint lives: the next interval counts "
+        "changes from it, and `dirtydiff rebuild @open` scans against it after a crash",
+    )
     p.set_defaults(func=cmd_checkpoint)
 
     p = sub.add_parser("status", help="tracker state and bitmaps")

@@ -37,11 +37,13 @@ class Job:
     progress: Progress | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
+    stopped: threading.Event = field(default_factory=threading.Event)  # set once it ended
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "bitmap": self.options.name,
             "backup": self.options.backup,
+            "rebuild": self.options.rebuild,
             "state": self.state,
             "error": self.error,
             "progress": self.progress.as_dict() if self.progress else None,
@@ -84,6 +86,7 @@ class ScanJobs:
             job.state, job.error = "failed", str(e)
         finally:
             job.finished = time.monotonic()
+            job.stopped.set()
 
     def get(self, name: str) -> Job:
         try:

@@ -28,7 +28,7 @@ from typing import Any
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, current_boot_id
-from dirtydiff.state import StateDir, check_name
+from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
 from dirtydiff.store import BitmapStore
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress, Scan, file_mtime, open_side
 
@@ -42,6 +42,8 @@ class ScanOptions:
     max_rate: float | None = None
     chunk: int = DEFAULT_CHUNK
     in_flight: int = DEFAULT_IN_FLIGHT
+    # NAME exists, inconsistent: refill it against the backup it refers to.
+    rebuild: bool = False
 
 
 class ScanRecord:
@@ -77,6 +79,16 @@ class ScanRecord:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    @classmethod
+    def unfinished(cls, state: StateDir) -> list[tuple[str, dict[str, Any]]]:
+        """Every scan record left in the state directory: (bitmap, record)."""
+        found = []
+        for path in sorted((state.path / "scans").glob("*.json")):
+            record = cls(state, path.stem).load()
+            if record is not None:
+                found.append((path.stem, record))
+        return found
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -117,7 +129,8 @@ def run_scan(
     on_progress: Callable[[Progress], None] = lambda p: None,
     cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
-    check_name(options.name)
+    if not (options.rebuild and options.name == OPEN_CHECKPOINT):  # @open can be rebuilt
+        check_name(options.name)
     record = ScanRecord(state, options.name)
     with record.exclusive():
         lock = state.try_lock()
@@ -176,10 +189,17 @@ def _run(
             name=options.name,
             granularity=options.granularity,
             restart=previous is None or not same_boot,
+            backup=options.backup,
+            rebuild=options.rebuild,
         )
         start = int(previous["position"]) if previous is not None and begun["resume"] else 0
         mtime = file_mtime(options.disk) if lock is not None and "://" not in options.disk else None
-        base = {"backup": options.backup, "disk": options.disk, "granularity": begun["granularity"]}
+        base = {
+            "backup": options.backup,
+            "disk": options.disk,
+            "granularity": begun["granularity"],
+            "rebuild": options.rebuild,
+        }
         record.save({**base, "position": start})
 
         def on_marks(ranges: list[tuple[int, int]]) -> None:
@@ -217,6 +237,26 @@ def _run(
             store.close()
         disk.close()
         backup.close()
+
+
+def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
+    """The backup a rebuild of the bitmap ``info`` describes compares with,
+    checked before any connection is made."""
+    name = info["name"]
+    if info["consistent"]:
+        raise errors.Conflict(
+            "consistent",
+            f"bitmap {name!r} is consistent: nothing to rebuild "
+            "(a scan into a new bitmap compares against another backup)",
+        )
+    backup = backup or info["backup"]
+    if not backup:
+        raise errors.Conflict(
+            "no-backup",
+            f"bitmap {name!r} does not know the backup it counts changes from "
+            "(checkpoint --backup and bitmap add --backup record it); give --backup URI",
+        )
+    return str(backup)
 
 
 def abort_scan(state: StateDir, name: str) -> None:

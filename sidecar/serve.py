@@ -1,10 +1,11 @@
 """``dirtydiff serve``: the sidecar. Runs the NBD export, the sidecar's
-control socket (``STATE/sidecar.sock``: scans as background jobs) and,
+control socket (``STATE/sidecar.sock``, see ``sidecar.api``) and,
 with ``--metrics``, Prometheus ``/metrics``, until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import signal
@@ -18,9 +19,9 @@ from prometheus_client.registry import CollectorRegistry
 from dirtydiff import control, errors, sdnotify
 from dirtydiff.state import StateDir
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
+from sidecar.api import SidecarApi, start_in_background
 from sidecar.jobs import ScanJobs, ScanMetrics
 from sidecar.nbd_server import Export, NbdServer
-from sidecar.scanjob import ScanOptions
 
 log = logging.getLogger(__name__)
 
@@ -35,57 +36,44 @@ def open_disk(disk: str) -> Backend:
         raise errors.Unavailable("disk-unavailable", f"disk {disk}: {e.strerror or e}") from None
 
 
-def sidecar_socket(state: StateDir) -> Path:
-    return state.path / "sidecar.sock"
-
-
-def _handle(jobs: ScanJobs, message: control.Message) -> control.Message:
-    """One request to the sidecar's control socket."""
-    try:
-        if message.get("version") != control.API_VERSION:
-            raise errors.BadRequest("bad-version", "unsupported control API version")
-        op, args = message.get("op"), message.get("args") or {}
-        if not isinstance(args, dict):
-            raise errors.BadRequest("bad-request", "'args' must be a map")
-        if op == "ping":
-            return control.reply_ok({"api": control.API_VERSION})
-        if op == "scan.start":
-            fields = {k: args[k] for k in ScanOptions.__dataclass_fields__ if k in args}
-            for key, kind in (("disk", str), ("backup", str), ("name", str)):
-                if not isinstance(fields.get(key), kind):
-                    raise errors.BadRequest(
-                        "bad-request", f"argument {key!r} must be {kind.__name__}"
-                    )
-            return control.reply_ok(jobs.start(ScanOptions(**fields)).as_dict())
-        if op == "scan.status":
-            return control.reply_ok(jobs.get(str(args.get("name"))).as_dict())
-        if op == "scan.cancel":
-            return control.reply_ok(jobs.cancel(str(args.get("name"))).as_dict())
-        raise errors.BadRequest("unknown-op", f"unknown operation {op!r}")
-    except errors.DirtydiffError as e:
-        return control.reply_error(e)
-    except (TypeError, ValueError) as e:
-        return control.reply_error(errors.BadRequest("bad-request", str(e)))
-
-
 async def _control_client(
-    jobs: ScanJobs, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    api: SidecarApi, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    """One client of STATE/sidecar.sock: requests in order, each in a thread
+    (a checkpoint drains; a request may wait on the tracker), so the export
+    never waits on them."""
     try:
         while True:
             try:
                 prefix = await reader.readexactly(4)
                 message = control.decode(await reader.readexactly(control.frame_length(prefix)))
-                reply = _handle(jobs, message)
             except errors.ProtocolError as e:
                 writer.write(control.encode(control.reply_error(e)))
                 break
+            try:
+                reply = await asyncio.to_thread(api.handle, message)
+            except Exception as e:  # a bug must not take the sidecar down
+                log.exception("control request failed")
+                reply = control.reply_error(errors.DirtydiffError("internal", str(e)))
             writer.write(control.encode(reply))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass  # the client went away
     finally:
         writer.close()
+
+
+def control_socket_mode(group: str | None) -> tuple[int, int]:
+    """(mode, gid) of the control socket: the owner's only, or also a group's
+    (operators or a backup tool's service user; the state directory must let
+    that group in too)."""
+    if group is None:
+        return 0o600, -1
+    try:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise errors.NotFound("unknown-group", f"no group named {group!r}") from None
+    return 0o660, gid
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -104,8 +92,11 @@ async def serve(
     export_name: str = "",
     bitmaps: list[str] | None = None,
     metrics: str | None = None,
+    control_group: str | None = None,
+    auto_rebuild: bool = False,
     ready: asyncio.Event | None = None,
 ) -> None:
+    mode, gid = control_socket_mode(control_group)  # a bad group fails before anything starts
     backend = open_disk(disk)
     size = state.disk_size()
     if size is not None and size != backend.size:
@@ -123,15 +114,19 @@ async def serve(
     server = NbdServer([export])
     await server.listen_unix(socket_path)
     jobs = ScanJobs(state)
-    control_path = sidecar_socket(state)
+    api = SidecarApi(state, disk, jobs)
+    control_path = state.sidecar_socket_path
     control_path.unlink(missing_ok=True)
-    old_umask = os.umask(0o077)  # the control socket is the owner's only
+    old_umask = os.umask(0o077)  # no moment at which others may connect
     try:
         control_server = await asyncio.start_unix_server(
-            lambda r, w: _control_client(jobs, r, w), path=str(control_path)
+            lambda r, w: _control_client(api, r, w), path=str(control_path)
         )
     finally:
         os.umask(old_umask)
+    os.chown(control_path, -1, gid)
+    os.chmod(control_path, mode)
+    start_in_background(api, rebuild_inconsistent=auto_rebuild)
     http: Any = None
     if metrics is not None:
         host, port = parse_hostport(metrics)

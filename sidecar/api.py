@@ -1,0 +1,168 @@
+"""The sidecar's control API: ``STATE/sidecar.sock``, msgpack as everywhere
+(``dirtydiff.control``: a length prefix, version 1, structured errors).
+
+It is the one place a backup tool or the CLI needs to talk to while the
+sidecar runs:
+
+- bitmap lifecycle and checkpoints (``bitmap.*``, ``checkpoint``,
+  ``status``): run where they can run (``control.run``): by the tracker while
+  it serves the VM, so they take effect between two writes with the drain
+  semantics of its store, or on the files under the state lock when no
+  tracker runs;
+- diff scans as background jobs (``scan.start``, ``scan.status``,
+  ``scan.list``, ``scan.cancel``, ``scan.abort``) and ``rebuild NAME``: a
+  scan of an inconsistent bitmap against the backup it refers to.
+
+The scan's internal steps (``scan.begin``, ``scan.complete``) are not offered:
+a client driving them could make a half-built bitmap look complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from dirtydiff import control, errors
+from dirtydiff.bitmapfile import Reason
+from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
+from sidecar.jobs import Job, ScanJobs
+from sidecar.scanjob import ScanOptions, ScanRecord, abort_scan, rebuild_backup
+
+log = logging.getLogger(__name__)
+
+# Store requests routed to the tracker (or the files).
+ROUTED = frozenset({
+    "ping", "status", "bitmap.list", "bitmap.info", "bitmap.add", "bitmap.remove",
+    "bitmap.clear", "bitmap.enable", "bitmap.disable", "bitmap.mark", "bitmap.merge",
+    "checkpoint",
+})  # fmt: skip
+OWN = frozenset({"scan.start", "scan.status", "scan.list", "scan.cancel", "scan.abort", "rebuild"})
+OPS = ROUTED | OWN
+
+# How long scan.abort waits for a running job to save its place and stop.
+STOP_TIMEOUT = 30.0
+
+
+class SidecarApi:
+    def __init__(self, state: StateDir, disk: str, jobs: ScanJobs) -> None:
+        self.state = state
+        self.disk = disk  # what scans read unless told otherwise: the export's disk
+        self.jobs = jobs
+
+    def handle(self, message: control.Message) -> control.Message:
+        """One request; every failure is a structured error reply."""
+        try:
+            op, args = control.parse_request(message, OPS)
+            if op in ROUTED:
+                return control.reply_ok(control.run(self.state, op, **args))
+            return control.reply_ok(getattr(self, "_" + op.replace(".", "_"))(args))
+        except errors.DirtydiffError as e:
+            return control.reply_error(e)
+        except (TypeError, ValueError) as e:  # argument names or types
+            return control.reply_error(errors.BadRequest("bad-request", str(e)))
+
+    # -- scans ------------------------------------------------------------
+
+    def _options(self, args: dict[str, Any], **fixed: Any) -> ScanOptions:
+        fields = {k: args[k] for k in ScanOptions.__dataclass_fields__ if k in args}
+        fields.update(fixed)
+        fields.setdefault("disk", self.disk)
+        for key in ("disk", "backup", "name"):
+            if not isinstance(fields.get(key), str):
+                raise errors.BadRequest("bad-request", f"argument {key!r} must be str")
+        for key in ("granularity", "chunk", "in_flight"):
+            value = fields.get(key)
+            if value is not None and (type(value) is not int or value <= 0):
+                raise errors.BadRequest("bad-request", f"argument {key!r} must be a positive int")
+        rate = fields.get("max_rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
+            raise errors.BadRequest("bad-request", "argument 'max_rate' must be a number")
+        if not isinstance(fields.get("rebuild", False), bool):
+            raise errors.BadRequest("bad-request", "argument 'rebuild' must be bool")
+        return ScanOptions(**fields)
+
+    def _scan_start(self, args: dict[str, Any]) -> object:
+        return self.jobs.start(self._options(args)).as_dict()
+
+    def _rebuild(self, args: dict[str, Any]) -> object:
+        """Rebuild inconsistent NAME against the backup it refers to."""
+        name = control.arg(args, "name", str)
+        info = control.run(self.state, "bitmap.info", name=name)
+        backup = rebuild_backup(info, args.get("backup"))
+        options = self._options(
+            {**args, "backup": backup}, rebuild=True, granularity=info["granularity"]
+        )
+        return self.jobs.start(options).as_dict()
+
+    def _scan_status(self, args: dict[str, Any]) -> object:
+        return self.jobs.get(control.arg(args, "name", str)).as_dict()
+
+    def _scan_list(self, args: dict[str, Any]) -> object:
+        return [job.as_dict() for job in list(self.jobs.jobs.values())]
+
+    def _scan_cancel(self, args: dict[str, Any]) -> object:
+        return self.jobs.cancel(control.arg(args, "name", str)).as_dict()
+
+    def _scan_abort(self, args: dict[str, Any]) -> object:
+        name = control.arg(args, "name", str)
+        job = self.jobs.jobs.get(name)
+        if job is not None and job.state == "running":
+            job.cancel.set()
+            if not job.stopped.wait(STOP_TIMEOUT):
+                raise errors.Unavailable("busy", f"the scan of {name!r} did not stop in time")
+        abort_scan(self.state, name)
+        return None
+
+    def resume_interrupted(self, *, rebuild_inconsistent: bool) -> list[Job]:
+        """At start: go on with every scan a previous run left unfinished
+        (STATE/scans/NAME.json names its disk and backup) and, if asked,
+        rebuild every inconsistent bitmap that knows its backup."""
+        started: list[Job] = []
+        scanning = Reason.SCAN_IN_PROGRESS.describe()
+        for name, record in ScanRecord.unfinished(self.state):
+            try:
+                if control.run(self.state, "bitmap.info", name=name)["reason"] != scanning:
+                    continue  # removed, or finished, since: nothing to go on with
+                options = ScanOptions(
+                    disk=str(record["disk"]),
+                    backup=str(record["backup"]),
+                    name=name,
+                    granularity=int(record["granularity"]),
+                    rebuild=bool(record.get("rebuild", False)),
+                )
+                started.append(self.jobs.start(options))
+            except (KeyError, ValueError, TypeError, errors.DirtydiffError) as e:
+                log.warning("unfinished scan of %s not resumed: %s", name, e)
+        if not rebuild_inconsistent:
+            return started
+        for info in control.run(self.state, "bitmap.list"):
+            name = info["name"]
+            if info["consistent"] or info["reason"] == scanning:
+                continue  # a scan being filled is resumed from its record, or not at all
+            if name.startswith(SCAN_WRITES_PREFIX):
+                continue
+            if not info["backup"]:
+                log.warning("bitmap %s is inconsistent and names no backup: not rebuilt", name)
+                continue
+            try:
+                started.append(self.jobs.start(self._options(
+                    {"name": name, "backup": info["backup"]},
+                    rebuild=True, granularity=info["granularity"],
+                )))  # fmt: skip
+            except errors.DirtydiffError as e:
+                log.warning("bitmap %s not rebuilt: %s", name, e.message)
+        return started
+
+
+def start_in_background(api: SidecarApi, *, rebuild_inconsistent: bool) -> None:
+    """Resume and rebuild without delaying the export's start (listing the
+    bitmaps may wait on the tracker)."""
+
+    def run() -> None:
+        try:
+            api.resume_interrupted(rebuild_inconsistent=rebuild_inconsistent)
+        except errors.DirtydiffError as e:
+            log.warning("scans not resumed: %s", e.message)
+
+    threading.Thread(target=run, name="resume-scans", daemon=True).start()
