@@ -705,3 +705,93 @@ def test_a_bitmap_a_scan_is_filling_cannot_be_made_to_look_complete(store: Bitma
     assert not info.consistent and not info.enabled
     store.remove("half")  # removing it forgets its scan too
     assert "half" not in store.bitmaps and "@scan:half" not in store.bitmaps
+
+
+def headers_written(monkeypatch: pytest.MonkeyPatch, name: str) -> list[Reason]:
+    """Every header written for bitmap ``name`` from now on, as the
+    inconsistency a reader of the file would see right after that write."""
+    seen: list[Reason] = []
+    original = BitmapFile.write_header
+
+    def spy(self: BitmapFile, *, durable: bool = True) -> None:
+        original(self, durable=durable)
+        if self.path.name == f"{name}.bitmap":
+            seen.append(inconsistency(self.header))
+
+    monkeypatch.setattr(BitmapFile, "write_header", spy)
+    return seen
+
+
+def test_restarting_a_scan_never_writes_a_consistent_header_over_cleared_bits(
+    store: BitmapStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted scan clears what the interrupted one found; a kill between
+    a header saying "consistent" and the next one would leave an empty
+    bitmap that every backup trusts."""
+    store.scan_begin("s", G)
+    store.mark_ranges("s", [(0, G)])
+    seen = headers_written(monkeypatch, "s")
+    assert store.scan_begin("s", G, restart=True) == {"resume": False, "granularity": G}
+    assert Reason.NONE not in seen
+    assert dirty(store, "s") == set()
+    assert not store.info("s").consistent
+
+
+def test_rebuild_turns_an_inconsistent_bitmap_into_a_scan_and_keeps_writes(
+    state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a host crash: the bitmap's backup reference survives, the
+    rebuild records writes from before it clears the bits, and at no moment
+    does the file say consistent until the scan completes."""
+    first = BitmapStore(state, DISK, recording=True, granularity=G)
+    first.checkpoint("full", backup="nbd://backup/full")
+    write(first, 0, G)
+    first.close(clean=False)  # the tracker dies with @open recording...
+    monkeypatch.setenv(BOOT_ID_ENV, "00000000-0000-0000-0000-00000000000b")  # ...and the host
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert not store.info(OPEN_CHECKPOINT).consistent
+        assert store.info(OPEN_CHECKPOINT).backup == "nbd://backup/full"
+        with pytest.raises(errors.Conflict, match="nothing to rebuild"):
+            store.scan_begin("full", G, rebuild=True)  # consistent: nothing to rebuild
+        seen = headers_written(monkeypatch, OPEN_CHECKPOINT)
+        gen, token = store.begin_write(5 * G, 1)  # in flight across the start
+        store.scan_begin(OPEN_CHECKPOINT, G, rebuild=True)
+        store.end_write(gen, token)
+        write(store, 9 * G, 1)
+        assert Reason.NONE not in seen
+        assert dirty(store, OPEN_CHECKPOINT) == set()  # the old bits went
+        with pytest.raises(errors.Conflict):
+            store.checkpoint("during")  # half a rebuild is not an interval
+        store.mark_ranges(OPEN_CHECKPOINT, [(2 * G, 1)])  # what the scan found
+        info = store.scan_complete(OPEN_CHECKPOINT)
+        assert info.consistent and info.recording
+        assert dirty(store, OPEN_CHECKPOINT) == {2, 5, 9}
+        assert store.info(OPEN_CHECKPOINT).backup == "nbd://backup/full"
+        result = store.checkpoint("next", backup="nbd://backup/next")
+        assert result.dirty_bytes == 3 * G
+        assert store.info("next").backup == "nbd://backup/full"
+        assert store.info(OPEN_CHECKPOINT).backup == "nbd://backup/next"
+    finally:
+        store.close()
+
+
+def test_aborting_a_rebuild_of_the_open_interval_keeps_it_recording(
+    state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = BitmapStore(state, DISK, recording=True, granularity=G)
+    first.checkpoint("full", backup="nbd://backup/full")
+    first.close(clean=False)
+    monkeypatch.setenv(BOOT_ID_ENV, "00000000-0000-0000-0000-00000000000c")
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        store.scan_begin(OPEN_CHECKPOINT, G, rebuild=True)
+        store.scan_abort(OPEN_CHECKPOINT)
+        info = store.info(OPEN_CHECKPOINT)
+        assert info.recording and not info.consistent
+        assert "aborted" in info.reason
+        write(store, 3 * G, 1)
+        assert 3 in dirty(store, OPEN_CHECKPOINT)
+        assert store.checkpoint("after").dirty_bytes >= G  # and checkpoints go on
+    finally:
+        store.close()
