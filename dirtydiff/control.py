@@ -217,10 +217,19 @@ def parse_request(
     return op, args
 
 
-def dispatch(store: BitmapStore, message: Message) -> Message:
+# A request some process serves besides the store's (the tracker's stats).
+Extra = Callable[[dict[str, Any]], object]
+
+
+def dispatch(
+    store: BitmapStore, message: Message, extra: dict[str, Extra] | None = None
+) -> Message:
     """Run one request; every DirtydiffError becomes an error reply."""
+    extra = extra or {}
     try:
-        op, args = parse_request(message)
+        op, args = parse_request(message, HANDLERS.keys() | extra.keys())
+        if op in extra:
+            return reply_ok(extra[op](args))
         return reply_ok(HANDLERS[op](store, args))
     except errors.DirtydiffError as e:
         return reply_error(e)
@@ -260,8 +269,14 @@ def request(op: str, **args: object) -> Message:
 
 def call(socket_path: Path, op: str, **args: object) -> Any:
     """Send one request; return its result or raise the error it carries."""
-    drain = args.get("timeout")
-    wait = CALL_TIMEOUT + (drain if isinstance(drain, int | float) else 0)
+    drain = args.get("timeout")  # wait long enough for any drain it asks for
+    return call_within(
+        socket_path, CALL_TIMEOUT + (drain if isinstance(drain, int | float) else 0), op, **args
+    )
+
+
+def call_within(socket_path: Path, wait: float, op: str, **args: object) -> Any:
+    """``call``, waiting at most ``wait`` seconds for the reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(wait)
         try:

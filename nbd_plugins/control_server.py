@@ -22,9 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class ControlServer:
-    def __init__(self, path: Path, store: BitmapStore, *, mode: int = 0o600) -> None:
+    def __init__(
+        self,
+        path: Path,
+        store: BitmapStore,
+        *,
+        mode: int = 0o600,
+        extra: dict[str, control.Extra] | None = None,
+    ) -> None:
         self.path = path
         self.store = store
+        self.extra = extra or {}  # requests of the tracker's own (stats)
         self._ops = threading.Lock()
         self._stopping = False
         path.unlink(missing_ok=True)  # a socket left by a killed tracker; we hold the lock
@@ -65,7 +73,7 @@ class ControlServer:
                     return
                 with self._ops:
                     try:
-                        reply = control.dispatch(self.store, message)
+                        reply = control.dispatch(self.store, message, self.extra)
                     except Exception as e:  # a bug must not kill the tracker
                         log.exception("control request failed")
                         reply = control.reply_error(errors.DirtydiffError("internal", str(e)))

@@ -27,7 +27,7 @@ import nbdkit
 from dirtydiff.errors import DirtydiffError
 from nbd_plugins import threadstate
 from nbd_plugins.backends import Connection, Extent
-from nbd_plugins.tracking import Tracker, TrackerConfig, configure_logging
+from nbd_plugins.tracking import STATS, Tracker, TrackerConfig, configure_logging
 
 API_VERSION = 2
 
@@ -100,13 +100,18 @@ def cleanup() -> None:
 
 
 def _errno(callback: Callable[P, R]) -> Callable[P, R]:
-    """Report an OSError's errno to the client (EIO if it has none)."""
+    """Count the request, and report an OSError's errno to the client (EIO
+    if it has none)."""
+    kind = callback.__name__
+    requests, failures = STATS.requests, STATS.errors
 
     @functools.wraps(callback)  # nbdkit finds callbacks by their names
     def reporting(*args: P.args, **kwargs: P.kwargs) -> R:
+        requests[kind] = requests.get(kind, 0) + 1
         try:
             return callback(*args, **kwargs)
         except OSError as e:
+            failures[kind] = failures.get(kind, 0) + 1
             nbdkit.set_error(e.errno or errno.EIO)
             raise
 

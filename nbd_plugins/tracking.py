@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dirtydiff import errors, sdnotify
@@ -29,6 +29,29 @@ USAGE = "file=DISK|uri=NBD_URI state=DIR [granularity=BYTES] [readonly=true] [so
 
 class ConfigError(errors.DirtydiffError):
     code = "config"
+
+
+@dataclass
+class RequestStats:
+    """Requests the tracker served, for the sidecar's /metrics (the control
+    request ``stats``). Bumped without a lock: connections run in parallel
+    threads, and a rare lost increment in a monitoring counter costs less
+    than a lock on every request."""
+
+    requests: dict[str, int] = field(default_factory=dict)  # by callback
+    errors: dict[str, int] = field(default_factory=dict)  # by callback
+    marked_bytes: dict[str, int] = field(default_factory=dict)  # pwrite, zero, trim
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {
+            "requests": dict(self.requests),
+            "errors": dict(self.errors),
+            "marked_bytes": dict(self.marked_bytes),
+        }
+
+
+# One tracker per nbdkit process; the plugin's callbacks count into this.
+STATS = RequestStats()
 
 
 @dataclass
@@ -100,7 +123,10 @@ class Tracker:
                 self.state, self.size, recording=True, granularity=config.granularity
             )
             self.control = ControlServer(
-                self.state.socket_path, self.store, mode=config.socket_mode
+                self.state.socket_path,
+                self.store,
+                mode=config.socket_mode,
+                extra={"stats": lambda args: STATS.as_dict()},
             )
         except BaseException:
             self.close()
@@ -141,6 +167,8 @@ class Tracker:
         return self.backend.connect()
 
     def write(self, conn: Connection, buf: Any, offset: int, fua: bool) -> None:
+        marked = STATS.marked_bytes
+        marked["pwrite"] = marked.get("pwrite", 0) + len(buf)
         gen, token = self.store.begin_write(offset, len(buf))
         try:
             conn.pwrite(buf, offset, fua)
@@ -150,6 +178,8 @@ class Tracker:
     def zero(
         self, conn: Connection, count: int, offset: int, may_trim: bool, fast: bool, fua: bool
     ) -> None:
+        marked = STATS.marked_bytes
+        marked["zero"] = marked.get("zero", 0) + count
         gen, token = self.store.begin_write(offset, count)
         try:
             conn.zero(count, offset, may_trim, fast, fua)
@@ -157,6 +187,8 @@ class Tracker:
             self.store.end_write(gen, token)
 
     def trim(self, conn: Connection, count: int, offset: int, fua: bool) -> None:
+        marked = STATS.marked_bytes
+        marked["trim"] = marked.get("trim", 0) + count
         gen, token = self.store.begin_write(offset, count)
         try:
             conn.trim(count, offset, fua)

@@ -161,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             export_name=args.export_name,
             bitmaps=args.bitmap,
             metrics=args.metrics,
+            metrics_disk=args.metrics_disk,
             control_group=args.control_group,
             auto_rebuild=args.auto_rebuild,
         )
@@ -557,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-name", default="", help="export name (default: empty)")
     p.add_argument(
         "--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics (e.g. 127.0.0.1:9300)"
+    )
+    p.add_argument(
+        "--metrics-disk",
+        metavar="LABEL",
+        help="the disk label of every metric (default: the state directory's name)",
     )
     p.add_argument(
         "--bitmap",

@@ -1,4 +1,4 @@
-"""Scans as background jobs of a running sidecar, and their Prometheus metrics.
+"""Scans as background jobs of a running sidecar (metrics: sidecar.metrics).
 
 ``dirtydiff serve`` owns a ``ScanJobs``: ``dirtydiff scan`` asks it (over
 ``STATE/sidecar.sock``) to start a scan, which then runs in a thread of the
@@ -11,12 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from dirtydiff import errors
 from dirtydiff.state import StateDir
@@ -98,41 +94,3 @@ class ScanJobs:
         job = self.get(name)
         job.cancel.set()
         return job
-
-
-class ScanMetrics(Collector):
-    """``dirtydiff_scan_*`` gauges, read from the jobs at scrape time."""
-
-    def __init__(self, jobs: ScanJobs, disk: str) -> None:
-        self.jobs = jobs
-        self.disk = disk
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["disk", "bitmap"]
-
-        def family(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"dirtydiff_scan_{name}", doc, labels=labels + (extra or []))
-
-        ratio = family("progress_ratio", "Share of the disk compared, 0 to 1")
-        compared = family("bytes_compared", "Bytes of the disk compared so far")
-        total = family("bytes_total", "Bytes of the disk to compare")
-        read = family("bytes_read", "Bytes read, per side", ["side"])
-        differing = family("differing_granules", "Granules found different")
-        rate = family("rate_bytes_per_second", "Bytes compared per second")
-        duration = family("duration_seconds", "Time since the scan started")
-        state = family("state", "1 for the scan's current state", ["state"])
-        for name, job in list(self.jobs.jobs.items()):
-            key = [self.disk, name]
-            p = job.progress
-            if p is not None:
-                ratio.add_metric(key, 1.0 if job.state == "done" else p.ratio)
-                compared.add_metric(key, p.compared)
-                total.add_metric(key, p.total)
-                read.add_metric([*key, "disk"], p.read_disk)
-                read.add_metric([*key, "backup"], p.read_backup)
-                differing.add_metric(key, p.differing_granules)
-                rate.add_metric(key, p.rate)
-            duration.add_metric(key, (job.finished or time.monotonic()) - job.started)
-            for s in STATES:
-                state.add_metric([*key, s], 1.0 if job.state == s else 0.0)
-        yield from (ratio, compared, total, read, differing, rate, duration, state)

@@ -122,6 +122,27 @@ class Export:
         return found
 
 
+# Request counters are keyed by the spec's command names, lower case.
+_COMMAND_NAMES = {int(c): c.name.lower() for c in Cmd}
+
+
+@dataclass
+class ServerStats:
+    """What the export counts for /metrics: plain integers, bumped in the
+    event loop (one thread), read at scrape time."""
+
+    connections_total: int = 0
+    requests: dict[str, int] = field(default_factory=dict)  # by command
+    errors: dict[str, int] = field(default_factory=dict)  # by errno name, or "protocol"
+
+    def request(self, kind: int) -> None:
+        name = _COMMAND_NAMES.get(kind, "unknown")
+        self.requests[name] = self.requests.get(name, 0) + 1
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
 @dataclass
 class Context:
     """A meta context selected by SET_META_CONTEXT."""
@@ -565,6 +586,8 @@ class Connection:
             if await self._handshake():
                 await self._transmission()
         except (asyncio.IncompleteReadError, ConnectionError, proto.ProtocolError) as e:
+            if isinstance(e, proto.ProtocolError):
+                self.server.stats.error("protocol")
             log.info("client %s: connection ended: %s", self._peer(), e or type(e).__name__)
         finally:
             for task in list(self._tasks):
@@ -910,6 +933,7 @@ class Connection:
             self._end(proto.ProtocolError(f"bad request magic {magic:#x}"))
             return
         request = proto.Request(flags, kind, cookie, offset, length)
+        self.server.stats.request(kind)
         if request.type == Cmd.DISC:
             self._end(None)
             return
@@ -938,6 +962,7 @@ class Connection:
         self._release()
 
     def _error(self, request: proto.Request, errno: Errno, message: str) -> bytes:
+        self.server.stats.error(errno.name)
         if self.structured:
             return proto.error_chunk(request.cookie, errno, message)
         return proto.simple_reply(request.cookie, errno)
@@ -1227,11 +1252,13 @@ class NbdServer:
         self.exports = {e.name: e for e in exports}
         self.read_budget = ByteBudget(read_budget)
         self.connections: set[Connection] = set()
+        self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connection = Connection(self, reader, writer)
         self.connections.add(connection)
+        self.stats.connections_total += 1
         try:
             await connection.run()
         except Exception:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
-from prometheus_client.registry import CollectorRegistry
 
 from dirtydiff import control, errors, sdnotify
 from dirtydiff.state import StateDir
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
 from sidecar.api import SidecarApi, start_in_background
-from sidecar.jobs import ScanJobs, ScanMetrics
+from sidecar.jobs import ScanJobs
+from sidecar.metrics import registry
 from sidecar.nbd_server import Export, NbdServer
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ def control_socket_mode(group: str | None) -> tuple[int, int]:
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
+    """HOST:PORT, or a bare PORT on loopback."""
+    if text.isdigit():
+        return "127.0.0.1", int(text)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise errors.BadRequest("bad-address", f"--tcp wants HOST:PORT, not {text!r}")
@@ -92,6 +95,7 @@ async def serve(
     export_name: str = "",
     bitmaps: list[str] | None = None,
     metrics: str | None = None,
+    metrics_disk: str | None = None,
     control_group: str | None = None,
     auto_rebuild: bool = False,
     ready: asyncio.Event | None = None,
@@ -130,9 +134,8 @@ async def serve(
     http: Any = None
     if metrics is not None:
         host, port = parse_hostport(metrics)
-        registry = CollectorRegistry()
-        registry.register(ScanMetrics(jobs, state.path.name))
-        http, _ = start_http_server(port, addr=host, registry=registry)
+        found = registry(state, jobs, server, metrics_disk or state.path.name)
+        http, _ = start_http_server(port, addr=host, registry=found)
         print(
             f"dirtydiff serve: metrics on http://{host}:{http.server_port}/metrics",
             file=sys.stderr,

@@ -1,0 +1,227 @@
+"""Prometheus metrics of one sidecar: ``dirtydiff serve --metrics HOST:PORT``.
+
+Every family carries a ``disk`` label (the state directory's name, or
+``--metrics-disk``), so one Prometheus can watch many disks. Values are read
+at scrape time from what already exists: the scan jobs, the bitmap files'
+headers, the export's counters and the tracker's (its control request
+``stats``); nothing is counted twice and no scrape takes the state lock.
+
+Families (README, "Metrics", lists them with their labels):
+
+- scans: ``dirtydiff_scan_{progress_ratio, bytes_compared, bytes_total,
+  bytes_read{side}, differing_granules, rate_bytes_per_second, eta_seconds,
+  duration_seconds, state{state}}`` per ``bitmap``;
+- bitmaps: ``dirtydiff_bitmap_{dirty_bytes, consistent, recording,
+  granularity_bytes}`` per ``bitmap``;
+- tracker: ``dirtydiff_tracker_up``, ``dirtydiff_tracker_requests_total{kind}``,
+  ``dirtydiff_tracker_marked_bytes_total{kind}``,
+  ``dirtydiff_tracker_errors_total{kind}``;
+- export: ``dirtydiff_nbd_connections_open``, ``dirtydiff_nbd_connections_total``,
+  ``dirtydiff_nbd_requests_total{command}``, ``dirtydiff_nbd_errors_total{kind}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from dirtydiff import control, errors
+from dirtydiff.bitmapfile import BitmapFile, Flag
+from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir, describe
+from sidecar.jobs import STATES, ScanJobs
+from sidecar.nbd_server import NbdServer
+
+log = logging.getLogger(__name__)
+
+Family = GaugeMetricFamily | CounterMetricFamily
+
+# A scrape must not hang on a tracker that stopped answering.
+TRACKER_WAIT = 2.0
+
+
+class ScanMetrics(Collector):
+    """``dirtydiff_scan_*``, read from the jobs at scrape time."""
+
+    def __init__(self, jobs: ScanJobs, disk: str) -> None:
+        self.jobs = jobs
+        self.disk = disk
+
+    def collect(self) -> Iterator[Family]:
+        labels = ["disk", "bitmap"]
+
+        def family(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"dirtydiff_scan_{name}", doc, labels=labels + (extra or []))
+
+        ratio = family("progress_ratio", "Share of the disk compared, 0 to 1")
+        compared = family("bytes_compared", "Bytes of the disk compared so far")
+        total = family("bytes_total", "Bytes of the disk to compare")
+        read = family("bytes_read", "Bytes read, per side", ["side"])
+        differing = family("differing_granules", "Granules found different")
+        rate = family("rate_bytes_per_second", "Bytes compared per second")
+        eta = family("eta_seconds", "Estimated time to the end, at the current rate")
+        duration = family("duration_seconds", "Time since the scan started")
+        state = family("state", "1 for the scan's current state", ["state"])
+        for name, job in list(self.jobs.jobs.items()):
+            key = [self.disk, name]
+            p = job.progress
+            if p is not None:
+                done = job.state == "done"
+                ratio.add_metric(key, 1.0 if done else p.ratio)
+                compared.add_metric(key, p.compared)
+                total.add_metric(key, p.total)
+                read.add_metric([*key, "disk"], p.read_disk)
+                read.add_metric([*key, "backup"], p.read_backup)
+                differing.add_metric(key, p.differing_granules)
+                rate.add_metric(key, p.rate)
+                left = 0.0 if done else p.eta
+                if left is not None and job.state in ("running", "done"):
+                    eta.add_metric(key, left)
+            duration.add_metric(key, (job.finished or time.monotonic()) - job.started)
+            for s in STATES:
+                state.add_metric([*key, s], 1.0 if job.state == s else 0.0)
+        yield from (ratio, compared, total, read, differing, rate, eta, duration, state)
+
+
+def _answers(path: Path) -> bool:
+    """Someone listens on the unix socket ``path`` (asked without taking the
+    state lock, which a tracker starting at that moment would need)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+class BitmapMetrics(Collector):
+    """``dirtydiff_bitmap_*`` from the files, read-only: a scrape never
+    takes the state lock (which would keep a tracker from starting)."""
+
+    def __init__(self, state: StateDir, disk: str) -> None:
+        self.state = state
+        self.disk = disk
+
+    def collect(self) -> Iterator[Family]:
+        labels = ["disk", "bitmap"]
+        dirty = GaugeMetricFamily(
+            "dirtydiff_bitmap_dirty_bytes", "Bytes marked dirty", labels=labels
+        )
+        consistent = GaugeMetricFamily(
+            "dirtydiff_bitmap_consistent",
+            "1 if the bitmap can be trusted (and is exported), 0 if it may miss changes",
+            labels=labels,
+        )
+        recording = GaugeMetricFamily(
+            "dirtydiff_bitmap_recording",
+            "1 if the running tracker records writes into it",
+            labels=labels,
+        )
+        granularity = GaugeMetricFamily(
+            "dirtydiff_bitmap_granularity_bytes", "Bytes per bit", labels=labels
+        )
+        tracking = _answers(self.state.socket_path)
+        for name in self.state.names():
+            if name.startswith(SCAN_WRITES_PREFIX):
+                continue  # a scan's scratch bitmap; its scan has metrics of its own
+            try:
+                with BitmapFile(self.state.bitmap_path(name), writable=False) as bitmap:
+                    info = describe(name, bitmap, recording=False)
+                    enabled = bool(bitmap.header.flags & Flag.ENABLED)
+            except (OSError, errors.DirtydiffError) as e:  # removed meanwhile, or corrupt
+                log.debug("bitmap %s not in metrics: %s", name, e)
+                continue
+            key = [self.disk, name]
+            dirty.add_metric(key, info.dirty_bytes)
+            consistent.add_metric(key, 1.0 if info.consistent else 0.0)
+            recording.add_metric(key, 1.0 if tracking and enabled else 0.0)
+            granularity.add_metric(key, info.granularity)
+        yield from (dirty, consistent, recording, granularity)
+
+
+class TrackerMetrics(Collector):
+    """``dirtydiff_tracker_*``: the tracker's counters, asked for at scrape
+    time over its control socket."""
+
+    def __init__(self, state: StateDir, disk: str) -> None:
+        self.state = state
+        self.disk = disk
+
+    def collect(self) -> Iterator[Family]:
+        up = GaugeMetricFamily(
+            "dirtydiff_tracker_up",
+            "1 if the tracker answers on its control socket",
+            labels=["disk"],
+        )
+        try:
+            stats = control.call_within(self.state.socket_path, TRACKER_WAIT, "stats")
+        except errors.DirtydiffError:
+            up.add_metric([self.disk], 0.0)
+            yield up
+            return
+        up.add_metric([self.disk], 1.0)
+        yield up
+        for key, name, doc in (
+            ("requests", "requests", "Requests the tracker served, per kind"),
+            ("marked_bytes", "marked_bytes", "Bytes of writes, zeroes and trims marked"),
+            ("errors", "errors", "Requests that failed, per kind"),
+        ):
+            family = CounterMetricFamily(f"dirtydiff_tracker_{name}", doc, labels=["disk", "kind"])
+            counts = dict(stats.get(key) or {})
+            if key == "errors":  # a zero for every kind served: rate() needs a start
+                counts = {kind: 0 for kind in stats.get("requests") or {}} | counts
+            for kind, value in sorted(counts.items()):
+                family.add_metric([self.disk, str(kind)], float(value))
+            yield family
+
+
+class ExportMetrics(Collector):
+    """``dirtydiff_nbd_*``: the export's connections, requests and errors."""
+
+    def __init__(self, server: NbdServer, disk: str) -> None:
+        self.server = server
+        self.disk = disk
+
+    def collect(self) -> Iterator[Family]:
+        stats = self.server.stats
+        now = GaugeMetricFamily(
+            "dirtydiff_nbd_connections_open", "Clients connected to the export", labels=["disk"]
+        )
+        now.add_metric([self.disk], len(self.server.connections))
+        total = CounterMetricFamily(
+            "dirtydiff_nbd_connections", "Clients that connected to the export", labels=["disk"]
+        )
+        total.add_metric([self.disk], stats.connections_total)
+        requests = CounterMetricFamily(
+            "dirtydiff_nbd_requests",
+            "Requests received by the export, per command",
+            labels=["disk", "command"],
+        )
+        # Copies first: the event loop's thread bumps them while this runs.
+        for command, value in sorted(dict(stats.requests).items()):
+            requests.add_metric([self.disk, command], value)
+        failed = CounterMetricFamily(
+            "dirtydiff_nbd_errors",
+            "Requests the export failed, per errno; 'protocol': connections it ended",
+            labels=["disk", "kind"],
+        )
+        for kind, value in sorted(dict(stats.errors).items()):
+            failed.add_metric([self.disk, kind], value)
+        yield from (now, total, requests, failed)
+
+
+def registry(state: StateDir, jobs: ScanJobs, server: NbdServer, disk: str) -> CollectorRegistry:
+    found = CollectorRegistry()
+    for collector in (
+        ScanMetrics(jobs, disk),
+        BitmapMetrics(state, disk),
+        TrackerMetrics(state, disk),
+        ExportMetrics(server, disk),
+    ):
+        found.register(collector)
+    return found
