@@ -50,8 +50,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Every benchmark, each against its peer in the same run, ending with one
+# table of ratios and targets; `make bench BENCH_ARGS=--quick` for small sizes.
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 # The units expect this clone at /opt/dirtydiff (see systemd/*.service).
 install-units: setup

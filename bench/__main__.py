@@ -1,16 +1,22 @@
 """``python -m bench [NAME ...] [OPTIONS]``: run the named benchmarks, or all of them.
 
 Options after the names go to every benchmark run; ``python -m bench NAME
---help`` shows a benchmark's own options.
+--help`` shows a benchmark's own options. ``--quick`` (small sizes, one round)
+is understood by every benchmark. Each benchmark prints its own tables; the
+run ends with one summary table of every ratio measured (``bench.report``).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from typing import cast
 
-# name -> (module in this package with ``main(argv) -> int``, what it measures).
+from bench.report import Outcome, Ratio, format_summary
+
+# name -> (module in this package with ``run(argv) -> Outcome``, what it measures).
 # Modules are imported only when they run: one broken benchmark cannot stop
 # the others.
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -19,12 +25,30 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "export": ("export", "sidecar export vs qemu-nbd: bitmap map and nbdcopy"),
 }
 
+Benchmark = Callable[[Sequence[str]], Outcome]
+
 
 def usage() -> str:
     lines = ["usage: python -m bench [NAME ...] [OPTIONS]", "", "benchmarks:"]
     lines += [f"  {name:10s} {doc}" for name, (_, doc) in BENCHMARKS.items()]
-    lines += ["", "With no NAME, every benchmark runs. `python -m bench NAME --help` for options."]
+    lines += [
+        "",
+        "With no NAME, every benchmark runs. `python -m bench NAME --help` for options;",
+        "--quick (small sizes, one round) works for all of them.",
+    ]
     return "\n".join(lines)
+
+
+def run_one(name: str, args: Sequence[str]) -> Outcome:
+    module, _ = BENCHMARKS[name]
+    try:
+        run = cast(Benchmark, importlib.import_module(f"bench.{module}").run)
+        return run(args)
+    except Exception:
+        # The others still run, and the summary still shows what they measured.
+        traceback.print_exc()
+        print(f"bench {name}: failed", file=sys.stderr, flush=True)
+        return Outcome(1)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -40,11 +64,19 @@ def main(argv: Sequence[str]) -> int:
             return 2
         names.append(name)
     status = 0
+    ratios: list[Ratio] = []
+    silent: list[str] = []
     for name in names or list(BENCHMARKS):
-        module, _ = BENCHMARKS[name]
         print(f"== bench {name}", flush=True)
-        run = importlib.import_module(f"bench.{module}").main
-        status = max(status, int(run(args)))
+        outcome = run_one(name, args)
+        status = max(status, outcome.status)
+        ratios += outcome.ratios
+        if not outcome.ratios:
+            silent.append(name)
+    print("\n== summary: dirtydiff (ours) against its peer, ratio = ours / peer")
+    print(format_summary(ratios))
+    if silent:
+        print(f"no ratios from: {', '.join(silent)} (see its output above)")
     return status
 
 

@@ -30,6 +30,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from bench.report import Outcome, Ratio, Target
+
 GiB = 1 << 30
 GRANULE = 65536
 
@@ -94,7 +96,30 @@ def timed(*commands: list[str]) -> tuple[float, float]:
     return time.monotonic() - started, children_cpu() - cpu
 
 
+Medians = dict[str, tuple[float, float]]  # run -> (wall seconds, client CPU seconds)
+
+
+def summary(rows: Sequence[tuple[bool, Medians]], gib: float) -> list[Ratio]:
+    """Two ratios per pair: scan rate against the read limit and against qemu-img."""
+    found = []
+    for sparse, med in rows:
+        rate = {k: gib / w for k, (w, _) in med.items()}
+        pair = "50% sparse" if sparse else "dense"
+        found += [
+            Ratio("scan", f"{pair} {gib:.2f} GiB vs nbdcopy x2 (limit)", "GiB/s",
+                  rate["scan"], rate["limit"], Target(">=", 0.9)),
+            Ratio("scan", f"{pair} {gib:.2f} GiB vs qemu-img compare", "GiB/s",
+                  rate["scan"], rate["compare"], Target(">", 1.0)),
+        ]  # fmt: skip
+    return found
+
+
 def main(argv: Sequence[str]) -> int:
+    return run(argv).status
+
+
+def run(argv: Sequence[str]) -> Outcome:
+    """Measure, print this benchmark's table, and give back its ratios."""
     parser = argparse.ArgumentParser(
         prog="python -m bench scan",
         description=__doc__,
@@ -108,10 +133,10 @@ def main(argv: Sequence[str]) -> int:
     for tool in ("qemu-nbd", "nbdcopy", "qemu-img"):
         if shutil.which(tool) is None:
             print(f"bench scan: {tool} is missing (make setup)", file=sys.stderr)
-            return 2
+            return Outcome(2)
     work = Path(tempfile.mkdtemp(prefix="dirtydiff-bench-scan."))
     gib = size / GiB
-    rows = []
+    rows: list[tuple[bool, Medians]] = []
     try:
         for sparse in (False, True):
             backup, disk = make_pair(work, size, sparse, seed=7)
@@ -171,7 +196,7 @@ def main(argv: Sequence[str]) -> int:
             f"(size {gib:.2f} GiB, medians of {rounds} round(s); targets: scan/limit >= 0.9, "
             "scan/compare > 1; CPU is the client's: scan process, nbdcopy, qemu-img)"
         )
-        return 0
+        return Outcome(0, summary(rows, gib))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

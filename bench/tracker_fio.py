@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.report import Outcome, Ratio, Target
+
 GiB = 1 << 30
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
@@ -438,13 +440,33 @@ def _exit_on_sigterm(signum: int, _frame: object) -> None:
     sys.exit(128 + signum)
 
 
+def ratios(rows: Sequence[Row], base: str) -> list[Ratio]:
+    """The summary's rows: tracker IOPS against the file plugin's, per fio test."""
+    return [
+        Ratio(
+            "tracker",
+            f"fio {r.test.title} vs {base}",
+            "IOPS",
+            r.cand_iops,
+            r.base_iops,
+            None if r.test.target is None else Target(">=", r.test.target),
+        )
+        for r in rows
+    ]
+
+
 def main(argv: Sequence[str]) -> int:
+    return run(argv).status
+
+
+def run(argv: Sequence[str]) -> Outcome:
+    """Measure, print this benchmark's table, and give back its ratios."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     for tool in ("nbdkit", "fio"):
         if shutil.which(tool) is None:
             print(f"bench tracker: {tool} is not installed", file=sys.stderr)
-            return 2
+            return Outcome(2)
     base = file_server(args.threads)
     cand = tracker_server(
         args.plugin, args.tracker_threads if args.tracker_threads is not None else args.threads
@@ -463,7 +485,7 @@ def main(argv: Sequence[str]) -> int:
         suite.run()
     except (ServerError, RuntimeError) as e:
         print(f"bench tracker: {e}", file=sys.stderr)
-        return 1
+        return Outcome(1)
     rows = compare(suite, base.label, cand.label)
     threads = "default" if args.threads is None else str(args.threads)
     tthreads = threads if args.tracker_threads is None else str(args.tracker_threads)
@@ -481,4 +503,4 @@ def main(argv: Sequence[str]) -> int:
         print(f"targets missed: {', '.join(missed)}")
     else:
         print("all targets met")
-    return 1 if args.check and missed else 0
+    return Outcome(1 if args.check and missed else 0, ratios(rows, base.label))
