@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import mmap
 import os
 import struct
@@ -120,9 +121,20 @@ class Reason(enum.IntEnum):
 
 
 def current_boot_id() -> bytes:
+    # Asked on every export request (is the bitmap still consistent?): the
+    # file read and the parse are cached; the variable is looked up each
+    # time, so tests may change it.
     text = os.environ.get(BOOT_ID_ENV)
-    if text is None:
-        text = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return _boot_id(text) if text is not None else _kernel_boot_id()
+
+
+@functools.cache
+def _kernel_boot_id() -> bytes:
+    return _boot_id(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _boot_id(text: str) -> bytes:
     return uuid.UUID(text).bytes
 
 
