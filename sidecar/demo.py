@@ -1,15 +1,17 @@
 """``make demo``: dirtydiff's main job on built-in sample images.
 
 1. makes a 256 MiB sample disk and starts ``dirtydiff track`` on it, as a VM's
-   disk server;
+   disk server, and ``dirtydiff serve`` beside it (the sidecar: the export,
+   the control API and Prometheus metrics);
 2. takes a full backup with nbdcopy, the way another tool would: no bitmap;
 3. the VM writes (qemu-io: writes, write-zeroes, trims) -- and we have no
    bitmap to say where;
 4. ``dirtydiff scan`` rebuilds one against the backup (served by qemu-nbd)
-   while the VM keeps writing, showing progress;
-5. ``dirtydiff serve`` exports the disk with ``qemu:dirty-bitmap:since-full``;
-   the incremental backup uses stock tools only: ``nbdinfo --map`` for the
-   dirty extents, libnbd reads of those extents applied on the full backup;
+   as a job of the sidecar while the VM keeps writing; its progress is read
+   from the sidecar's /metrics as Prometheus would;
+5. the incremental backup uses stock tools only: ``nbdinfo --map`` of
+   ``qemu:dirty-bitmap:since-full`` on the sidecar's export for the dirty
+   extents, libnbd reads of those extents applied on the full backup;
 6. checks that the restored image equals the disk byte for byte, and prints
    a summary.
 """
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import nbd
@@ -45,17 +49,48 @@ def dirtydiff(*args: str) -> str:
     return sh(sys.executable, "-m", "sidecar.cli", *args, shown="dirtydiff " + " ".join(args))
 
 
-def start(argv: list[str], sock: Path, shown: str) -> subprocess.Popen[bytes]:
+def start(
+    argv: list[str], sock: Path, shown: str, log: Path | None = None
+) -> subprocess.Popen[bytes]:
     print(f"$ {shown} &", flush=True)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    stderr = log.open("wb") if log is not None else None
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+    )
     end = time.monotonic() + 30
     while not sock.exists():
         if proc.poll() is not None:
             raise SystemExit(f"{shown} exited with {proc.returncode}")
         if time.monotonic() > end:
             raise SystemExit(f"{shown} did not listen on {sock} within 30s")
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling for the socket under a deadline
     return proc
+
+
+def metrics_port(log: Path) -> int:
+    """The port the sidecar chose for /metrics (it prints it)."""
+    end = time.monotonic() + 30
+    while True:
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", log.read_text())
+        if found:
+            return int(found.group(1))
+        if time.monotonic() > end:
+            raise SystemExit("the sidecar did not print its metrics address")
+        time.sleep(0.05)  # polling the log under a deadline
+
+
+def scan_progress(port: int, bitmap: str) -> tuple[float, str]:
+    """(dirtydiff_scan_progress_ratio, state) of a scan, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    ratio, state = 0.0, "running"
+    for line in text.splitlines():
+        if f'bitmap="{bitmap}"' not in line:
+            continue
+        if line.startswith("dirtydiff_scan_progress_ratio{"):
+            ratio = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("dirtydiff_scan_state{") and line.endswith(" 1.0"):
+            state = re.search(r'state="(\w+)"', line).group(1)  # type: ignore[union-attr]
+    return ratio, state
 
 
 def vm_writes(uri: str, rng: random.Random, count: int) -> None:
@@ -107,12 +142,25 @@ def main() -> int:
             vm_sock, f"dirtydiff track {disk.name} --state state --socket vm.sock",
         ))  # fmt: skip
 
+        step("the sidecar: export, control API (state/sidecar.sock) and Prometheus metrics")
+        sidecar_log = work / "sidecar.log"
+        servers.append(start(
+            [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state), "--disk", vm_uri,
+             "--socket", str(export_sock), "--metrics", "127.0.0.1:0"],
+            export_sock,
+            "dirtydiff serve --state state --disk VM --socket export.sock --metrics 127.0.0.1:0",
+            log=sidecar_log,
+        ))  # fmt: skip
+        port = metrics_port(sidecar_log)
+        print(f"metrics on http://127.0.0.1:{port}/metrics")
+
         step("a full backup taken by another tool: no bitmap anywhere")
         sh("nbdcopy", vm_uri, str(full))
         servers.append(start(
             ["qemu-nbd", "-r", "-t", "-e", "4", "-f", "raw", "-k", str(backup_sock), str(full)],
             backup_sock, "qemu-nbd -r -t -f raw -k backup.sock backup-full.raw",
         ))  # fmt: skip
+        backup_uri = f"nbd+unix:///?socket={backup_sock}"
 
         step("the VM writes 300 times: writes, write-zeroes, trims")
         rng = random.Random(2026)
@@ -129,28 +177,27 @@ def main() -> int:
         writer.start()
         try:
             started = time.monotonic()
-            print("$ dirtydiff scan --state state --disk VM --backup BACKUP --bitmap since-full")
-            scan = subprocess.run(
-                [sys.executable, "-m", "sidecar.cli", "scan", "--state", str(state),
-                 "--disk", vm_uri, "--backup", f"nbd+unix:///?socket={backup_sock}",
-                 "--bitmap", "since-full",
-                 "--max-rate", str(400 * MiB)],
-                check=True, timeout=600,
-            )  # fmt: skip
+            # The sidecar runs the scan as a job: the command returns at once.
+            dirtydiff("scan", "--state", str(state), "--backup", backup_uri,
+                      "--bitmap", "since-full", "--max-rate", str(150 * MiB))  # fmt: skip
+            shown = -1.0
+            while True:
+                ratio, scan_state = scan_progress(port, "since-full")
+                if ratio >= shown + 0.2 or scan_state != "running":
+                    print(f"  dirtydiff_scan_progress_ratio {ratio:.2f}  state {scan_state}")
+                    shown = ratio
+                if scan_state != "running":
+                    break
+                time.sleep(0.25)  # a scrape interval
             scan_time = time.monotonic() - started
         finally:
             stop.set()
             writer.join()
-        assert scan.returncode == 0
+        if scan_state != "done":
+            raise SystemExit(f"the scan ended {scan_state}: {sidecar_log.read_text()}")
         print(dirtydiff("status", "--state", str(state)), end="")
 
-        step("export it, and take an incremental backup with stock tools")
-        servers.append(start(
-            [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state), "--disk", vm_uri,
-             "--socket", str(export_sock), "--bitmap", "since-full"],
-            export_sock,
-            "dirtydiff serve --state state --disk VM --socket export.sock --bitmap since-full",
-        ))  # fmt: skip
+        step("an incremental backup from the sidecar's export, with stock tools")
         export_uri = f"nbd+unix:///?socket={export_sock}"
         extents = json.loads(
             sh("nbdinfo", "--json", "--map=qemu:dirty-bitmap:since-full", export_uri)
