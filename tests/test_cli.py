@@ -39,10 +39,18 @@ def dirty_offsets(state: Path, name: str) -> list[int]:
 
 def test_help_lists_the_commands() -> None:
     out = dirtydiff("--help").stdout
-    for command in ("track", "bitmap", "checkpoint", "status"):
+    commands = ("track", "scan", "serve", "rebuild", "bitmap", "checkpoint", "status")
+    for command in commands:
         assert command in out
-    for action in ("add", "remove", "clear", "enable", "disable", "merge", "list", "show"):
+        assert dirtydiff(command, "--help").returncode == 0
+    assert "Exit codes" in out
+    for action in ("add", "remove", "clear", "enable", "disable", "merge", "import", "list",
+                   "show"):  # fmt: skip
         assert dirtydiff("bitmap", action, "--help").returncode == 0
+    # every query has --json for scripts
+    for query in (("status",), ("bitmap", "list"), ("bitmap", "show"), ("scan",), ("rebuild",),
+                  ("checkpoint",)):  # fmt: skip
+        assert "--json" in dirtydiff(*query, "--help").stdout, query
     bad = dirtydiff("bitmap", "frobnicate", "--state", ".", check=False)
     assert bad.returncode == 2
 

@@ -326,6 +326,7 @@ def test_control_socket_is_the_owners_unless_a_group_is_given(
 ) -> None:
     disk = make_disk(shared_state.parent / "disk.raw", 8 * MiB)
     tracker = procs.tracker(shared_state, disk=disk)
+
     def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*DIRTYDIFF, *args], capture_output=True, text=True, timeout=60, check=False,
@@ -345,3 +346,24 @@ def test_control_socket_is_the_owners_unless_a_group_is_given(
     allowed = as_nobody("bitmap", "add", "--state", str(shared_state), "from-nobody")
     assert allowed.returncode == 0, allowed.stderr
     assert "from-nobody" in {b["name"] for b in api(shared_state, "bitmap.list")}
+
+
+def test_abort_stops_the_sidecars_scan_and_forgets_it(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    from tests.test_scan import BACKUP, pair_files  # noqa: PLC0415 (a test helper)
+
+    _, _, backup, disk = pair_files(tmp_path, 64 * MiB, 7, "dense")
+    backup_server = procs.nbdkit(*BACKUP, str(backup))
+    tracker = procs.tracker(state, disk=disk)
+    start_sidecar(procs, tmp_path, state, tracker.uri)
+    dirtydiff("scan", "--state", str(state), "--backup", backup_server.uri, "--bitmap", "slow",
+              "--max-rate", "4000000")  # fmt: skip
+    [job] = api(state, "scan.list")
+    assert job["bitmap"] == "slow" and job["state"] == "running"
+    out = dirtydiff("scan", "--state", str(state), "--bitmap", "slow", "--abort").stdout
+    assert "aborted" in out
+    assert api(state, "scan.status", name="slow")["state"] == "cancelled"
+    names = {b["name"] for b in api(state, "bitmap.list")}
+    assert "slow" not in names and "@scan:slow" not in names
+    assert not (state / "scans" / "slow.json").exists()
