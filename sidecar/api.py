@@ -26,7 +26,7 @@ from typing import Any
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import Reason
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
-from sidecar.jobs import Job, ScanJobs
+from sidecar.jobs import ACTIVE, Job, ScanJobs
 from sidecar.scanjob import ScanOptions, ScanRecord, abort_scan, rebuild_backup
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class SidecarApi:
     def _scan_abort(self, args: dict[str, Any]) -> object:
         name = control.arg(args, "name", str)
         job = self.jobs.jobs.get(name)
-        if job is not None and job.state == "running":
+        if job is not None and job.state in ACTIVE:
             job.cancel.set()
             if not job.stopped.wait(STOP_TIMEOUT):
                 raise errors.Unavailable("busy", f"the scan of {name!r} did not stop in time")
@@ -131,7 +131,8 @@ class SidecarApi:
                     granularity=int(record["granularity"]),
                     rebuild=bool(record.get("rebuild", False)),
                 )
-                started.append(self.jobs.start(options))
+                # Patient: at boot the tracker or the backup may come up later.
+                started.append(self.jobs.start(options, patient=True))
             except (KeyError, ValueError, TypeError, errors.DirtydiffError) as e:
                 log.warning("unfinished scan of %s not resumed: %s", name, e)
         if not rebuild_inconsistent:

@@ -225,9 +225,13 @@ def _follow(
 ) -> int:
     """Show a sidecar's scan job until it ends."""
     show = _progress_printer(interactive)
-    while job["state"] == "running":
+    waiting = None
+    while job["state"] in ("running", "waiting"):
         time.sleep(0.5)  # polling the sidecar's job for the progress display
         job = control.call(sidecar, "scan.status", name=options.name)
+        if job["state"] == "waiting" and job["error"] != waiting:
+            waiting = job["error"]
+            print(f"\ndirtydiff: scan of {options.name} waiting: {waiting}", file=sys.stderr)
         if job["progress"]:
             p = Progress(total=job["progress"]["total"])
             p.position = job["progress"]["position"]

@@ -183,10 +183,10 @@ def main() -> int:
             shown = -1.0
             while True:
                 ratio, scan_state = scan_progress(port, "since-full")
-                if ratio >= shown + 0.2 or scan_state != "running":
+                if ratio >= shown + 0.2 or scan_state not in ("running", "waiting"):
                     print(f"  dirtydiff_scan_progress_ratio {ratio:.2f}  state {scan_state}")
                     shown = ratio
-                if scan_state != "running":
+                if scan_state not in ("running", "waiting"):
                     break
                 time.sleep(0.25)  # a scrape interval
             scan_time = time.monotonic() - started

@@ -21,7 +21,13 @@ from sidecar.scanjob import ScanOptions, run_scan
 
 log = logging.getLogger(__name__)
 
-STATES = ("running", "done", "failed", "cancelled")
+# "waiting": a side or the tracker went away mid-scan; the job retries.
+STATES = ("running", "waiting", "done", "failed", "cancelled")
+ACTIVE = ("running", "waiting")
+# Pauses between attempts after a lost connection, then every last one; a job
+# that makes no progress for RETRY_FOR seconds gives up (state "failed").
+RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RETRY_FOR = 600.0
 
 
 @dataclass
@@ -52,27 +58,65 @@ class ScanJobs:
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def start(self, options: ScanOptions) -> Job:
+    def start(self, options: ScanOptions, *, patient: bool = False) -> Job:
+        """Start a scan job. ``patient``: retry a lost connection even
+        before the scan got going (a resumed scan, at start-up)."""
         with self._lock:
             running = self.jobs.get(options.name)
-            if running is not None and running.state == "running":
+            if running is not None and running.state in ACTIVE:
                 raise errors.Conflict(
                     "scan-running", f"a scan of {options.name!r} is already running"
                 )
             job = Job(options)
             self.jobs[options.name] = job
         threading.Thread(
-            target=self._run, args=(job,), name=f"scan-{options.name}", daemon=True
+            target=self._run, args=(job, patient), name=f"scan-{options.name}", daemon=True
         ).start()
         return job
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, patient: bool) -> None:
+        """Run the scan; after a lost connection (the tracker restarting, the
+        backup server coming back) go on from the saved position. A scan
+        that never got going (a wrong URI, no tracker) fails at once."""
+        started_once = patient
+        position = -1
+        failing_since: float | None = None
+        attempt = 0
+
         def on_progress(progress: Progress) -> None:
+            nonlocal started_once
+            started_once = True
             job.progress = progress
 
+        # A scan through a URI needs the tracker: without it the job would
+        # hold the state lock for its whole run and keep the tracker -- the
+        # VM's disk -- from starting. A local file is scanned offline.
+        need_tracker = "://" in job.options.disk
         try:
-            run_scan(self.state, job.options, on_progress=on_progress, cancel=job.cancel)
-            job.state = "done"
+            while True:
+                try:
+                    run_scan(
+                        self.state, job.options, on_progress=on_progress, cancel=job.cancel,
+                        need_tracker=need_tracker,
+                    )  # fmt: skip
+                    job.state, job.error = "done", None
+                    return
+                except errors.Unavailable as e:
+                    if not started_once or job.cancel.is_set():
+                        raise
+                    now = time.monotonic()
+                    if job.progress is not None and job.progress.position > position:
+                        position, failing_since = job.progress.position, now
+                    failing_since = failing_since or now
+                    if now - failing_since > RETRY_FOR:
+                        raise
+                    job.state, job.error = "waiting", e.message
+                    delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+                    attempt += 1
+                    log.warning("scan of %s: %s; retrying in %.1fs", job.options.name, e, delay)
+                    if job.cancel.wait(delay):
+                        raise Cancelled("scan cancelled") from None
+                    job.state = "running"
         except Cancelled:
             job.state = "cancelled"
         except errors.DirtydiffError as e:

@@ -128,12 +128,20 @@ def run_scan(
     *,
     on_progress: Callable[[Progress], None] = lambda p: None,
     cancel: threading.Event | None = None,
+    need_tracker: bool = False,
 ) -> dict[str, Any]:
     if not (options.rebuild and options.name == OPEN_CHECKPOINT):  # @open can be rebuilt
         check_name(options.name)
     record = ScanRecord(state, options.name)
     with record.exclusive():
         lock = state.try_lock()
+        if lock is not None and need_tracker:
+            lock.release()
+            raise errors.Unavailable(
+                "tracker-down",
+                f"no tracker runs for {state.path}: a scan of {options.disk} needs it to "
+                "record the writes made meanwhile",
+            )
         try:
             return _run(state, options, record, lock, on_progress, cancel)
         finally:

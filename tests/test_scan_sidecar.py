@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import Processes, Server, dirtydiff
+from tests.conftest import Processes, Server, dirtydiff, qemu_io
 from tests.test_scan import BACKUP, differing, dirty_set, pair_files
 
 MiB = 1 << 20
@@ -106,3 +106,39 @@ def test_background_scan_cancelled_then_resumed(
     assert (state / "scans" / "c.json").exists()  # the position, for the resume
     dirtydiff(*args, "--wait")
     assert dirty_set(state, "c") == differing(backup_bytes, disk_bytes, 65536)
+
+
+def test_sidecar_scan_waits_for_a_restarted_tracker_and_resumes(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """The tracker dies mid-scan (the VM's writes go on once it is back):
+    the job waits, goes on from its saved position when the tracker answers
+    again, and the result is exact plus whatever was written meanwhile."""
+    size = 96 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 47, "dense")
+    backup_server = procs.nbdkit(*BACKUP, str(backup))
+    tracker = procs.tracker(state, disk=disk)
+    _, port = sidecar(procs, tmp_path, state, tracker.uri)
+    dirtydiff("scan", "--state", str(state), "--backup", backup_server.uri, "--bitmap", "w",
+              "--max-rate", "40000000")  # fmt: skip
+    end = time.monotonic() + 60
+    while scrape(port, "w").get("dirtydiff_scan_progress_ratio", 0.0) < 0.2:
+        assert time.monotonic() < end
+        time.sleep(0.1)
+    tracker.proc.kill()
+    tracker.proc.wait(10)
+    while scrape(port, "w").get("dirtydiff_scan_state:waiting") != 1.0:
+        assert time.monotonic() < end, scrape(port, "w")
+        time.sleep(0.1)
+    at_kill = scrape(port, "w")["dirtydiff_scan_progress_ratio"]
+    tracker = procs.tracker(state, disk=disk, sock=tracker.sock)
+    written = 5 * MiB + 12345
+    qemu_io(tracker.uri, f"write -P 0x7e {written} 1")  # the VM goes on
+    while scrape(port, "w").get("dirtydiff_scan_state:done") != 1.0:
+        sample = scrape(port, "w")
+        assert sample.get("dirtydiff_scan_state:failed") != 1.0, sample
+        assert time.monotonic() < end + 60, sample
+        time.sleep(0.2)
+    assert 0.2 <= at_kill < 1.0
+    expected = differing(backup_bytes, disk_bytes, 65536) | {written // 65536}
+    assert dirty_set(state, "w") == expected  # nothing missed, nothing extra
