@@ -267,6 +267,21 @@ def request(op: str, **args: object) -> Message:
     return {"version": API_VERSION, "op": op, "args": args}
 
 
+def listening(path: Path) -> bool:
+    """A server listens on the unix socket ``path``. Asked by connecting, not
+    by taking the state lock (a tracker starting at that moment needs it).
+    One we may not reach (permissions) counts: the call itself then fails
+    with a clear error."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except PermissionError:
+            return True
+        except OSError:
+            return False
+
+
 def call(socket_path: Path, op: str, **args: object) -> Any:
     """Send one request; return its result or raise the error it carries."""
     drain = args.get("timeout")  # wait long enough for any drain it asks for

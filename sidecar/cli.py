@@ -47,7 +47,7 @@ def run_request(state_dir: str, op: str, **args: object) -> Any:
     runs, else through the tracker, else on the files (``control.run``)."""
     state = StateDir(state_dir)
     sidecar = state.sidecar_socket_path
-    if _answers(sidecar):
+    if control.listening(sidecar):
         return control.call(sidecar, op, **args)
     return control.run(state, op, **args)
 
@@ -186,19 +186,6 @@ def _progress_printer(enabled: bool) -> Callable[[Progress], None]:
     return show
 
 
-def _answers(path: Path) -> bool:
-    """A server listens on ``path``; one we may not reach (permissions) is
-    reported by the call itself, as a clear error."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-            return True
-        except PermissionError:
-            return True
-        except OSError:
-            return False
-
-
 def _scan_in_sidecar(
     sidecar: Path, options: ScanOptions, args: argparse.Namespace, interactive: bool
 ) -> int:
@@ -267,14 +254,14 @@ def _scan_summary(r: dict[str, Any]) -> str:
 def cmd_scan(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
     if args.abort:
-        if _answers(state.sidecar_socket_path):  # it stops its job first
+        if control.listening(state.sidecar_socket_path):  # it stops its job first
             control.call(state.sidecar_socket_path, "scan.abort", name=args.bitmap)
         else:
             abort_scan(state, args.bitmap)
         print(f"scan of {args.bitmap} aborted")
         return 0
     sidecar = state.sidecar_socket_path
-    in_sidecar = _answers(sidecar)
+    in_sidecar = control.listening(sidecar)
     if not args.cancel and (args.backup is None or (args.disk is None and not in_sidecar)):
         raise errors.BadRequest(
             "usage", "--backup is required, and --disk too when no sidecar runs"
@@ -317,7 +304,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         rebuild=True,
     )
     interactive = sys.stderr.isatty() and not args.json
-    if _answers(sidecar):
+    if control.listening(sidecar):
         fields = dataclasses.asdict(options)
         if not args.disk:
             del fields["disk"]  # the sidecar's own disk

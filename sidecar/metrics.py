@@ -23,10 +23,8 @@ Families (README, "Metrics", lists them with their labels):
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -88,17 +86,6 @@ class ScanMetrics(Collector):
         yield from (ratio, compared, total, read, differing, rate, eta, duration, state)
 
 
-def _answers(path: Path) -> bool:
-    """Someone listens on the unix socket ``path`` (asked without taking the
-    state lock, which a tracker starting at that moment would need)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-            return True
-        except OSError:
-            return False
-
-
 class BitmapMetrics(Collector):
     """``dirtydiff_bitmap_*`` from the files, read-only: a scrape never
     takes the state lock (which would keep a tracker from starting)."""
@@ -125,7 +112,7 @@ class BitmapMetrics(Collector):
         granularity = GaugeMetricFamily(
             "dirtydiff_bitmap_granularity_bytes", "Bytes per bit", labels=labels
         )
-        tracking = _answers(self.state.socket_path)
+        tracking = control.listening(self.state.socket_path)
         for name in self.state.names():
             if name.startswith(SCAN_WRITES_PREFIX):
                 continue  # a scan's scratch bitmap; its scan has metrics of its own
