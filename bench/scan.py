@@ -10,14 +10,20 @@ served by ``qemu-nbd -r`` on unix sockets. In the same run, alternating:
   read limit of this machine;
 - ``qemu-img compare`` of two identical images, which reads everything (it
   stops at the first difference, so it cannot produce a map of them).
-Printed: GiB/s of disk compared, the ratios, and client CPU seconds per GiB.
+Printed: GiB/s of disk compared, the ratios, and CPU seconds per GiB of disk
+for the clients (scan process, nbdcopy, qemu-img) and for the two qemu-nbd
+servers (from /proc: on a busy machine CPU per GiB varies less than wall
+time). The scan's rate is of the whole command, process start included; the
+line "alone" shows its rate over its own elapsed time (from its --json).
 Targets: >= 0.9 of the nbdcopy limit, and faster than qemu-img compare.
+``--profile`` adds one scan run under cProfile and prints its top functions.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import resource
@@ -28,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.report import Outcome, Ratio, Target
@@ -58,7 +65,8 @@ def make_pair(work: Path, size: int, sparse: bool, seed: int) -> tuple[Path, Pat
 
 
 @contextlib.contextmanager
-def qemu_nbd(image: Path, sock: Path) -> Iterator[str]:
+def qemu_nbd(image: Path, sock: Path) -> Iterator[tuple[str, int]]:
+    """Serve image on sock: (URI, server pid)."""
     sock.unlink(missing_ok=True)
     proc = subprocess.Popen(
         ["qemu-nbd", "-r", "-t", "-e", "4", "-f", "raw", "-k", str(sock), str(image)],
@@ -71,7 +79,7 @@ def qemu_nbd(image: Path, sock: Path) -> Iterator[str]:
             if time.monotonic() > end or proc.poll() is not None:
                 raise RuntimeError(f"qemu-nbd on {image} did not start")
             time.sleep(0.02)
-        yield f"nbd+unix:///?socket={sock}"
+        yield f"nbd+unix:///?socket={sock}", proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -82,18 +90,34 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(*commands: list[str]) -> tuple[float, float]:
-    """Run commands at once; (wall seconds, client CPU seconds)."""
-    cpu = children_cpu()
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a running process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Timing:
+    wall: float  # seconds
+    client: float  # CPU seconds of the commands
+    server: float  # CPU seconds of the qemu-nbd servers meanwhile
+    stdout: str  # of the first command
+
+
+def timed(servers: Sequence[int], *commands: list[str]) -> Timing:
+    """Run commands at once, the servers (pids) answering them."""
+    cpu, server = children_cpu(), sum(process_cpu(pid) for pid in servers)
     started = time.monotonic()
-    procs = [
-        subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands
-    ]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
+    outputs = []
     for p in procs:
-        _, err = p.communicate(timeout=3600)
+        out, err = p.communicate(timeout=3600)
         if p.returncode not in (0, 1):  # qemu-img compare: 1 = differ
             raise RuntimeError(f"{p.args!r} failed: {err.decode()}")
-    return time.monotonic() - started, children_cpu() - cpu
+        outputs.append(out.decode())
+    wall = time.monotonic() - started
+    server = sum(process_cpu(pid) for pid in servers) - server
+    return Timing(wall, children_cpu() - cpu, server, outputs[0])
 
 
 Medians = dict[str, tuple[float, float]]  # run -> (wall seconds, client CPU seconds)
@@ -127,6 +151,9 @@ def run(argv: Sequence[str]) -> Outcome:
     )
     parser.add_argument("--quick", action="store_true", help="256 MiB, 1 round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one scan of each pair (cProfile)"
+    )
     args = parser.parse_args(argv)
     size = GiB // 4 if args.quick else 2 * GiB
     rounds = 1 if args.quick else args.rounds
@@ -137,13 +164,15 @@ def run(argv: Sequence[str]) -> Outcome:
     work = Path(tempfile.mkdtemp(prefix="dirtydiff-bench-scan."))
     gib = size / GiB
     rows: list[tuple[bool, Medians]] = []
+    scan_alone: dict[bool, float] = {}  # sparse -> seconds the scan itself reported
+    servers_cpu: dict[bool, dict[str, float]] = {}
     try:
         for sparse in (False, True):
             backup, disk = make_pair(work, size, sparse, seed=7)
-            results: dict[str, list[tuple[float, float]]] = {"scan": [], "limit": [], "compare": []}
+            results: dict[str, list[Timing]] = {"scan": [], "limit": [], "compare": []}
             with (
-                qemu_nbd(backup, work / "b.sock") as b_uri,
-                qemu_nbd(disk, work / "d.sock") as d_uri,
+                qemu_nbd(backup, work / "b.sock") as (b_uri, b_pid),
+                qemu_nbd(disk, work / "d.sock") as (d_uri, d_pid),
             ):
                 for r in range(rounds):
                     state = work / f"state-{sparse}-{r}"
@@ -163,6 +192,7 @@ def run(argv: Sequence[str]) -> Outcome:
                                 b_uri,
                                 "--bitmap",
                                 "b",
+                                "--json",  # its own elapsed time, for "scan alone"
                             ]
                         ],
                         "limit": [["nbdcopy", d_uri, "null:"], ["nbdcopy", b_uri, "null:"]],
@@ -172,12 +202,20 @@ def run(argv: Sequence[str]) -> Outcome:
                     }
                     order = list(runs) if r % 2 == 0 else list(runs)[::-1]
                     for name in order:
-                        results[name].append(timed(*runs[name]))
+                        results[name].append(timed((b_pid, d_pid), *runs[name]))
+                if args.profile:
+                    profile(work, sparse, runs["scan"][0])
             med = {
-                k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+                k: (statistics.median(t.wall for t in v), statistics.median(t.client for t in v))
                 for k, v in results.items()
             }
             rows.append((sparse, med))
+            scan_alone[sparse] = statistics.median(
+                json.loads(t.stdout)["progress"]["elapsed"] for t in results["scan"]
+            )
+            servers_cpu[sparse] = {
+                k: statistics.median(t.server for t in v) for k, v in results.items()
+            }
         print()
         print(
             f"{'pair':10s} {'':8s} {'scan':>8s} {'nbdcopy x2':>11s} {'qemu-img':>9s} "
@@ -192,13 +230,32 @@ def run(argv: Sequence[str]) -> Outcome:
             print(f"{label:10s} {'GiB/s':8s} {speeds} {ratios}")
             costs = f"{cpu['scan']:8.2f} {cpu['limit']:11.2f} {cpu['compare']:9.2f}"
             print(f"{'':10s} {'CPU s/GiB':8s} {costs}")
+            srv = {k: c / gib for k, c in servers_cpu[sparse].items()}
+            costs = f"{srv['scan']:8.2f} {srv['limit']:11.2f} {srv['compare']:9.2f}"
+            print(f"{'':10s} {'server':8s} {costs}")
+            own = gib / scan_alone[sparse]
+            print(f"{'':10s} {'alone':8s} {own:8.2f} {'':21s} {own / rate['limit']:11.2f}")
         print(
             f"(size {gib:.2f} GiB, medians of {rounds} round(s); targets: scan/limit >= 0.9, "
-            "scan/compare > 1; CPU is the client's: scan process, nbdcopy, qemu-img)"
+            "scan/compare > 1; CPU s/GiB: the clients' (scan process, nbdcopy, qemu-img); "
+            "server: the qemu-nbd servers' meanwhile; alone: the scan's own GiB/s, without "
+            "its process start-up, for information only)"
         )
         return Outcome(0, summary(rows, gib))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def profile(work: Path, sparse: bool, command: list[str]) -> None:
+    """One more scan of the pair under cProfile: where its client CPU goes."""
+    state = work / f"state-{sparse}-profile"
+    state.mkdir()
+    command = [*command[:1], "-m", "cProfile", "-s", "tottime", *command[1:]]
+    command[command.index("--state") + 1] = str(state)
+    command.remove("--json")
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    print(f"\n== profile of one scan, {'50% sparse' if sparse else 'dense'}")
+    print("\n".join(out.splitlines()[:28]))
 
 
 if __name__ == "__main__":
