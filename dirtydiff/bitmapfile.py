@@ -339,6 +339,15 @@ class BitmapFile:
         if durable:
             os.fsync(self._fd)
 
+    def set_backup(self, backup: str) -> None:
+        """Record another backup reference (a rebuild against the backup its
+        caller names). Its area has a checksum of its own: a write torn by a
+        crash reads as a corrupt bitmap, never as one counting from a mix."""
+        check_backup_reference(backup)
+        self.header.backup = backup
+        os.pwrite(self._fd, self.header.pack_backup(), _BACKUP_AT)
+        os.fsync(self._fd)
+
     def reload_header(self) -> Header:
         self.header = Header.unpack(os.pread(self._fd, HEADER_SIZE, 0), str(self.path))
         return self.header

@@ -475,7 +475,7 @@ class BitmapStore:
             if existing.header.reason is not Reason.SCAN_IN_PROGRESS:
                 if not rebuild:
                     raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
-                self._begin_rebuild(name, existing)
+                self._begin_rebuild(name, existing, backup)
                 return {"resume": False, "granularity": existing.granularity}
             writes = self.bitmaps.get(writes_name)
             trusted = not self.recording or (writes is not None and writes.consistent)
@@ -507,8 +507,13 @@ class BitmapStore:
             self.bitmaps[name] = bitmap
         return {"resume": False, "granularity": granularity}
 
-    def _begin_rebuild(self, name: str, bitmap: BitmapFile) -> None:
+    def _begin_rebuild(self, name: str, bitmap: BitmapFile, backup: str) -> None:
         """Turn inconsistent ``name`` into a bitmap a scan is filling.
+
+        It is compared with ``backup`` if given (the caller knows which backup
+        the bitmap counts from: one added without ``--backup``, or a backup
+        moved elsewhere), else with the one its header records; the header
+        then records the one used, which is what the rebuilt bits count from.
 
         The order keeps every write covered: ``@scan:NAME`` joins the
         recording set first (with the writes in flight), then ``name`` leaves
@@ -521,12 +526,11 @@ class BitmapStore:
                 f"bitmap {name!r} is consistent: nothing to rebuild "
                 "(a scan into a new bitmap compares against another backup)",
             )
-        if not bitmap.header.backup:
+        if not (backup or bitmap.header.backup):
             raise errors.Conflict(
                 "no-backup",
-                f"bitmap {name!r} does not know the backup it counts changes from; "
-                "scan into a new bitmap against the backup you have "
-                "(dirtydiff scan --backup URI --bitmap NEW)",
+                f"bitmap {name!r} does not know the backup it counts changes from "
+                "(checkpoint --backup and bitmap add --backup record it); give --backup URI",
             )
         writes_name = SCAN_WRITES_PREFIX + name
         if writes_name in self.bitmaps:  # left by a crash at the end of a scan
@@ -535,7 +539,9 @@ class BitmapStore:
             self._create(writes_name, bitmap.granularity)
         with self._lock:
             bitmap.header.flags &= ~(Flag.ENABLED | Flag.IN_USE)
-            self._mark_scanning(bitmap)
+            if backup and backup != bitmap.header.backup:
+                bitmap.set_backup(backup)
+            self._mark_scanning(bitmap)  # writes the header
             self._switch()
             self._clear_bits(bitmap)
 

@@ -204,6 +204,32 @@ def test_open_interval_rebuilt_after_a_host_crash_restores_the_disk(
     assert read < SIZE // 4  # an incremental, not a full copy
 
 
+def test_rebuild_given_a_backup_the_bitmap_never_recorded_uses_it_and_records_it(
+    procs: Processes, tmp_path: Path, state: Path, disk: Path
+) -> None:
+    # Found by the torture suite: a bitmap added without --backup could not
+    # be rebuilt even with --backup given; it stayed inconsistent for good.
+    tracker = procs.tracker(state, disk=disk)
+    backup, backup_uri = take_backup(procs, tmp_path, disk, "full")
+    dirtydiff("bitmap", "add", "--state", str(state), "plain")
+    qemu_io(tracker.uri, "write -P 0x33 1M 64k", "write -z 21M 1M")
+    tracker.proc.kill()  # a host crash
+    tracker.proc.wait(10)
+    tracker = procs.tracker(state, disk=disk, sock=tracker.sock, env=OTHER_BOOT)
+    qemu_io(tracker.uri, "write -P 0x55 5M 4k")
+    serve_backup(procs, tmp_path, backup, "full")
+    export = start_sidecar(procs, tmp_path, state, tracker.uri, env=OTHER_BOOT)
+    assert not bitmap_info(state, "plain")["consistent"]
+
+    dirtydiff("rebuild", "--state", str(state), "plain", "--backup", backup_uri, "--wait")
+    info = bitmap_info(state, "plain")
+    assert info["consistent"] and info["recording"] and info["backup"] == backup_uri
+    qemu_io(tracker.uri, "write -P 0x66 9M 4k")
+    restored = tmp_path / "restored.raw"
+    incremental_restore(export.uri, "plain", backup, restored)
+    assert restored.read_bytes() == disk.read_bytes()
+
+
 def api_or_cli_list(state: Path) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = json.loads(
         dirtydiff("bitmap", "list", "--state", str(state), "--json").stdout
