@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Any
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import Reason
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
 from sidecar.jobs import ACTIVE, Job, ScanJobs
-from sidecar.scanjob import ScanOptions, ScanRecord, abort_scan, rebuild_backup
+from sidecar.scanjob import (
+    ScanOptions,
+    ScanRecord,
+    abort_scan,
+    finished_meanwhile,
+    rebuild_backup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,11 @@ class SidecarApi:
         scanning = Reason.SCAN_IN_PROGRESS.describe()
         for name, record in ScanRecord.unfinished(self.state):
             try:
+                if finished_meanwhile(partial(control.run, self.state), name, record["backup"]):
+                    outlived = ScanRecord(self.state, name)  # its scan completed
+                    with outlived.exclusive():
+                        outlived.remove()
+                    continue
                 if control.run(self.state, "bitmap.info", name=name)["reason"] != scanning:
                     continue  # removed, or finished, since: nothing to go on with
                 options = ScanOptions(

@@ -191,6 +191,14 @@ def _run(
                 f"{previous.get('backup')}; finish it with the same --backup, "
                 "or abort it (dirtydiff scan --abort)",
             )
+        if previous is not None:
+            done = finished_meanwhile(bitmaps.call, options.name, options.backup)
+            if done is not None:
+                # The scan completed but its record outlived it (killed right
+                # after scan.complete): nothing is left to compare.
+                record.remove()
+                finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
+                return {"bitmap": done, "progress": finished.as_dict(), "resumed_from": disk.size}
         same_boot = previous is not None and previous.get("boot") == current_boot_id().hex()
         begun = bitmaps.call(
             "scan.begin",
@@ -245,6 +253,16 @@ def _run(
             store.close()
         disk.close()
         backup.close()
+
+
+def finished_meanwhile(call: Callable[..., Any], name: str, backup: str) -> dict[str, Any] | None:
+    """The info of bitmap ``name`` if a scan of it against ``backup`` has
+    completed (consistent, and counting from that backup), else None."""
+    try:
+        info: dict[str, Any] = call("bitmap.info", name=name)
+    except errors.NotFound:
+        return None
+    return info if info["consistent"] and info["backup"] == backup else None
 
 
 def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:

@@ -7,12 +7,15 @@ progress rise to completion.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from dirtydiff.state import StateDir
+from sidecar.scanjob import ScanRecord
 from tests.conftest import Processes, Server, dirtydiff, qemu_io
 from tests.test_scan import BACKUP, differing, dirty_set, pair_files
 
@@ -142,3 +145,42 @@ def test_sidecar_scan_waits_for_a_restarted_tracker_and_resumes(
     assert 0.2 <= at_kill < 1.0
     expected = differing(backup_bytes, disk_bytes, 65536) | {written // 65536}
     assert dirty_set(state, "w") == expected  # nothing missed, nothing extra
+
+
+def test_a_scan_record_outliving_its_completed_scan_blocks_nothing(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """Found by the torture suite: a sidecar killed between scan.complete and
+    removing STATE/scans/NAME.json left a record that made the same command
+    fail ("already exists") for good."""
+    size = 16 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 53, "dense")
+    backup_server = procs.nbdkit(*BACKUP, str(backup))
+    tracker = procs.tracker(state, disk=disk)
+    server, _ = sidecar(procs, tmp_path, state, tracker.uri)
+    args = ["scan", "--state", str(state), "--disk", tracker.uri, "--backup", backup_server.uri,
+            "--bitmap", "k", "--wait"]  # fmt: skip
+    dirtydiff(*args)
+    expected = differing(backup_bytes, disk_bytes, 65536)
+    assert dirty_set(state, "k") == expected
+    record = ScanRecord(StateDir(state), "k")
+    left = {"backup": backup_server.uri, "disk": tracker.uri, "granularity": 65536,
+            "rebuild": False, "position": 3 * MiB}  # fmt: skip
+    record.save(left)  # what a kill right after scan.complete leaves
+
+    again = dirtydiff(*args)  # the user runs the same command again
+    assert "done in the sidecar" in again.stdout
+    assert not record.path.exists()
+    assert dirty_set(state, "k") == expected  # untouched: not cleared, not rescanned
+
+    record.save(left)
+    server.proc.kill()
+    server.proc.wait(10)
+    sidecar(procs, tmp_path, state, tracker.uri)  # a new sidecar forgets it at start
+    end = time.monotonic() + 30
+    while record.path.exists():
+        assert time.monotonic() < end
+        time.sleep(0.05)  # the start-up resume runs in the background
+    assert dirty_set(state, "k") == expected
+    info = json.loads(dirtydiff("bitmap", "list", "--state", str(state), "--json").stdout)
+    assert next(b for b in info if b["name"] == "k")["consistent"]
