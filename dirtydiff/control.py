@@ -47,6 +47,16 @@ def encode(message: Message) -> bytes:
     return _LENGTH.pack(len(payload)) + payload
 
 
+def encode_reply(reply: Message) -> bytes:
+    """``encode`` for a server's reply: one too large to send (a result that
+    grew past the limit) becomes an error reply, so the client gets an answer
+    and the connection stays in step."""
+    try:
+        return encode(reply)
+    except errors.BadRequest as e:
+        return encode(reply_error(errors.DirtydiffError("reply-too-large", e.message)))
+
+
 def frame_length(prefix: bytes) -> int:
     """Parse the length prefix; a length past the limit is a protocol error."""
     length: int = _LENGTH.unpack(prefix)[0]
@@ -94,13 +104,19 @@ def reply_ok(result: object) -> Message:
     return {"version": API_VERSION, "ok": True, "result": result}
 
 
+MAX_ERROR_MESSAGE = 2048  # characters: an error may quote the request it refuses
+
+
 def reply_error(error: errors.DirtydiffError) -> Message:
+    message = error.message
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 16] + f"... ({len(message)} chars)"
     return {
         "version": API_VERSION,
         "ok": False,
         # "kind" is the class of error (bad-request, not-found, ...), "code"
         # the precise reason scripts match on (unknown-bitmap, name-in-use, ...).
-        "error": {"kind": type(error).code, "code": error.code, "message": error.message},
+        "error": {"kind": type(error).code, "code": error.code, "message": message},
     }
 
 

@@ -83,7 +83,7 @@ class ControlServer:
     @staticmethod
     def _send(conn: socket.socket, reply: control.Message) -> bool:
         try:
-            conn.sendall(control.encode(reply))
+            conn.sendall(control.encode_reply(reply))
             return True
         except OSError:
             return False

@@ -56,6 +56,10 @@ MAX_IN_FLIGHT = 16
 # Read buffers of all connections together: a client-given length never makes
 # the server hold more than this (each read is at most MAX_REQUEST).
 READ_BUDGET = 256 * 1024 * 1024
+# ... and of one connection: a buffer is held until its reply is with the
+# kernel, so a client that stops reading its replies keeps what it holds; it
+# may not hold the whole budget and stall every other client's reads.
+CONNECTION_READ_BUDGET = 2 * proto.MAX_REQUEST
 BLOCK_SIZES = (1, 4096, proto.MAX_REQUEST)
 
 
@@ -955,9 +959,13 @@ class Connection:
         if rest is not None:  # it may block: a task of its own
             task = asyncio.create_task(self._finish(request, rest))
             self._tasks.add(task)
-            task.add_done_callback(self._done)
+            task.add_done_callback(functools.partial(self._done, rest))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, rest: Coroutine[Any, Any, object], task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step (the connection ended in
+        # the same read) never started ``rest``: close it, or it is reported
+        # as never awaited. Closing one that ran is a no-op.
+        rest.close()
         self._tasks.discard(task)
         self._release()
 
@@ -1075,7 +1083,7 @@ class Connection:
         """A READ through the backend (libnbd), into a buffer that counts
         against the read budget until the reply is sent."""
         assert self.disk is not None
-        async with self.server.read_budget.hold(request.length):
+        async with self.server.read_budget.hold(self, request.length):
             if not self.structured:
                 buf = bytearray(request.length)
                 if request.length:
@@ -1175,23 +1183,33 @@ def _matches(query: str, context: str) -> bool:
 
 
 class ByteBudget:
-    """Bytes of read buffers the server may hold at once, across clients."""
+    """Bytes of read buffers the server may hold at once: ``limit`` across
+    clients, ``per_holder`` for each (a connection)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_holder: int) -> None:
         self.limit = limit
+        self.per_holder = per_holder
         self.used = 0
+        self.held: dict[object, int] = {}
         self._changed = asyncio.Condition()
 
+    def _fits(self, holder: object, n: int) -> bool:
+        return self.used + n <= self.limit and self.held.get(holder, 0) + n <= self.per_holder
+
     @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> Any:
+    async def hold(self, holder: object, n: int) -> Any:
         async with self._changed:
-            await self._changed.wait_for(lambda: self.used + n <= self.limit)
+            await self._changed.wait_for(lambda: self._fits(holder, n))
             self.used += n
+            self.held[holder] = self.held.get(holder, 0) + n
         try:
             yield
         finally:
             async with self._changed:
                 self.used -= n
+                left = self.held.pop(holder) - n
+                if left:
+                    self.held[holder] = left
                 self._changed.notify_all()
 
 
@@ -1250,7 +1268,7 @@ class _Intake(asyncio.BufferedProtocol):
 class NbdServer:
     def __init__(self, exports: Iterable[Export], read_budget: int = READ_BUDGET) -> None:
         self.exports = {e.name: e for e in exports}
-        self.read_budget = ByteBudget(read_budget)
+        self.read_budget = ByteBudget(read_budget, min(read_budget, CONNECTION_READ_BUDGET))
         self.connections: set[Connection] = set()
         self.stats = ServerStats()
         self._servers: list[asyncio.AbstractServer] = []

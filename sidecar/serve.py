@@ -48,14 +48,14 @@ async def _control_client(
                 prefix = await reader.readexactly(4)
                 message = control.decode(await reader.readexactly(control.frame_length(prefix)))
             except errors.ProtocolError as e:
-                writer.write(control.encode(control.reply_error(e)))
+                writer.write(control.encode_reply(control.reply_error(e)))
                 break
             try:
                 reply = await asyncio.to_thread(api.handle, message)
             except Exception as e:  # a bug must not take the sidecar down
                 log.exception("control request failed")
                 reply = control.reply_error(errors.DirtydiffError("internal", str(e)))
-            writer.write(control.encode(reply))
+            writer.write(control.encode_reply(reply))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass  # the client went away

@@ -506,3 +506,13 @@ def test_dispatch_of_random_requests_only_ever_replies(
     else:
         assert set(reply["error"]) >= {"code", "message"}
     assert control.decode(control.encode(reply)[4:]) == reply
+
+
+def test_a_reply_too_large_to_send_becomes_an_error_reply_and_long_messages_are_cut() -> None:
+    huge = control.reply_ok(["x" * 1000] * 2000)  # 2 MB of result
+    reply = control.decode(control.encode_reply(huge)[4:])
+    assert not reply["ok"] and reply["error"]["code"] == "reply-too-large"
+    quoted = control.reply_error(errors.BadRequest("unknown-op", "unknown op " + "\0" * 900_000))
+    encoded = control.encode_reply(quoted)
+    assert len(encoded) < 4 * control.MAX_ERROR_MESSAGE
+    assert control.decode(encoded[4:])["error"]["message"].endswith("(900011 chars)")

@@ -10,8 +10,9 @@ and a failed control request changes no file of the state directory.
 The default run is short; ``DIRTYDIFF_FUZZ_EXAMPLES=20000`` makes every
 Hypothesis test run that many examples. A failing input is written to the
 corpus as ``crash-<hash>`` (the smallest one each test found), so that the
-replay keeps it as a regression seed; a defect not fixed at once gets a
-regression test here and its seed moves to corpus/open-defects.
+replay keeps it as a regression seed; every defect found gets a regression test
+here, named after what it caught (its seed in corpus/regressions when it
+needs a setup of its own).
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ from tests.fuzz.harness import (
     BITMAP,
     DIRTY_CONTEXT,
     INTERESTING,
-    OPEN_DEFECTS,
+    REGRESSIONS,
     SIZE,
     Bystander,
-    Hang,
     InProcessNbd,
     Memory,
     control_exchange,
@@ -74,8 +74,8 @@ def fuzz_settings(default: int) -> settings:
     )
 
 
-# Seeds of open defects (corpus/open-defects) have their own regression
-# tests at the end of this file.
+# Seeds in corpus/regressions have their own regression tests at the end of
+# this file.
 NBD_SEEDS = seeds("nbd")
 CONTROL_SEEDS = seeds("control")
 T = TypeVar("T")
@@ -382,29 +382,28 @@ def test_control_parsers_fuzzed(failures: Failures, data: bytes) -> None:
     failures.run("control", data, control_parsers.one_input)
 
 
-# -- defects the fuzzers found ----------------------------------------------------
+# -- defects the fuzzers found, fixed ----------------------------------------------------
 
 MiB = 1 << 20
 
 
-def _open_defect(name: str) -> bytes:
-    return dict(seeds(OPEN_DEFECTS))[name]
+def _seed(name: str) -> bytes:
+    """A defect's seed, wherever it is kept."""
+    return dict(seeds("nbd") + seeds("control") + seeds(REGRESSIONS))[name]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: ControlServer._send encodes the reply outside its try; an error reply "
-    "that quotes a request near the size limit (repr of 270 KB of NULs: 1 MB) raises "
-    "BadRequest('too-large') in the connection thread, which dies: no reply, connection cut",
-)
 def test_tracker_answers_a_request_whose_error_reply_would_be_over_the_limit(
     procs: Processes, tmp_path: Path
 ) -> None:
+    """Caught by the control fuzzer: an error reply quoting a request near the
+    size limit did not encode, and the tracker's connection thread died with
+    no reply. Error messages are now bounded, and a reply too large to send
+    becomes an error reply."""
     state = make_state(tmp_path / "state").path
     tracker = procs.tracker(state, disk=make_disk(tmp_path / "disk.raw"))
     path = state / "tracker.sock"
     wait_for_socket(path, tracker.proc)
-    data = _open_defect("crash-error-reply-over-the-limit")
+    data = _seed("crash-error-reply-over-the-limit")
     try:
         replies = control_exchange(path, data, state)
     finally:
@@ -412,17 +411,13 @@ def test_tracker_answers_a_request_whose_error_reply_would_be_over_the_limit(
     assert replies[0]["error"]["code"] == "unknown-op"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: sidecar/serve.py _control_client's writer.write(control.encode(reply)) "
-    "is unguarded; an error reply over MAX_MESSAGE raises BadRequest, which ends the "
-    "client's task: no reply, connection cut",
-)
 def test_sidecar_answers_a_request_whose_error_reply_would_be_over_the_limit(
     procs: Processes, tmp_path: Path
 ) -> None:
+    """Caught by the control fuzzer: the same, in the sidecar's control socket
+    (the client's task ended with no reply)."""
     server, path = start_serve(procs, tmp_path)
-    data = _open_defect("crash-error-reply-over-the-limit")
+    data = _seed("crash-error-reply-over-the-limit")
     try:
         replies = control_exchange(path, data)
     finally:
@@ -430,16 +425,13 @@ def test_sidecar_answers_a_request_whose_error_reply_would_be_over_the_limit(
     assert replies[0]["error"]["code"] == "unknown-op"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=Hang,
-    reason="defect: with an NBD --disk, _read_buffered holds its READ_BUDGET share until the "
-    "reply is with the kernel; one client sending 16 reads of 32 MiB and reading no reply "
-    "holds all 256 MiB, and every other client's read waits until it goes away",
-)
 def test_a_client_not_reading_its_replies_does_not_stall_other_clients(
     procs: Processes, tmp_path: Path
 ) -> None:
+    """Caught by the NBD fuzzer: a read's buffer is held until its reply is
+    with the kernel, and one client sending 16 reads of 32 MiB and reading no
+    reply held the whole read budget, stalling every other client's reads.
+    A connection now holds at most CONNECTION_READ_BUDGET."""
     disk = tmp_path / "data.raw"
     disk.write_bytes(b"\x55" * (64 * MiB))  # data, not holes: holes need no buffer
     upstream = procs.nbdkit("file", str(disk))
@@ -451,7 +443,7 @@ def test_a_client_not_reading_its_replies_does_not_stall_other_clients(
          "--disk", upstream.uri, "--socket", str(sock)], sock,
     )  # fmt: skip
     with RawClient(sock) as hostile:
-        hostile.send(_open_defect("crash-unread-replies-hold-the-read-budget"))
+        hostile.send(_seed("crash-unread-replies-hold-the-read-budget"))
         assert hostile.recv(proto.SERVER_GREETING.size) is not None
         for _ in range(2):  # STRUCTURED_REPLY, GO
             assert hostile.option_replies()[-1][0] == proto.Rep.ACK
@@ -470,15 +462,11 @@ def test_a_client_not_reading_its_replies_does_not_stall_other_clients(
         assert within(3.0, "a well-behaved client's read", other) == b"\x55" * 4096
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (minor): BLOCK_STATUS then a request with a bad magic in one packet: "
-    "the connection ends and its tasks are cancelled before they start, so the "
-    "_block_status coroutine _dispatch made is never awaited: a RuntimeWarning per "
-    "request in the sidecar's log (and an error under -W error)",
-)
 def test_a_connection_ended_by_a_bad_magic_leaves_no_coroutine_unawaited(tmp_path: Path) -> None:
-    data = _open_defect("crash-block-status-then-bad-magic")
+    """Caught by the NBD fuzzer: BLOCK_STATUS then a bad magic in one packet
+    ended the connection before the block-status task started, leaving its
+    coroutine never awaited (a RuntimeWarning per request)."""
+    data = _seed("crash-block-status-then-bad-magic")
     server = InProcessNbd(make_disk(tmp_path / "disk.raw"), make_state(tmp_path / "s"),
                           tmp_path / "nbd.sock")  # fmt: skip
     try:

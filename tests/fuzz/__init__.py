@@ -36,9 +36,9 @@ corpus as ``crash-<sha1>``, a regression seed every later run replays.
 
 The corpus (``corpus/nbd``: client-to-server byte streams; ``corpus/control``:
 streams of control frames) holds recorded sessions of real clients, hand-made
-hostile ones, and ``crash-*`` seeds of fixed defects. ``corpus/open-defects``
-holds the seeds of defects still open, each replayed by its own xfail
-(strict) test; once fixed, a seed moves to its target's directory.
+hostile ones, and ``crash-*`` seeds of fixed defects. ``corpus/regressions``
+holds seeds replayed only by their own regression test in tests/test_fuzz.py
+(they need a setup of their own, or are too costly to mutate).
 ``python -m tests.fuzz.record`` rebuilds the recorded and hand-made seeds and
 keeps the ``crash-*`` ones.
 """
