@@ -8,7 +8,7 @@ DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio
             python3-venv python3-msgpack
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow lint bench install-units clean
+.PHONY: setup demo test test-slow test-torture test-fuzz lint bench install-units clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,26 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The torture suite's long run: 200 seeded scenarios of faults, each ending
+# with byte-for-byte restores; the last line is the summary and the seed.
+# Root: each scenario mounts a small tmpfs as its state directory.
+TORTURE_ARGS ?= --seed $$(date +%s)
+test-torture: setup
+	$(PY) -m tests.torture --scenarios 200 $(TORTURE_ARGS)
+
+# The fuzzers' long run: every Hypothesis target with many examples, then
+# each atheris (libFuzzer) target; new inputs go to a scratch corpus first.
+FUZZ_EXAMPLES ?= 20000
+FUZZ_RUNS ?= 20000
+test-fuzz: setup
+	DIRTYDIFF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	@scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	for target in nbd_parsers:nbd control_parsers:control nbd_server:nbd control_server:control; do \
+	    mkdir -p "$$scratch/$${target%%:*}"; \
+	    $(PY) -m tests.fuzz.$${target%%:*} -atheris_runs=$(FUZZ_RUNS) \
+	        "$$scratch/$${target%%:*}" tests/fuzz/corpus/$${target##*:} || exit 1; \
+	done
 
 lint: setup
 	$(VENV)/bin/ruff check .
