@@ -258,7 +258,18 @@ def run(state: StateDir, op: str, **args: object) -> Any:
     either way."""
     lock = state.try_lock()
     if lock is None:
-        return call(state.socket_path, op, **args)
+        try:
+            return call(state.socket_path, op, **args)
+        except errors.Unavailable:
+            if listening(state.socket_path):
+                raise
+            # Locked, and no tracker answers: an offline scan or another
+            # command holds the lock (or a tracker is starting right now).
+            raise errors.Unavailable(
+                "state-busy",
+                f"state directory {state.path} is locked by another process "
+                "(an offline scan, or a tracker starting); try again once it is done",
+            ) from None
     try:
         size = state.disk_size()
         if size is None:

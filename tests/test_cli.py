@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dirtydiff.bitmapfile import Flag, Header
+from dirtydiff.state import StateDir
 from tests.conftest import (
     ROOT,
     Processes,
@@ -170,3 +171,21 @@ def test_checkpoints_chain(procs: Processes, tmp_path: Path, state: Path) -> Non
     qemu_io(tracker.uri, "write 3M 1")
     assert dirty_offsets(state, "c2") == [1 * MiB]
     assert dirty_offsets(state, "@open") == [2 * MiB, 3 * MiB]
+
+
+def test_a_state_dir_locked_by_an_offline_scan_gets_a_clear_error(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    # The lock held with no tracker answering (an offline scan holds it the
+    # same way) once read as "control socket ... tracker.sock: No such file".
+    disk = make_disk(tmp_path / "disk.raw", 8 * MiB)
+    stop(procs.tracker(state, disk=disk).proc)
+    lock = StateDir(state).try_lock()
+    assert lock is not None
+    try:
+        busy = dirtydiff("bitmap", "list", "--state", str(state), check=False)
+    finally:
+        lock.release()
+    assert busy.returncode != 0
+    assert "is locked by another process (an offline scan" in busy.stderr, busy.stderr
+    assert "@open" in dirtydiff("bitmap", "list", "--state", str(state)).stdout
