@@ -8,10 +8,12 @@ run ends with one summary table of every ratio measured (``bench.report``).
 
 from __future__ import annotations
 
+import compileall
 import importlib
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import cast
 
 from bench.report import Outcome, Ratio, format_summary
@@ -51,6 +53,15 @@ def run_one(name: str, args: Sequence[str]) -> Outcome:
         return Outcome(1)
 
 
+def compile_product() -> None:
+    """Byte-compile dirtydiff's packages first, as an installed package is.
+    An editable install run with PYTHONDONTWRITEBYTECODE set compiles every
+    changed module again at each start (~30 ms of every scan command here)."""
+    root = Path(__file__).resolve().parent.parent
+    for package in ("dirtydiff", "sidecar", "nbd_plugins"):
+        compileall.compile_dir(root / package, quiet=1)
+
+
 def main(argv: Sequence[str]) -> int:
     args = list(argv)
     if args and args[0] in ("-h", "--help") and len(args) == 1:
@@ -63,6 +74,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"unknown benchmark {name!r}\n\n{usage()}", file=sys.stderr)
             return 2
         names.append(name)
+    compile_product()
     status = 0
     ratios: list[Ratio] = []
     silent: list[str] = []
