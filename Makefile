@@ -57,7 +57,7 @@ test-torture: setup
 FUZZ_EXAMPLES ?= 20000
 FUZZ_RUNS ?= 20000
 test-fuzz: setup
-	DIRTYDIFF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz.py
+	DIRTYDIFF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q --timeout=0 tests/test_fuzz.py
 	@scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
 	for target in nbd_parsers:nbd control_parsers:control nbd_server:nbd control_server:control; do \
 	    mkdir -p "$$scratch/$${target%%:*}"; \

@@ -8,7 +8,8 @@ new one are served as before), only framing errors end a control connection,
 and a failed control request changes no file of the state directory.
 
 The default run is short; ``DIRTYDIFF_FUZZ_EXAMPLES=20000`` makes every
-Hypothesis test run that many examples. A failing input is written to the
+Hypothesis test run that many examples (with ``--timeout=0``: the suite's
+per-test timeout would cut a long run short). A failing input is written to the
 corpus as ``crash-<hash>`` (the smallest one each test found), so that the
 replay keeps it as a regression seed; every defect found gets a regression test
 here, named after what it caught (its seed in corpus/regressions when it

@@ -18,7 +18,7 @@ Targets, each a function of one input (bytes a client sends):
 ``dirtydiff serve`` (its NBD socket and STATE/sidecar.sock) and the real
 tracker under nbdkit. A long run::
 
-    DIRTYDIFF_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest -q tests/test_fuzz.py
+    DIRTYDIFF_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest -q --timeout=0 tests/test_fuzz.py
 
 Coverage-guided, with atheris (libFuzzer), one target at a time::
 
