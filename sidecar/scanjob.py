@@ -27,10 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from dirtydiff import control, errors
-from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, current_boot_id
+from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
 from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
 from dirtydiff.store import BitmapStore
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress, Scan, file_mtime, open_side
+
+# The scan holds about 2 x chunk x in_flight bytes of buffers: options from a
+# control request or a command line may not make that unbounded.
+MAX_CHUNK = 64 << 20
+MAX_IN_FLIGHT = 64
+MAX_BUFFERED = 256 << 20  # chunk x in_flight, per side
 
 
 @dataclass
@@ -44,6 +50,23 @@ class ScanOptions:
     in_flight: int = DEFAULT_IN_FLIGHT
     # NAME exists, inconsistent: refill it against the backup it refers to.
     rebuild: bool = False
+
+    def __post_init__(self) -> None:
+        check_granularity(self.granularity)
+        if not 0 < self.chunk <= MAX_CHUNK:
+            raise errors.BadRequest("bad-chunk", f"chunk size must be 1 to {MAX_CHUNK} bytes")
+        if not 0 < self.in_flight <= MAX_IN_FLIGHT:
+            raise errors.BadRequest(
+                "bad-in-flight", f"chunks in flight must be 1 to {MAX_IN_FLIGHT}"
+            )
+        # The chunk the scan uses is at least a granule (sidecar.scan.Scan).
+        if max(self.chunk, self.granularity) * self.in_flight > MAX_BUFFERED:
+            raise errors.BadRequest(
+                "bad-in-flight",
+                f"chunk size x chunks in flight is over {MAX_BUFFERED >> 20} MiB",
+            )
+        if self.max_rate is not None and not self.max_rate > 0:
+            raise errors.BadRequest("bad-rate", "the rate limit must be a positive number")
 
 
 class ScanRecord:

@@ -299,6 +299,17 @@ def test_every_request_goes_through_the_sidecar_with_structured_errors(
         ("scan.status", {"name": "x"}, "unknown-scan"),
         ("rebuild", {"name": "nosuch"}, "unknown-bitmap"),
         ("checkpoint", {"name": "cp"}, "name-in-use"),
+        # Scan options that would size its buffers: bounded, checked before
+        # anything is allocated (a terabyte chunk once reached the scan).
+        ("scan.start", {"name": "s", "backup": str(disk), "chunk": 1 << 40}, "bad-chunk"),
+        ("scan.start", {"name": "s", "backup": str(disk), "in_flight": 10**6}, "bad-in-flight"),
+        (
+            "scan.start",
+            {"name": "s", "backup": str(disk), "chunk": 64 << 20, "in_flight": 64},
+            "bad-in-flight",
+        ),
+        ("scan.start", {"name": "s", "backup": str(disk), "granularity": 3}, "bad-granularity"),
+        ("scan.start", {"name": "s", "backup": str(disk), "max_rate": -1}, "bad-rate"),
     ]
     for op, args, code in cases:
         with pytest.raises(errors.DirtydiffError) as failed:
