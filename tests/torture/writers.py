@@ -16,6 +16,7 @@ requests from several connections made of it.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import threading
 import time
@@ -28,6 +29,13 @@ import nbd
 RECONNECT_DEADLINE = 60.0
 QUIESCE_DEADLINE = 60.0
 POLL_INTERVAL = 0.02  # between connection attempts while the tracker is down
+# What every write carries: a slice of this one pool of random bytes, never a
+# buffer of its own. libnbd 1.14's Python aio_pwrite never releases the Buffer
+# it is given (nor what that Buffer refers to), so a buffer per write leaked
+# every byte written: GiBs over a long run, until the host ran out of memory.
+# A slice of a pool that lives for the whole process leaks only its wrapper.
+POOL = 4 << 20  # more than the largest write (1 MiB)
+_POOL = memoryview(bytearray(os.urandom(POOL)))
 
 
 @dataclass
@@ -144,8 +152,10 @@ class Writer:
         length = _length(rng, self.size, offset)
         kind = rng.random()
         if kind < 0.7:
-            # Random bytes: a lost write cannot hide behind equal old content.
-            buf = nbd.Buffer.from_bytearray(bytearray(rng.randbytes(length)))
+            # Random bytes from a random place of the pool: a lost write cannot
+            # hide behind equal old content.
+            at = rng.randrange(POOL - length + 1)
+            buf = nbd.Buffer.from_buffer(_POOL[at : at + length])
             flags = nbd.CMD_FLAG_FUA if can_fua and rng.random() < 0.1 else 0
             return h.aio_pwrite(buf, offset, flags=flags), buf, length
         if kind < 0.9 or not can_trim:
