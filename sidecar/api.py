@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from functools import partial
 from typing import Any
 
 from dirtydiff import control, errors
@@ -129,12 +128,13 @@ class SidecarApi:
         scanning = Reason.SCAN_IN_PROGRESS.describe()
         for name, record in ScanRecord.unfinished(self.state):
             try:
-                if finished_meanwhile(partial(control.run, self.state), name, record["backup"]):
+                info = control.run(self.state, "bitmap.info", name=name)
+                if finished_meanwhile(info, record["backup"]):
                     outlived = ScanRecord(self.state, name)  # its scan completed
                     with outlived.exclusive():
                         outlived.remove()
                     continue
-                if control.run(self.state, "bitmap.info", name=name)["reason"] != scanning:
+                if info["reason"] != scanning:
                     continue  # removed, or finished, since: nothing to go on with
                 options = ScanOptions(
                     disk=str(record["disk"]),

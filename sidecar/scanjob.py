@@ -215,8 +215,11 @@ def _run(
                 "or abort it (dirtydiff scan --abort)",
             )
         if previous is not None:
-            done = finished_meanwhile(bitmaps.call, options.name, options.backup)
-            if done is not None:
+            try:
+                done: dict[str, Any] | None = bitmaps.call("bitmap.info", name=options.name)
+            except errors.NotFound:
+                done = None
+            if done is not None and finished_meanwhile(done, options.backup):
                 # The scan completed but its record outlived it (killed right
                 # after scan.complete): nothing is left to compare.
                 record.remove()
@@ -278,14 +281,10 @@ def _run(
         backup.close()
 
 
-def finished_meanwhile(call: Callable[..., Any], name: str, backup: str) -> dict[str, Any] | None:
-    """The info of bitmap ``name`` if a scan of it against ``backup`` has
-    completed (consistent, and counting from that backup), else None."""
-    try:
-        info: dict[str, Any] = call("bitmap.info", name=name)
-    except errors.NotFound:
-        return None
-    return info if info["consistent"] and info["backup"] == backup else None
+def finished_meanwhile(info: dict[str, Any], backup: str) -> bool:
+    """Whether the bitmap ``info`` describes is what a scan against ``backup``
+    leaves when it completes: consistent, and counting from that backup."""
+    return bool(info["consistent"]) and info["backup"] == backup
 
 
 def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
