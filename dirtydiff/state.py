@@ -70,6 +70,10 @@ class BitmapInfo:
     dirty_bytes: int
     generation: int
     backup: str  # the backup it counts changes from, "" if not known
+    # When this bitmap was created (ns since the epoch): a bitmap removed and
+    # added again under the same name is another bitmap, and a scan record
+    # left by the first must not answer for the second.
+    created_ns: int
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -89,6 +93,7 @@ def describe(name: str, bitmap: BitmapFile, *, recording: bool) -> BitmapInfo:
         dirty_bytes=min(bitmap.dirty_granules() * bitmap.granularity, header.disk_size),
         generation=header.generation,
         backup=header.backup,
+        created_ns=header.created_ns,
     )
 
 

@@ -55,6 +55,15 @@ DRAIN_TIMEOUT = 30.0
 _STAGING = ".@open.staging"
 
 
+def _begun(resume: bool, bitmap: BitmapFile) -> dict[str, object]:
+    """scan_begin's answer."""
+    return {
+        "resume": resume,
+        "granularity": bitmap.granularity,
+        "created_ns": bitmap.header.created_ns,
+    }
+
+
 @dataclass(eq=False)
 class Generation:
     bitmaps: tuple[BitmapFile, ...]
@@ -457,7 +466,10 @@ class BitmapStore:
         ``name`` is created disabled and INCONSISTENT (scan in progress), so it
         is never served as complete until ``scan_complete``. While recording,
         ``@scan:NAME`` starts recording every write first: a write the scan's
-        reads may have missed lands there. Returns {"resume": bool}; a scan
+        reads may have missed lands there. Returns whether the scan resumes,
+        and the bitmap's granularity and creation time (which tells a scan
+        record the bitmap it was filling from one added later under the
+        same name). A scan
         whose writes bitmap could not be trusted, or that the caller asks to
         ``restart`` (its record is from another boot), starts over.
 
@@ -476,11 +488,11 @@ class BitmapStore:
                 if not rebuild:
                     raise errors.Conflict("name-in-use", f"bitmap {name!r} already exists")
                 self._begin_rebuild(name, existing, backup)
-                return {"resume": False, "granularity": existing.granularity}
+                return _begun(False, existing)
             writes = self.bitmaps.get(writes_name)
             trusted = not self.recording or (writes is not None and writes.consistent)
             if trusted and not restart:
-                return {"resume": True, "granularity": existing.granularity}
+                return _begun(True, existing)
             # Writes during the interrupted scan may be lost: start afresh.
             # It is still marked as being scanned: at no moment does its
             # header call the cleared bits complete.
@@ -490,7 +502,7 @@ class BitmapStore:
                 self._clear(writes_name)
             elif self.recording:
                 self._create(writes_name, existing.granularity)
-            return {"resume": False, "granularity": existing.granularity}
+            return _begun(False, existing)
         if rebuild:
             raise errors.NotFound("unknown-bitmap", f"no bitmap named {name!r} to rebuild")
         if self.recording:
@@ -505,7 +517,7 @@ class BitmapStore:
         self._mark_scanning(bitmap)
         with self._lock:
             self.bitmaps[name] = bitmap
-        return {"resume": False, "granularity": granularity}
+        return _begun(False, bitmap)
 
     def _begin_rebuild(self, name: str, bitmap: BitmapFile, backup: str) -> None:
         """Turn inconsistent ``name`` into a bitmap a scan is filling.

@@ -31,6 +31,7 @@ from sidecar.scanjob import (
     ScanOptions,
     ScanRecord,
     abort_scan,
+    fills,
     finished_meanwhile,
     rebuild_backup,
 )
@@ -128,14 +129,19 @@ class SidecarApi:
         scanning = Reason.SCAN_IN_PROGRESS.describe()
         for name, record in ScanRecord.unfinished(self.state):
             try:
-                info = control.run(self.state, "bitmap.info", name=name)
-                if finished_meanwhile(info, record["backup"]):
-                    outlived = ScanRecord(self.state, name)  # its scan completed
+                try:
+                    info = control.run(self.state, "bitmap.info", name=name)
+                except errors.NotFound:
+                    info = None
+                if info is None or not fills(record, info) or finished_meanwhile(info, record):
+                    # Its scan completed, or its bitmap was removed (and
+                    # maybe added again): the record answers for nothing.
+                    outlived = ScanRecord(self.state, name)
                     with outlived.exclusive():
                         outlived.remove()
                     continue
                 if info["reason"] != scanning:
-                    continue  # removed, or finished, since: nothing to go on with
+                    continue  # aborted, or made inconsistent since: nothing to go on with
                 options = ScanOptions(
                     disk=str(record["disk"]),
                     backup=str(record["backup"]),

@@ -207,6 +207,25 @@ def _run(
             store = BitmapStore(state, disk.size, recording=False)
         bitmaps = _Bitmaps(state, store)
         previous = record.load()
+        if previous is not None:
+            try:
+                current: dict[str, Any] | None = bitmaps.call("bitmap.info", name=options.name)
+            except errors.NotFound:
+                current = None
+            if current is None or not fills(previous, current):
+                # The bitmap this record was filling is gone (removed, maybe
+                # added again since): the record answers for nothing.
+                record.remove()
+                previous = None
+            elif finished_meanwhile(current, previous):
+                # The scan completed but its record outlived it (killed right
+                # after scan.complete): nothing is left to compare.
+                record.remove()
+                if previous["backup"] == options.backup:
+                    finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
+                    done = {"progress": finished.as_dict(), "resumed_from": disk.size}
+                    return {"bitmap": current, **done}
+                previous = None  # and scan.begin finds the name in use
         if previous is not None and previous.get("backup") != options.backup:
             raise errors.Conflict(
                 "scan-other-backup",
@@ -214,17 +233,6 @@ def _run(
                 f"{previous.get('backup')}; finish it with the same --backup, "
                 "or abort it (dirtydiff scan --abort)",
             )
-        if previous is not None:
-            try:
-                done: dict[str, Any] | None = bitmaps.call("bitmap.info", name=options.name)
-            except errors.NotFound:
-                done = None
-            if done is not None and finished_meanwhile(done, options.backup):
-                # The scan completed but its record outlived it (killed right
-                # after scan.complete): nothing is left to compare.
-                record.remove()
-                finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
-                return {"bitmap": done, "progress": finished.as_dict(), "resumed_from": disk.size}
         same_boot = previous is not None and previous.get("boot") == current_boot_id().hex()
         begun = bitmaps.call(
             "scan.begin",
@@ -241,6 +249,7 @@ def _run(
             "disk": options.disk,
             "granularity": begun["granularity"],
             "rebuild": options.rebuild,
+            "created_ns": begun["created_ns"],
         }
         record.save({**base, "position": start})
 
@@ -281,10 +290,17 @@ def _run(
         backup.close()
 
 
-def finished_meanwhile(info: dict[str, Any], backup: str) -> bool:
-    """Whether the bitmap ``info`` describes is what a scan against ``backup``
-    leaves when it completes: consistent, and counting from that backup."""
-    return bool(info["consistent"]) and info["backup"] == backup
+def fills(record: dict[str, Any], info: dict[str, Any]) -> bool:
+    """Whether the scan ``record`` describes was filling the bitmap ``info``
+    describes, and not one removed since and added again under its name."""
+    return bool(record.get("created_ns") == info["created_ns"])
+
+
+def finished_meanwhile(info: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether the bitmap ``info`` describes is what the scan ``record``
+    describes left when it completed: that very bitmap, consistent, and
+    counting from the record's backup."""
+    return fills(record, info) and bool(info["consistent"]) and info["backup"] == record["backup"]
 
 
 def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
@@ -320,6 +336,12 @@ def abort_scan(state: StateDir, name: str) -> None:
                 store = BitmapStore(state, size, recording=False)
             try:
                 _Bitmaps(state, store).call("scan.abort", name=name)
+            except (errors.NotFound, errors.Conflict):
+                # No scan is filling NAME. A record left for it (by a scan
+                # that completed, or whose bitmap was removed) is forgotten;
+                # with no record there is nothing to abort.
+                if record.load() is None:
+                    raise
             finally:
                 if store is not None:
                     store.close()

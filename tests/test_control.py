@@ -353,8 +353,8 @@ def check_checkpoint(store: BitmapStore, result: Any) -> None:
 
 
 def check_scan_begin(store: BitmapStore, result: Any) -> None:
-    assert result == {"resume": False, "granularity": 65536}
     info = store.info("s")
+    assert result == {"resume": False, "granularity": 65536, "created_ns": info.created_ns}
     assert not info.consistent and "scan" in info.reason and not info.enabled
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from dirtydiff.state import StateDir
 from sidecar.scanjob import ScanRecord
@@ -165,7 +166,8 @@ def test_a_scan_record_outliving_its_completed_scan_blocks_nothing(
     assert dirty_set(state, "k") == expected
     record = ScanRecord(StateDir(state), "k")
     left = {"backup": backup_server.uri, "disk": tracker.uri, "granularity": 65536,
-            "rebuild": False, "position": 3 * MiB}  # fmt: skip
+            "rebuild": False, "position": 3 * MiB,
+            "created_ns": show(state, "k")["created_ns"]}  # fmt: skip
     record.save(left)  # what a kill right after scan.complete leaves
 
     again = dirtydiff(*args)  # the user runs the same command again
@@ -182,5 +184,67 @@ def test_a_scan_record_outliving_its_completed_scan_blocks_nothing(
         assert time.monotonic() < end
         time.sleep(0.05)  # the start-up resume runs in the background
     assert dirty_set(state, "k") == expected
-    info = json.loads(dirtydiff("bitmap", "list", "--state", str(state), "--json").stdout)
-    assert next(b for b in info if b["name"] == "k")["consistent"]
+    assert show(state, "k")["consistent"]
+
+
+def show(state: Path, name: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = json.loads(
+        dirtydiff("bitmap", "list", "--state", str(state), "--json").stdout
+    )
+    return next(b for b in found if b["name"] == name)
+
+
+def test_a_scan_record_does_not_answer_for_a_bitmap_added_again_under_its_name(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """A scan of k is interrupted; the user removes k and adds it again,
+    saying it counts from the same backup. The same scan command must not
+    report the new k as the scan's result (it compared nothing for it): the
+    record is forgotten and the name is reported in use, and neither a new
+    sidecar nor ``scan --abort`` takes the new k for the scan's."""
+    size = 16 * MiB
+    _, _, backup, disk = pair_files(tmp_path, size, 54, "dense")
+    backup_server = procs.nbdkit(*BACKUP, str(backup))
+    tracker = procs.tracker(state, disk=disk)
+    server, _ = sidecar(procs, tmp_path, state, tracker.uri)
+    args = ["scan", "--state", str(state), "--disk", tracker.uri, "--backup", backup_server.uri,
+            "--bitmap", "k", "--wait"]  # fmt: skip
+    dirtydiff(*args)
+    record = ScanRecord(StateDir(state), "k")
+    left = {"backup": backup_server.uri, "disk": tracker.uri, "granularity": 65536,
+            "rebuild": False, "position": 3 * MiB,
+            "created_ns": show(state, "k")["created_ns"]}  # fmt: skip
+    record.save(left)  # k's scan, interrupted (or its record outliving it)
+    dirtydiff("bitmap", "remove", "k", "--state", str(state))
+    dirtydiff("bitmap", "add", "k", "--state", str(state), "--backup", backup_server.uri)
+    qemu_io(tracker.uri, "write -P 7 1M 64k")
+    user_k = show(state, "k")
+    assert user_k["created_ns"] != left["created_ns"]
+    assert user_k["consistent"] and user_k["backup"] == backup_server.uri
+    assert dirty_set(state, "k") == {16}
+
+    again = dirtydiff(*args, check=False)
+    assert again.returncode != 0, again.stdout
+    assert "done" not in again.stdout
+    assert "already exists" in again.stderr, again.stderr
+    assert not record.path.exists()
+    assert show(state, "k") == user_k  # not cleared, not claimed, not scanned
+    assert dirty_set(state, "k") == {16}
+
+    record.save(left)
+    dirtydiff("scan", "--state", str(state), "--bitmap", "k", "--abort")  # forgets the record only
+    assert not record.path.exists()
+    assert show(state, "k") == user_k
+    gone = dirtydiff("scan", "--state", str(state), "--bitmap", "k", "--abort", check=False)
+    assert gone.returncode != 0 and "not being filled by a scan" in gone.stderr, gone.stderr
+
+    record.save(left)
+    server.proc.kill()
+    server.proc.wait(10)
+    sidecar(procs, tmp_path, state, tracker.uri)  # a new sidecar forgets it at start
+    end = time.monotonic() + 30
+    while record.path.exists():
+        assert time.monotonic() < end
+        time.sleep(0.05)  # the start-up resume runs in the background
+    assert show(state, "k") == user_k
+    assert dirty_set(state, "k") == {16}

@@ -728,10 +728,11 @@ def test_restarting_a_scan_never_writes_a_consistent_header_over_cleared_bits(
     """A restarted scan clears what the interrupted one found; a kill between
     a header saying "consistent" and the next one would leave an empty
     bitmap that every backup trusts."""
-    store.scan_begin("s", G)
+    first = store.scan_begin("s", G)
     store.mark_ranges("s", [(0, G)])
     seen = headers_written(monkeypatch, "s")
-    assert store.scan_begin("s", G, restart=True) == {"resume": False, "granularity": G}
+    again = store.scan_begin("s", G, restart=True)
+    assert again == {"resume": False, "granularity": G, "created_ns": first["created_ns"]}
     assert Reason.NONE not in seen
     assert dirty(store, "s") == set()
     assert not store.info("s").consistent
