@@ -118,8 +118,7 @@ class SidecarApi:
             job.cancel.set()
             if not job.stopped.wait(STOP_TIMEOUT):
                 raise errors.Unavailable("busy", f"the scan of {name!r} did not stop in time")
-        abort_scan(self.state, name)
-        return None
+        return {"bitmap_removed": abort_scan(self.state, name)}
 
     def resume_interrupted(self, *, rebuild_inconsistent: bool) -> list[Job]:
         """At start: go on with every scan a previous run left unfinished

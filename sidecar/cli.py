@@ -257,10 +257,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
     if args.abort:
         if control.listening(state.sidecar_socket_path):  # it stops its job first
-            control.call(state.sidecar_socket_path, "scan.abort", name=args.bitmap)
+            reply = control.call(state.sidecar_socket_path, "scan.abort", name=args.bitmap)
+            removed = bool(reply["bitmap_removed"])
         else:
-            abort_scan(state, args.bitmap)
-        print(f"scan of {args.bitmap} aborted")
+            removed = abort_scan(state, args.bitmap)
+        if removed:
+            print(f"scan of {args.bitmap} aborted, and the bitmap it was filling removed")
+        else:
+            print(
+                f"unfinished scan of {args.bitmap} forgotten; bitmap {args.bitmap} was not "
+                "being filled by it and stays"
+            )
         return 0
     sidecar = state.sidecar_socket_path
     in_sidecar = control.listening(sidecar)

@@ -323,7 +323,11 @@ def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
     return str(backup)
 
 
-def abort_scan(state: StateDir, name: str) -> None:
+def abort_scan(state: StateDir, name: str) -> bool:
+    """Forget the unfinished scan of ``name``: its record, and the bitmap it
+    was filling. Whether a bitmap was removed: a record left for a bitmap no
+    scan is filling (its scan completed, or the bitmap was removed and added
+    again) is forgotten, and the bitmap stays."""
     record = ScanRecord(state, name)
     with record.exclusive():
         lock = state.try_lock()
@@ -334,18 +338,20 @@ def abort_scan(state: StateDir, name: str) -> None:
                 if size is None:
                     raise errors.NotFound("never-tracked", f"no scan of {name!r} in {state.path}")
                 store = BitmapStore(state, size, recording=False)
+            removed = True
             try:
                 _Bitmaps(state, store).call("scan.abort", name=name)
             except (errors.NotFound, errors.Conflict):
-                # No scan is filling NAME. A record left for it (by a scan
-                # that completed, or whose bitmap was removed) is forgotten;
-                # with no record there is nothing to abort.
+                # No scan is filling NAME: with no record either, there is
+                # nothing to abort.
                 if record.load() is None:
                     raise
+                removed = False
             finally:
                 if store is not None:
                     store.close()
             record.remove()
+            return removed
         finally:
             if lock is not None:
                 lock.release()

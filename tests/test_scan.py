@@ -23,6 +23,8 @@ import nbd
 import pytest
 
 from dirtydiff.bitmapfile import BitmapFile
+from dirtydiff.state import StateDir
+from sidecar.scanjob import ScanRecord
 from tests.conftest import ROOT, Processes, Server, dirtydiff, make_disk, stop
 
 MiB = 1 << 20
@@ -409,3 +411,44 @@ def test_a_scan_reuses_its_libnbd_buffers_across_reads(
     # Each chunk buffer (a few per side) is read in at most chunk/64 KiB x
     # chunk/64 KiB pieces; the short last chunk's pieces are made anew.
     assert made[0] <= 6 * 16 + 4, (made[0], reads[0])
+
+
+def test_an_offline_scan_record_answers_only_for_the_bitmap_it_was_filling(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """Offline (no tracker, no sidecar): a record left for k no longer holds
+    once k is removed, whether or not k is added again: a scan against another
+    backup is not refused for it, one against the same backup does not take
+    the new k for its result, and ``--abort`` forgets the record only."""
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, 8 * MiB, 61, "dense")
+    server = procs.nbdkit("-r", "file", str(backup))
+    other = procs.nbdkit("-r", "file", str(disk))  # a second "backup": equal to the disk
+    first = scan(state, str(disk), server.uri, "k")["bitmap"]
+    record = ScanRecord(StateDir(state), "k")
+    left = {"backup": server.uri, "disk": str(disk), "granularity": 65536, "rebuild": False,
+            "position": 2 * MiB, "created_ns": first["created_ns"]}  # fmt: skip
+
+    record.save(left)
+    dirtydiff("bitmap", "remove", "k", "--state", str(state))
+    again = scan(state, str(disk), other.uri, "k")  # was: "compares against another backup"
+    assert again["bitmap"]["backup"] == other.uri and again["progress"]["compared"] == 8 * MiB
+    assert dirty_set(state, "k") == set()
+    assert not record.path.exists()
+
+    record.save({**left, "created_ns": again["bitmap"]["created_ns"]})
+    dirtydiff("bitmap", "remove", "k", "--state", str(state))
+    dirtydiff("bitmap", "add", "k", "--state", str(state), "--backup", server.uri)
+    readded = json.loads(dirtydiff("bitmap", "list", "--state", str(state), "--json").stdout)
+    [user_k] = [b for b in readded if b["name"] == "k"]
+    refused = dirtydiff("scan", "--state", str(state), "--disk", str(disk), "--backup",
+                        server.uri, "--bitmap", "k", check=False)  # fmt: skip
+    assert refused.returncode == 1 and "already exists" in refused.stderr, refused
+    assert not record.path.exists()
+    assert dirty_set(state, "k") == set()  # the new k: not filled by a scan it never had
+
+    record.save(left)
+    out = dirtydiff("scan", "--state", str(state), "--bitmap", "k", "--abort").stdout
+    assert "forgotten" in out and not record.path.exists()
+    after = json.loads(dirtydiff("bitmap", "list", "--state", str(state), "--json").stdout)
+    assert [b for b in after if b["name"] == "k"] == [user_k]
+    assert differing(backup_bytes, disk_bytes, 65536)  # the pair did differ all along

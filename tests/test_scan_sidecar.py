@@ -232,7 +232,8 @@ def test_a_scan_record_does_not_answer_for_a_bitmap_added_again_under_its_name(
     assert dirty_set(state, "k") == {16}
 
     record.save(left)
-    dirtydiff("scan", "--state", str(state), "--bitmap", "k", "--abort")  # forgets the record only
+    out = dirtydiff("scan", "--state", str(state), "--bitmap", "k", "--abort").stdout
+    assert "forgotten" in out and "stays" in out  # the record only
     assert not record.path.exists()
     assert show(state, "k") == user_k
     gone = dirtydiff("scan", "--state", str(state), "--bitmap", "k", "--abort", check=False)

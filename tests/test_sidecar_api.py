@@ -399,7 +399,7 @@ def test_abort_stops_the_sidecars_scan_and_forgets_it(
     [job] = api(state, "scan.list")
     assert job["bitmap"] == "slow" and job["state"] == "running"
     out = dirtydiff("scan", "--state", str(state), "--bitmap", "slow", "--abort").stdout
-    assert "aborted" in out
+    assert "aborted, and the bitmap it was filling removed" in out
     assert api(state, "scan.status", name="slow")["state"] == "cancelled"
     names = {b["name"] for b in api(state, "bitmap.list")}
     assert "slow" not in names and "@scan:slow" not in names
