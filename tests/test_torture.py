@@ -43,10 +43,11 @@ def test_checkpoints_under_heavy_writes_complete_every_later_backup() -> None:
 
 
 def test_scans_interrupted_and_resumed_rebuild_complete_bitmaps() -> None:
-    outcome = play(303, ["scan", "scan", "scan"])
+    outcome = play(303, ["scan", "scan", "scan", "scan-re-add"])
     finished = outcome.faults["scan-resumed"] + outcome.faults["scan-completed-by-sidecar"]
-    assert finished == 3, outcome.faults
+    assert finished + outcome.faults["scan-bitmap-re-added"] == 4, outcome.faults
     assert outcome.faults["scan-resumed"] >= 1, outcome.faults
+    assert outcome.faults["scan-bitmap-re-added"] >= 1, outcome.faults
 
 
 @needs_root

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.torture.scenario import ACTIONS, Outcome, Scenario
+from tests.torture.scenario import KINDS, Outcome, Scenario
 
 GiB = 1 << 30
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="master seed (default: from the clock)")
     parser.add_argument("--replay", type=int, metavar="SEED", help="run this one scenario")
     parser.add_argument(
-        "--kinds", nargs="+", choices=ACTIONS, help="these actions, in order, in every scenario"
+        "--kinds", nargs="+", choices=KINDS, help="these actions, in order, in every scenario"
     )
     parser.add_argument("--tmp", type=Path, help="where scenarios make their temp dirs")
     args = parser.parse_args(argv)

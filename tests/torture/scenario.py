@@ -54,6 +54,9 @@ from tests.torture.writers import WriterPool
 
 ACTIONS = ("kill-tracker", "kill-sidecar", "kill-backup", "checkpoint", "scan", "fs-full",
            "host-crash")  # fmt: skip
+# What --kinds may name: the actions, and one way a scan is interrupted that
+# a random "scan" picks only now and then.
+KINDS = (*ACTIONS, "scan-re-add")
 GRANULARITIES = (4096, 65536, 1 << 20)
 ACTIVE = ("running", "waiting")  # a sidecar's scan job that has not ended
 MAX_BACKUPS = 5  # full copies kept per scenario (disk space, copy time)
@@ -300,7 +303,10 @@ class Scenario:
         if self.rng.random() < 0.8:
             self._backup_after_checkpoint(name)
 
-    def _scan(self) -> None:
+    def _scan_re_add(self) -> None:
+        self._scan(how="re-add")
+
+    def _scan(self, how: str | None = None) -> None:
         world, rng = self.world, self.rng
         backup = rng.choice(world.backups)
         world.serve_backup(backup)
@@ -316,8 +322,11 @@ class Scenario:
         self._wait_job(
             name, lambda j: j is None or j["state"] not in ACTIVE or self._saved_position(name) > 0
         )
-        how = rng.choice(["cancel", "cancel", "kill-sidecar", "kill-tracker", "kill-backup",
-                          "host-crash"])  # fmt: skip
+        how = how or rng.choice(["cancel", "cancel", "kill-sidecar", "kill-tracker",
+                                 "kill-backup", "host-crash", "re-add"])  # fmt: skip
+        if how == "re-add":
+            self._re_add_mid_scan(name, backup, args)
+            return
         if how == "cancel":
             world.cli("scan", "--state", self.state, "--bitmap", name, "--cancel")
             self._wait_job(name, lambda j: j is None or j["state"] not in ACTIVE)
@@ -345,6 +354,30 @@ class Scenario:
             f"export offers {name!r} while its scan is interrupted ({how})",
         )
         self._complete_scan(name, backup, args)
+
+    def _re_add_mid_scan(self, name: str, backup: Backup, args: list[str]) -> None:
+        """The scan is stopped, its user removes the bitmap and adds it again
+        saying it counts from the same backup: the same scan command must
+        not take the new bitmap for its result (it compared nothing for it).
+        It is refused, its record is forgotten, and once the name is free
+        again the scan runs whole."""
+        world = self.world
+        world.cli("scan", "--state", self.state, "--bitmap", name, "--cancel")
+        self._wait_job(name, lambda j: j is None or j["state"] not in ACTIVE)
+        world.cli("bitmap", "remove", name, "--state", self.state)
+        world.cli("bitmap", "add", name, "--state", self.state, "--backup", backup.uri,
+                  "--granularity", args[args.index("--granularity") + 1])  # fmt: skip
+        rerun = world.cli(*args, "--wait", check=False)
+        if self._expect_clear_error(rerun, f"the scan of {name} run again over a new {name}"):
+            self.expect("already exists" in rerun.stderr, f"scan over a new {name}: {rerun.stderr}")
+        self.expect(
+            not (world.state / "scans" / f"{name}.json").exists(),
+            f"the scan record of {name} outlived the bitmap it was filling",
+        )
+        world.cli("bitmap", "remove", name, "--state", self.state)
+        world.cli(*args, "--wait")
+        self.outcome.faults["scan-bitmap-re-added"] += 1
+        self._recording_since(name, backup, f"scan of {name}, after a re-added {name}")
 
     def _complete_scan(self, name: str, backup: Backup, args: list[str]) -> None:
         """Bring an interrupted scan to its end, as its user would: the same
