@@ -148,26 +148,35 @@ def test_sidecar_scan_waits_for_a_restarted_tracker_and_resumes(
     assert dirty_set(state, "w") == expected  # nothing missed, nothing extra
 
 
+class ScannedK:
+    """A tracker, a sidecar and a backup server; bitmap k filled by a scan in
+    the sidecar; and ``left``, the record its scan would leave if killed."""
+
+    def __init__(self, procs: Processes, tmp_path: Path, state: Path, seed: int) -> None:
+        backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, 16 * MiB, seed, "dense")
+        self.expected = differing(backup_bytes, disk_bytes, 65536)
+        self.backup_server = procs.nbdkit(*BACKUP, str(backup))
+        self.tracker = procs.tracker(state, disk=disk)
+        self.server, _ = sidecar(procs, tmp_path, state, self.tracker.uri)
+        self.args = ["scan", "--state", str(state), "--disk", self.tracker.uri, "--backup",
+                     self.backup_server.uri, "--bitmap", "k", "--wait"]  # fmt: skip
+        dirtydiff(*self.args)
+        self.record = ScanRecord(StateDir(state), "k")
+        self.left = {"backup": self.backup_server.uri, "disk": self.tracker.uri,
+                     "granularity": 65536, "rebuild": False, "position": 3 * MiB,
+                     "created_ns": show(state, "k")["created_ns"]}  # fmt: skip
+
+
 def test_a_scan_record_outliving_its_completed_scan_blocks_nothing(
     procs: Processes, tmp_path: Path, state: Path
 ) -> None:
     """Found by the torture suite: a sidecar killed between scan.complete and
     removing STATE/scans/NAME.json left a record that made the same command
     fail ("already exists") for good."""
-    size = 16 * MiB
-    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 53, "dense")
-    backup_server = procs.nbdkit(*BACKUP, str(backup))
-    tracker = procs.tracker(state, disk=disk)
-    server, _ = sidecar(procs, tmp_path, state, tracker.uri)
-    args = ["scan", "--state", str(state), "--disk", tracker.uri, "--backup", backup_server.uri,
-            "--bitmap", "k", "--wait"]  # fmt: skip
-    dirtydiff(*args)
-    expected = differing(backup_bytes, disk_bytes, 65536)
+    k = ScannedK(procs, tmp_path, state, seed=53)
+    args, record, left, tracker, server = k.args, k.record, k.left, k.tracker, k.server
+    expected = k.expected
     assert dirty_set(state, "k") == expected
-    record = ScanRecord(StateDir(state), "k")
-    left = {"backup": backup_server.uri, "disk": tracker.uri, "granularity": 65536,
-            "rebuild": False, "position": 3 * MiB,
-            "created_ns": show(state, "k")["created_ns"]}  # fmt: skip
     record.save(left)  # what a kill right after scan.complete leaves
 
     again = dirtydiff(*args)  # the user runs the same command again
@@ -176,15 +185,22 @@ def test_a_scan_record_outliving_its_completed_scan_blocks_nothing(
     assert dirty_set(state, "k") == expected  # untouched: not cleared, not rescanned
 
     record.save(left)
-    server.proc.kill()
-    server.proc.wait(10)
-    sidecar(procs, tmp_path, state, tracker.uri)  # a new sidecar forgets it at start
+    restart_sidecar_until_forgotten(procs, tmp_path, state, tracker.uri, server, record)
+    assert dirty_set(state, "k") == expected
+    assert show(state, "k")["consistent"]
+
+
+def restart_sidecar_until_forgotten(
+    procs: Processes, tmp_path: Path, state: Path, disk_uri: str, old: Server, record: ScanRecord
+) -> None:
+    """Kill the sidecar and start another, which must forget ``record``."""
+    old.proc.kill()
+    old.proc.wait(10)
+    sidecar(procs, tmp_path, state, disk_uri)
     end = time.monotonic() + 30
     while record.path.exists():
         assert time.monotonic() < end
         time.sleep(0.05)  # the start-up resume runs in the background
-    assert dirty_set(state, "k") == expected
-    assert show(state, "k")["consistent"]
 
 
 def show(state: Path, name: str) -> dict[str, Any]:
@@ -202,18 +218,9 @@ def test_a_scan_record_does_not_answer_for_a_bitmap_added_again_under_its_name(
     report the new k as the scan's result (it compared nothing for it): the
     record is forgotten and the name is reported in use, and neither a new
     sidecar nor ``scan --abort`` takes the new k for the scan's."""
-    size = 16 * MiB
-    _, _, backup, disk = pair_files(tmp_path, size, 54, "dense")
-    backup_server = procs.nbdkit(*BACKUP, str(backup))
-    tracker = procs.tracker(state, disk=disk)
-    server, _ = sidecar(procs, tmp_path, state, tracker.uri)
-    args = ["scan", "--state", str(state), "--disk", tracker.uri, "--backup", backup_server.uri,
-            "--bitmap", "k", "--wait"]  # fmt: skip
-    dirtydiff(*args)
-    record = ScanRecord(StateDir(state), "k")
-    left = {"backup": backup_server.uri, "disk": tracker.uri, "granularity": 65536,
-            "rebuild": False, "position": 3 * MiB,
-            "created_ns": show(state, "k")["created_ns"]}  # fmt: skip
+    k = ScannedK(procs, tmp_path, state, seed=54)
+    args, record, left, tracker, server = k.args, k.record, k.left, k.tracker, k.server
+    backup_server = k.backup_server
     record.save(left)  # k's scan, interrupted (or its record outliving it)
     dirtydiff("bitmap", "remove", "k", "--state", str(state))
     dirtydiff("bitmap", "add", "k", "--state", str(state), "--backup", backup_server.uri)
@@ -240,12 +247,6 @@ def test_a_scan_record_does_not_answer_for_a_bitmap_added_again_under_its_name(
     assert gone.returncode != 0 and "not being filled by a scan" in gone.stderr, gone.stderr
 
     record.save(left)
-    server.proc.kill()
-    server.proc.wait(10)
-    sidecar(procs, tmp_path, state, tracker.uri)  # a new sidecar forgets it at start
-    end = time.monotonic() + 30
-    while record.path.exists():
-        assert time.monotonic() < end
-        time.sleep(0.05)  # the start-up resume runs in the background
+    restart_sidecar_until_forgotten(procs, tmp_path, state, tracker.uri, server, record)
     assert show(state, "k") == user_k
     assert dirty_set(state, "k") == {16}
