@@ -562,8 +562,7 @@ class Scan:
 
     def _differing(self, a: bytes | bytearray, b: bytes | bytearray) -> list[int]:
         """Offsets of the granules where a and b differ (called only when they do)."""
-        g = self.granularity
-        return [o for o in range(0, len(a), g) if a[o : o + g] != b[o : o + g]]
+        return differing_granules(a, b, self.granularity)
 
     def _advance(self) -> None:
         """Move the position over the compared chunks at the head of the queue."""
@@ -586,6 +585,18 @@ class Scan:
     def _save(self) -> None:
         self._flush()
         self.on_position(self.progress)
+
+
+def differing_granules(a: bytes | bytearray, b: bytes | bytearray, granularity: int) -> list[int]:
+    """Offsets of the granules (of ``granularity`` bytes, the last one maybe
+    shorter) where ``a`` and ``b``, of equal length, differ."""
+    # a.startswith(view, o) is a memcmp of a[o:] with view, in place:
+    # slicing both sides copied every granule (1 MiB chunk of 64 KiB
+    # granules: ~45 us instead of ~110; 4 KiB granules: ~136 instead of
+    # ~220), which a disk changed all over pays on every chunk.
+    other = memoryview(b)
+    g = granularity
+    return [o for o in range(0, len(a), g) if not a.startswith(other[o : o + g], o)]
 
 
 def file_mtime(path: str) -> int | None:

@@ -21,9 +21,12 @@ from typing import Any
 
 import nbd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dirtydiff.bitmapfile import BitmapFile
 from dirtydiff.state import StateDir
+from sidecar.scan import differing_granules
 from sidecar.scanjob import ScanRecord
 from tests.conftest import ROOT, Processes, Server, dirtydiff, make_disk, stop
 
@@ -452,3 +455,21 @@ def test_an_offline_scan_record_answers_only_for_the_bitmap_it_was_filling(
     after = json.loads(dirtydiff("bitmap", "list", "--state", str(state), "--json").stdout)
     assert [b for b in after if b["name"] == "k"] == [user_k]
     assert differing(backup_bytes, disk_bytes, 65536)  # the pair did differ all along
+
+
+@given(
+    st.binary(min_size=1, max_size=3000),
+    st.lists(st.tuples(st.integers(0, 2999), st.integers(1, 255)), max_size=8),
+    st.sampled_from([1, 7, 64, 512, 4096]),
+)
+def test_differing_granules_are_exactly_those_with_a_differing_byte(
+    backup: bytes, flips: list[tuple[int, int]], granularity: int
+) -> None:
+    """The in-place comparison (no slices copied) against the plain one,
+    including a short last granule and flips in the first and last byte."""
+    disk = bytearray(backup)
+    for at, mask in flips:
+        disk[at % len(disk)] ^= mask
+    found = differing_granules(disk, backup, granularity)
+    assert found == sorted(g * granularity for g in differing(backup, bytes(disk), granularity))
+    assert differing_granules(disk, bytes(disk), granularity) == []
