@@ -1,7 +1,7 @@
 """The diff scan: which granules of the disk differ from a backup.
 
 Both sides are read with libnbd (the disk may also be a local file), in
-chunks of 1 MiB with a few in flight, from one thread that polls both
+chunks of 512 KiB with a few in flight, from one thread that polls both
 handles. ``base:allocation`` on both sides, asked for a window of the disk at
 a time, spares reads: a chunk that reads as zeroes on both sides is equal
 without a read, one that is zero on one side is read on the other only and
@@ -48,18 +48,23 @@ from nbd_plugins.backends import EXTENT_ZERO, FileBackend
 
 KiB = 1 << 10
 MiB = 1 << 20
-DEFAULT_CHUNK = 1 * MiB  # the unit compared and saved as position
-# Chunks being read at once. Few: with more, the server reads ahead into
-# buffers that are cold by the time it sends them, and ours are cold by the
-# time we compare them (bench scan, qemu-nbd on unix sockets, 2 cores: 2 in
-# flight ~0.9-1.0 of the read limit, 4 or 8 ~0.85). 2 MiB per side in flight
-# still covers a LAN's latency; a distant backup wants --in-flight 8 or more.
+# The unit compared and saved as position, and the bytes per side in flight:
+# DEFAULT_CHUNK x DEFAULT_IN_FLIGHT. Little: what the servers send us is
+# still in the CPU's cache when we compare it. Side by side on warm servers
+# (bench/scan.py's pair, 2 cores, 12 rounds each): dense, 512 KiB x 2 was
+# faster than 1 MiB x 2 in 11 of 12 rounds (1.04 against 0.93 of the read
+# limit, client CPU 0.71 against 0.80 s/GiB); 50% sparse, a tie (7 of 12,
+# 0.89 both). 512 KiB x 3 or 4 and 2 MiB x 1 did worse. 1 MiB per side in
+# flight still covers a LAN's latency; a distant backup wants --in-flight 8
+# or more.
+DEFAULT_CHUNK = 512 * KiB
 DEFAULT_IN_FLIGHT = 2
 # The longest read sent: qemu-nbd (7.2) allocates a read's buffer per request,
-# and from 1 MiB on glibc gives it fresh mmapped pages every time; the page
-# faults and zeroing doubled the server's CPU per GiB (bench scan, 1 MiB vs
-# 512 KiB requests: ~2.0 vs ~1.1 server CPU s/GiB, 224k vs 7k faults/GiB).
-# Smaller requests cost more Python per byte; 512 KiB is below the cliff.
+# and until glibc's mmap threshold has grown past that size (it grows as
+# larger buffers are freed) each buffer is fresh, faulted-in pages: on a
+# fresh server 1 MiB requests doubled its CPU per GiB against 512 KiB (bench
+# scan: ~2.0 vs ~1.1 s/GiB, 224k vs 7k faults/GiB). Smaller requests cost
+# more Python per byte; 512 KiB is below that cliff.
 MAX_REQUEST = 512 * KiB
 # base:allocation is asked for this much of the disk at a time, as the scan
 # gets there: memory stays bounded on a huge fragmented disk, and the first
@@ -381,7 +386,7 @@ class Scan:
         self._active = 0
         self._ready: list[_Chunk] = []  # read on both sides, not compared yet
         self._marks: list[tuple[int, int]] = []
-        # Read buffers, reused: fresh 1 MiB allocations cost page faults.
+        # Read buffers, reused: fresh chunk-sized allocations cost page faults.
         self._free: list[bytearray] = []
         # The nbd.Buffer of each piece of each chunk buffer, made once: libnbd
         # 1.14's Python aio_pread never releases the Buffer it is given, so a
@@ -591,9 +596,9 @@ def differing_granules(a: bytes | bytearray, b: bytes | bytearray, granularity: 
     """Offsets of the granules (of ``granularity`` bytes, the last one maybe
     shorter) where ``a`` and ``b``, of equal length, differ."""
     # a.startswith(view, o) is a memcmp of a[o:] with view, in place:
-    # slicing both sides copied every granule (1 MiB chunk of 64 KiB
-    # granules: ~45 us instead of ~110; 4 KiB granules: ~136 instead of
-    # ~220), which a disk changed all over pays on every chunk.
+    # slicing both sides copied every granule (1 MiB of 64 KiB granules:
+    # ~45 us instead of ~110; of 4 KiB granules: ~136 instead of ~220),
+    # which a disk changed all over pays on every chunk.
     other = memoryview(b)
     g = granularity
     return [o for o in range(0, len(a), g) if not a.startswith(other[o : o + g], o)]
