@@ -258,7 +258,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.abort:
         if control.listening(state.sidecar_socket_path):  # it stops its job first
             reply = control.call(state.sidecar_socket_path, "scan.abort", name=args.bitmap)
-            removed = bool(reply["bitmap_removed"])
+            # A sidecar started before it told (answering None) removed it.
+            removed = not isinstance(reply, dict) or bool(reply.get("bitmap_removed", True))
         else:
             removed = abort_scan(state, args.bitmap)
         if removed:

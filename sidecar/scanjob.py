@@ -249,7 +249,7 @@ def _run(
             "disk": options.disk,
             "granularity": begun["granularity"],
             "rebuild": options.rebuild,
-            "created_ns": begun["created_ns"],
+            "created_ns": begun.get("created_ns"),
         }
         record.save({**base, "position": start})
 
@@ -293,7 +293,10 @@ def _run(
 def fills(record: dict[str, Any], info: dict[str, Any]) -> bool:
     """Whether the scan ``record`` describes was filling the bitmap ``info``
     describes, and not one removed since and added again under its name."""
-    return bool(record.get("created_ns") == info["created_ns"])
+    # .get: a tracker started before bitmaps told their creation time (it
+    # may run on across an upgrade, under a running VM) tells none, and the
+    # records saved meanwhile name none: they match, as before.
+    return bool(record.get("created_ns") == info.get("created_ns"))
 
 
 def finished_meanwhile(info: dict[str, Any], record: dict[str, Any]) -> bool:

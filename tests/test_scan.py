@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from dirtydiff.bitmapfile import BitmapFile
 from dirtydiff.state import StateDir
 from sidecar.scan import DEFAULT_CHUNK, differing_granules
-from sidecar.scanjob import ScanRecord
+from sidecar.scanjob import ScanRecord, fills, finished_meanwhile
 from tests.conftest import ROOT, Processes, Server, dirtydiff, make_disk, stop
 
 MiB = 1 << 20
@@ -473,3 +473,22 @@ def test_differing_granules_are_exactly_those_with_a_differing_byte(
     found = differing_granules(disk, backup, granularity)
     assert found == sorted(g * granularity for g in differing(backup, bytes(disk), granularity))
     assert differing_granules(disk, bytes(disk), granularity) == []
+
+
+def test_a_scan_record_matches_its_bitmap_by_creation_time() -> None:
+    """The pure rule behind the record tests: a record answers for the bitmap
+    created when it says. A tracker started before bitmaps told their
+    creation time tells none, and records saved against it name none: they
+    match, as they did then. A record from then, against a bitmap that tells
+    one, does not: that scan starts over."""
+    info = {"created_ns": 5, "consistent": True, "backup": "nbd://b"}
+    assert fills({"created_ns": 5}, info)
+    assert not fills({"created_ns": 4}, info)
+    assert not fills({}, info)
+    older = {"consistent": True, "backup": "nbd://b"}  # from a tracker of before
+    assert fills({"created_ns": None}, older)
+    assert finished_meanwhile(info, {"created_ns": 5, "backup": "nbd://b"})
+    assert not finished_meanwhile(info, {"created_ns": 5, "backup": "nbd://other"})
+    assert not finished_meanwhile(
+        {**info, "consistent": False}, {"created_ns": 5, "backup": "nbd://b"}
+    )
