@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Any
 
 from dirtydiff import control, errors
@@ -31,9 +32,9 @@ from sidecar.scanjob import (
     ScanOptions,
     ScanRecord,
     abort_scan,
-    fills,
-    finished_meanwhile,
+    bitmap_info,
     rebuild_backup,
+    record_is_over,
 )
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,8 @@ class SidecarApi:
         scanning = Reason.SCAN_IN_PROGRESS.describe()
         for name, record in ScanRecord.unfinished(self.state):
             try:
-                try:
-                    info = control.run(self.state, "bitmap.info", name=name)
-                except errors.NotFound:
-                    info = None
-                if info is None or not fills(record, info) or finished_meanwhile(info, record):
-                    # Its scan completed, or its bitmap was removed (and
-                    # maybe added again): the record answers for nothing.
+                info = bitmap_info(partial(control.run, self.state), name)
+                if info is None or record_is_over(record, info):
                     outlived = ScanRecord(self.state, name)
                     with outlived.exclusive():
                         outlived.remove()

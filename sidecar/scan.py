@@ -547,9 +547,9 @@ class Scan:
             data = b if a is None else a
             assert data is not None
             zero = self._zero_chunk if len(data) == self.chunk else bytes(len(data))
-            differs = [] if data == zero else self._differing(data, zero)
+            differs = [] if data == zero else differing_granules(data, zero, self.granularity)
         else:
-            differs = [] if a == b else self._differing(a, b)
+            differs = [] if a == b else differing_granules(a, b, self.granularity)
         self._release(a, b)
         chunk.disk = chunk.backup = None
         g = self.granularity
@@ -564,10 +564,6 @@ class Scan:
         self.progress.compared += chunk.length
         chunk.compared = True
         self._active -= 1
-
-    def _differing(self, a: bytes | bytearray, b: bytes | bytearray) -> list[int]:
-        """Offsets of the granules where a and b differ (called only when they do)."""
-        return differing_granules(a, b, self.granularity)
 
     def _advance(self) -> None:
         """Move the position over the compared chunks at the head of the queue."""

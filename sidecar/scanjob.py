@@ -208,24 +208,20 @@ def _run(
         bitmaps = _Bitmaps(state, store)
         previous = record.load()
         if previous is not None:
-            try:
-                current: dict[str, Any] | None = bitmaps.call("bitmap.info", name=options.name)
-            except errors.NotFound:
-                current = None
-            if current is None or not fills(previous, current):
-                # The bitmap this record was filling is gone (removed, maybe
-                # added again since): the record answers for nothing.
+            current = bitmap_info(bitmaps.call, options.name)
+            if record_is_over(previous, current):
                 record.remove()
-                previous = None
-            elif finished_meanwhile(current, previous):
-                # The scan completed but its record outlived it (killed right
-                # after scan.complete): nothing is left to compare.
-                record.remove()
-                if previous["backup"] == options.backup:
+                if (
+                    current is not None
+                    and finished_meanwhile(current, previous)
+                    and previous["backup"] == options.backup
+                ):
+                    # Killed right after scan.complete: nothing is left to
+                    # compare, and the same command reports it done.
                     finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
                     done = {"progress": finished.as_dict(), "resumed_from": disk.size}
                     return {"bitmap": current, **done}
-                previous = None  # and scan.begin finds the name in use
+                previous = None  # a fresh scan, or scan.begin finds the name in use
         if previous is not None and previous.get("backup") != options.backup:
             raise errors.Conflict(
                 "scan-other-backup",
@@ -304,6 +300,23 @@ def finished_meanwhile(info: dict[str, Any], record: dict[str, Any]) -> bool:
     describes left when it completed: that very bitmap, consistent, and
     counting from the record's backup."""
     return fills(record, info) and bool(info["consistent"]) and info["backup"] == record["backup"]
+
+
+def record_is_over(record: dict[str, Any], info: dict[str, Any] | None) -> bool:
+    """Whether the scan ``record`` describes has nothing left to go on with:
+    its bitmap (``info``, None if there is none) is gone, or is another one
+    added under its name since, or the scan completed and its record
+    outlived it (killed right after scan.complete)."""
+    return info is None or not fills(record, info) or finished_meanwhile(info, record)
+
+
+def bitmap_info(call: Callable[..., Any], name: str) -> dict[str, Any] | None:
+    """bitmap.info through ``call``, or None if there is no such bitmap."""
+    try:
+        info: dict[str, Any] = call("bitmap.info", name=name)
+    except errors.NotFound:
+        return None
+    return info
 
 
 def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
