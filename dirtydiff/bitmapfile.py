@@ -20,7 +20,8 @@ Header, format version 1, every integer big-endian::
     20     4    why it is inconsistent (Reason), 0 when it is not
     24     8    size of the disk it describes, in bytes
     32     8    generation: which checkpoint interval it records (0 if none)
-    40     8    created, ns since the epoch
+    40     8    created, ns since the epoch: when the file took the meaning
+                it has (made, or rebuilt); see "Incarnations" below
     48     16   boot id of the last boot that set IN_USE
     64     4    CRC-32 of bytes 0..63
     68     ..   zero up to 1024
@@ -43,6 +44,16 @@ INCONSISTENT is set, or IN_USE is set by a boot other than the current one: the
 host went down while a recorder held dirty pages that may never have reached
 the disk. A recorder killed while the host stays up loses nothing (the page
 cache keeps its stores), so IN_USE from the current boot is fine.
+
+Incarnations. A reader (the export) binds to one file, by its inode and its
+created time, and must never see it change meaning under it. So every
+operation that could turn a bit of a consistent bitmap from 1 to 0, or change
+what it counts from, either puts a new file under the name (clear, checkpoint,
+remove, add) or first marks the file inconsistent with a new created time
+(rebuild). Hence: one incarnation (inode, created) is consistent during at
+most one stretch of time, and during it its bits only go from 0 to 1. A reader
+that finds its incarnation still in place and consistent *after* it read the
+bits knows that what it read was complete when it read it.
 
 Locking. One process records into a file at a time (the tracker, which holds
 the state directory's lock); within it, ``mark`` runs under the tracker's lock.
@@ -108,6 +119,12 @@ class Reason(enum.IntEnum):
     """A diff scan is filling it and has not finished."""
     SCAN_ABORTED = 4
     """A rebuild of it was aborted before it finished."""
+    IMPORT_IN_PROGRESS = 5
+    """``bitmap import`` is filling it and has not finished."""
+    CHECKPOINT_FAILED = 6
+    """A checkpoint failed half way, and the interval it started may miss changes."""
+    NOT_RECORDING = 7
+    """It was found not recording although it must (the open interval)."""
 
     def describe(self) -> str:
         return {
@@ -116,6 +133,9 @@ class Reason(enum.IntEnum):
             Reason.DISK_RESIZED: "the disk changed size",
             Reason.SCAN_IN_PROGRESS: "a diff scan is filling it and has not finished",
             Reason.SCAN_ABORTED: "a rebuild of it was aborted before it finished",
+            Reason.IMPORT_IN_PROGRESS: "an import is filling it and has not finished",
+            Reason.CHECKPOINT_FAILED: "a checkpoint failed half way",
+            Reason.NOT_RECORDING: "it was found not recording",
         }[self]
 
 
@@ -264,7 +284,9 @@ class BitmapFile:
             self.shift = self.granularity.bit_length() - 1
             self.granules = granule_count(self.header.disk_size, self.granularity)
             length = bits_length(self.header.disk_size, self.granularity)
-            actual = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            self.inode = st.st_ino  # which file this is, whatever name it has now
+            actual = st.st_size
             if actual != HEADER_SIZE + length:
                 raise errors.Corrupt(
                     f"{path}: file is {actual} bytes, header says {HEADER_SIZE + length}"
@@ -292,15 +314,24 @@ class BitmapFile:
         flags: Flag,
         generation: int = 0,
         backup: str = "",
+        reason: Reason = Reason.NONE,
+        replace: bool = False,
     ) -> BitmapFile:
         """Create a new, all-clean bitmap file durably, then open it writable.
 
         Written under a temporary name and renamed, so that a crash never
-        leaves a half-made file under a bitmap's name.
+        leaves a half-made file under a bitmap's name. A ``reason`` makes it
+        inconsistent from its first byte (a scan or an import will fill it):
+        no moment exists at which it is under its name, empty and consistent.
+        ``replace``: the name may be taken, and the new file takes it over
+        in one rename (``clear``).
         """
         check_granularity(granularity)
         check_backup_reference(backup)
+        if reason is not Reason.NONE:
+            flags |= Flag.INCONSISTENT
         header = Header(
+            reason=reason,
             flags=flags,
             granularity=granularity,
             disk_size=disk_size,
@@ -328,7 +359,7 @@ class BitmapFile:
                 "state-dir-full" if e.errno == errno.ENOSPC else "state-dir-error",
                 f"cannot create bitmap {path}: {e.strerror}",
             ) from None
-        if path.exists():
+        if path.exists() and not replace:
             tmp.unlink()
             raise errors.Conflict("name-in-use", f"bitmap file {path} already exists")
         os.rename(tmp, path)

@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 
 from dirtydiff import errors
-from dirtydiff.state import StateDir
+from dirtydiff.state import DiskSeen, StateDir
 from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
 
 API_VERSION = 1
@@ -167,6 +167,46 @@ def _ranges(args: dict[str, Any]) -> list[tuple[int, int]]:
     return found
 
 
+def _disk(args: dict[str, Any]) -> DiskSeen:
+    """scan.begin's ``disk``: what the scan found when it opened the disk
+    (``disk_seen`` makes it)."""
+    seen = arg(args, "disk", dict)
+    try:
+        where, size = seen["where"], seen["size"]
+        file, tracker = seen.get("file"), seen.get("tracker")
+        ok = (
+            isinstance(where, str)
+            and type(size) is int
+            and (tracker is None or isinstance(tracker, str))
+            and (
+                file is None
+                or (
+                    isinstance(file, list)
+                    and len(file) == 3
+                    and isinstance(file[0], str)
+                    and all(type(v) is int for v in file[1:])
+                )
+            )
+        )
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise errors.BadRequest(
+            "bad-request", "argument 'disk' must be {where: str, size: int, file, tracker}"
+        )
+    return DiskSeen(where, size, None if file is None else tuple(file), tracker)
+
+
+def disk_seen(seen: DiskSeen) -> dict[str, object]:
+    """A DiskSeen as scan.begin's ``disk`` argument."""
+    return {
+        "where": seen.where,
+        "size": seen.size,
+        "file": None if seen.file is None else list(seen.file),
+        "tracker": seen.tracker,
+    }
+
+
 def _status(store: BitmapStore, args: dict[str, Any]) -> object:
     return {
         "disk_size": store.disk_size,
@@ -186,9 +226,14 @@ HANDLERS: dict[str, _Handler] = {
         arg(args, "granularity", int, 65536),
         enabled=arg(args, "enabled", bool, True),
         backup=arg(args, "backup", str, ""),
+        importing=arg(args, "importing", bool, False),
     ).as_dict(),
-    "bitmap.remove": lambda store, args: store.remove(arg(args, "name", str)),
-    "bitmap.clear": lambda store, args: store.clear(arg(args, "name", str)).as_dict(),
+    "bitmap.remove": lambda store, args: store.remove(
+        arg(args, "name", str), arg(args, "created_ns", int, None)
+    ),
+    "bitmap.clear": lambda store, args: store.clear(
+        arg(args, "name", str), arg(args, "backup", str, "")
+    ).as_dict(),
     "bitmap.enable": lambda store, args: store.enable(arg(args, "name", str)).as_dict(),
     "bitmap.disable": lambda store, args: store.disable(
         arg(args, "name", str), _seconds(args)
@@ -199,11 +244,17 @@ HANDLERS: dict[str, _Handler] = {
     "scan.begin": lambda store, args: store.scan_begin(
         arg(args, "name", str),
         arg(args, "granularity", int, 65536),
+        disk=_disk(args),
         restart=arg(args, "restart", bool, False),
         backup=arg(args, "backup", str, ""),
         rebuild=arg(args, "rebuild", bool, False),
     ),
-    "scan.complete": lambda store, args: store.scan_complete(arg(args, "name", str)).as_dict(),
+    "scan.complete": lambda store, args: store.scan_complete(
+        arg(args, "name", str), arg(args, "created_ns", int)
+    ).as_dict(),
+    "import.complete": lambda store, args: store.import_complete(
+        arg(args, "name", str), arg(args, "created_ns", int)
+    ).as_dict(),
     "scan.abort": lambda store, args: store.scan_abort(arg(args, "name", str)),
     "bitmap.merge": lambda store, args: store.merge(
         arg(args, "target", str), _names(args)

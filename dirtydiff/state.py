@@ -2,7 +2,10 @@
 
 Layout::
 
-    STATE/disk.json            what disk the bitmaps describe (its size)
+    STATE/disk.json            what disk the bitmaps describe: its size, its
+                               source, an id of this state directory (the
+                               tracker names it in its export description)
+                               and, for a local disk, the file's identity
     STATE/lock                 flock()ed by the tracker for its whole life;
                                holding it is what makes a process the owner
                                of the recording bitmaps
@@ -25,6 +28,8 @@ import fcntl
 import json
 import os
 import re
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +49,99 @@ OPEN_CHECKPOINT = "@open"
 SCAN_WRITES_PREFIX = "@scan:"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,199}")
 BITMAP_SUFFIX = ".bitmap"
+
+
+# The tracker's NBD export description: a scan that reads the disk through a
+# tracker can tell which state directory's tracker it reads.
+_TRACKER_DESCRIPTION = "dirtydiff tracker of state {id}"
+_TRACKER_ID = re.compile(r"dirtydiff tracker of state ([0-9a-f]{32})")
+
+
+def tracker_description(state_id: str) -> str:
+    return _TRACKER_DESCRIPTION.format(id=state_id)
+
+
+def tracker_id(description: str | None) -> str | None:
+    """The state id a tracker's export description names, or None."""
+    found = _TRACKER_ID.fullmatch(description or "")
+    return found.group(1) if found else None
+
+
+FileIdentity = tuple[str, int, int]
+
+
+def file_identity(fd: int) -> FileIdentity:
+    """What names a local disk whatever path reaches it: the device of a
+    block device, the device and inode of a regular file."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", os.major(st.st_rdev), os.minor(st.st_rdev))
+    return ("file", st.st_dev, st.st_ino)
+
+
+@dataclass(frozen=True)
+class DiskSeen:
+    """What a scan or an export found when it opened a disk."""
+
+    where: str  # the path or URI it was given
+    size: int
+    file: FileIdentity | None = None  # a local file or block device
+    tracker: str | None = None  # the state id a dirtydiff tracker's description names
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """STATE/disk.json: the one disk every bitmap of the state describes."""
+
+    size: int
+    source: str  # the tracker's backend: file:PATH, or its upstream URI
+    id: str  # this state directory's id ("" in a record from before ids)
+    file: FileIdentity | None = None
+
+    def check(self, seen: DiskSeen, *, tracker_runs: bool, state: Path) -> None:
+        """Raise Conflict unless ``seen`` is proven to be this disk.
+
+        With a tracker running, only two things prove it: the tracker's own
+        export (its description names this state) or the very file it serves.
+        Anything else could be another disk of the same size, and a bitmap
+        filled from it would call granules clean that the VM wrote.
+        """
+        if seen.size != self.size:
+            raise errors.Conflict(
+                "disk-size-mismatch",
+                f"the disk {seen.where} has {seen.size} bytes but {state} describes a disk of "
+                f"{self.size} bytes",
+            )
+        if seen.tracker is not None:
+            if seen.tracker == self.id:
+                return
+            raise errors.Conflict(
+                "wrong-disk",
+                f"{seen.where} is the tracker of another state directory, not of {state}",
+            )
+        if seen.file is not None:
+            if self.file is not None:
+                if seen.file == self.file:
+                    return
+            elif self.source.startswith("file:") and os.path.realpath(seen.where) == (
+                os.path.realpath(self.source[len("file:") :])
+            ):
+                return  # a record from before file identities: the same path will do
+            raise errors.Conflict(
+                "wrong-disk",
+                f"{seen.where} is not the disk of {state} ({self.source})",
+            )
+        if not tracker_runs and seen.where == self.source:
+            return  # the tracker's upstream, read while no tracker runs
+        how = (
+            "read it through the tracker's socket, or read its file"
+            if tracker_runs
+            else f"read {self.source}, or the disk through its tracker"
+        )
+        raise errors.Conflict(
+            "unproven-disk",
+            f"cannot tell that {seen.where} is the disk of {state} ({self.source}): {how}",
+        )
 
 
 def check_name(name: str) -> None:
@@ -171,25 +269,49 @@ class StateDir:
             raise errors.BadRequest(
                 "state-dir-unwritable", f"state directory {self.bitmaps_dir} is not writable"
             )
-        for leftover in self.bitmaps_dir.glob(".*.new"):
-            # A creation that crashed before its rename: never held any bit.
-            leftover.unlink()
+        for pattern in (".*.new", ".*.clearing"):
+            for leftover in self.bitmaps_dir.glob(pattern):
+                # A creation (or a clear) that crashed before its rename:
+                # never held any bit.
+                leftover.unlink()
 
     # -- the disk --------------------------------------------------------
 
     def disk_size(self) -> int | None:
+        record = self.disk()
+        return None if record is None else record.size
+
+    def disk(self) -> DiskRecord | None:
+        """What STATE/disk.json says, or None if the state was never tracked."""
         try:
             record = json.loads(self.disk_path.read_text())
-            return int(record["size"])
+            found = record.get("file")
+            file = None if found is None else (str(found[0]), int(found[1]), int(found[2]))
+            state_id = str(record.get("id", ""))
+            if state_id and not re.fullmatch(r"[0-9a-f]{32}", state_id):
+                raise ValueError(f"bad id {state_id!r}")
+            return DiskRecord(int(record["size"]), str(record["source"]), state_id, file)
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise errors.Corrupt(f"{self.disk_path}: unreadable ({e})") from None
 
-    def record_disk(self, size: int, source: str) -> None:
+    def record_disk(self, size: int, source: str, file: FileIdentity | None = None) -> DiskRecord:
+        """Record the disk the bitmaps describe; the state's id stays, or is
+        made now."""
+        try:
+            known = self.disk()
+        except errors.Corrupt:
+            known = None
+        state_id = known.id if known is not None and known.id else secrets.token_hex(16)
+        record = DiskRecord(size, source, state_id, file)
+        body = {"size": size, "source": source, "id": state_id}
+        if file is not None:
+            body["file"] = list(file)
         tmp = self.disk_path.with_name(".disk.json.new")
-        tmp.write_text(json.dumps({"size": size, "source": source}) + "\n")
+        tmp.write_text(json.dumps(body) + "\n")
         os.rename(tmp, self.disk_path)
+        return record
 
     # -- bitmaps ---------------------------------------------------------
 
@@ -212,9 +334,12 @@ class StateDir:
         return BitmapFile(path, writable=writable)
 
     def read_header(self, name: str) -> Header:
-        path = self.bitmap_path(name)
+        return self.read_header_at(self.bitmap_path(name))
+
+    @staticmethod
+    def read_header_at(path: Path) -> Header:
         try:
             with path.open("rb") as f:
                 return Header.unpack(f.read(HEADER_SIZE), str(path))
         except FileNotFoundError:
-            raise errors.NotFound("unknown-bitmap", f"no bitmap named {name!r}") from None
+            raise errors.NotFound("unknown-bitmap", f"no bitmap file {path}") from None

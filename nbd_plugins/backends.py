@@ -204,9 +204,13 @@ class NbdBackend:
 
         self._nbd = nbd
         self.uri = uri
-        probe = self._handle()
+        probe = self._handle(full_info=True)
         try:
             self.size = probe.get_size()
+            try:  # a dirtydiff tracker names its state directory here
+                self.description: str | None = probe.get_export_description()
+            except nbd.Error:
+                self.description = None
             self.readonly = readonly or bool(probe.is_read_only())
             self.can_trim = bool(probe.can_trim())
             self.can_fast_zero = bool(probe.can_fast_zero())
@@ -219,9 +223,10 @@ class NbdBackend:
         finally:
             _disconnect(probe)
 
-    def _handle(self) -> Any:
+    def _handle(self, *, full_info: bool = False) -> Any:
         h = self._nbd.NBD()
         h.add_meta_context("base:allocation")
+        h.set_full_info(full_info)
         try:
             h.connect_uri(self.uri)
         except self._nbd.Error as e:

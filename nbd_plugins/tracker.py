@@ -126,6 +126,12 @@ def close(h: Connection) -> None:
     h.close()
 
 
+def export_description(h: Connection) -> str:
+    # Names the state directory: a scan or an export reading the disk
+    # through this tracker proves by it which disk it reads.
+    return _tracker.description
+
+
 def get_size(h: Connection) -> int:
     return _tracker.size
 

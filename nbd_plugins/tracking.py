@@ -17,7 +17,7 @@ from typing import Any
 
 from dirtydiff import errors, sdnotify
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity
-from dirtydiff.state import StateDir, StateLock
+from dirtydiff.state import StateDir, StateLock, file_identity, tracker_description
 from dirtydiff.store import BitmapStore
 from nbd_plugins.backends import Backend, Connection, FileBackend, NbdBackend
 from nbd_plugins.control_server import ControlServer
@@ -118,7 +118,14 @@ class Tracker:
             except OSError as e:
                 raise ConfigError("disk", str(e.strerror or e)) from None
             self.size = self.backend.size
-            self.state.record_disk(self.size, self.backend.describe())
+            record = self.state.record_disk(
+                self.size,
+                self.backend.describe(),
+                file_identity(self.backend.fd) if isinstance(self.backend, FileBackend) else None,
+            )
+            # Named in the export's description: a scan reading this export
+            # proves by it that it reads this state's disk.
+            self.description = tracker_description(record.id)
             self.store = BitmapStore(
                 self.state, self.size, recording=True, granularity=config.granularity
             )

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 ROUTED = frozenset({
     "ping", "status", "bitmap.list", "bitmap.info", "bitmap.add", "bitmap.remove",
     "bitmap.clear", "bitmap.enable", "bitmap.disable", "bitmap.mark", "bitmap.merge",
-    "checkpoint",
+    "import.complete", "checkpoint",
 })  # fmt: skip
 OWN = frozenset({"scan.start", "scan.status", "scan.list", "scan.cancel", "scan.abort", "rebuild"})
 OPS = ROUTED | OWN

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -386,6 +387,9 @@ IMPORT_BATCH = 16384  # ranges per control message, well under its size limit
 
 
 def cmd_bitmap_import(args: argparse.Namespace) -> int:
+    """Made inconsistent ("an import is filling it"), filled, then declared
+    consistent: killed half way, it is never taken for the bitmap it was to
+    be."""
     state = StateDir(args.state)
     size, found = context_extents(args.from_uri, args.context)
     known = state.disk_size()
@@ -394,24 +398,66 @@ def cmd_bitmap_import(args: argparse.Namespace) -> int:
             "disk-size-mismatch",
             f"{args.from_uri} exports {size} bytes but the disk of {state.path} has {known} bytes",
         )
-    run_request(
-        args.state, "bitmap.add", name=args.name, granularity=args.granularity,
-        enabled=not args.disabled,
-    )  # fmt: skip
-    try:
-        batch: list[tuple[int, int]] = []
-        for offset, length, flags in found:
-            if flags & 1:  # NBD_STATE_DIRTY
-                batch.append((offset, length))
-            if len(batch) >= IMPORT_BATCH:
-                run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
-                batch = []
-        info = run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
-    except BaseException:
-        # Half an import is worse than none: it would look like a real bitmap.
-        with contextlib.suppress(errors.DirtydiffError):
-            run_request(args.state, "bitmap.remove", name=args.name)
-        raise
+    with _TerminateAsInterrupt() as terminate:
+        begun = run_request(
+            args.state, "bitmap.add", name=args.name, granularity=args.granularity,
+            enabled=not args.disabled, importing=True,
+        )  # fmt: skip
+        try:
+            terminate.arm()
+            batch: list[tuple[int, int]] = []
+            for offset, length, flags in found:
+                if flags & 1:  # NBD_STATE_DIRTY
+                    batch.append((offset, length))
+                if len(batch) >= IMPORT_BATCH:
+                    run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
+                    batch = []
+            run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
+            info = run_request(
+                args.state, "import.complete", name=args.name, created_ns=begun["created_ns"]
+            )
+        except BaseException:
+            # Half an import is worth nothing: it goes (it stays inconsistent,
+            # and so never exported, if even this fails).
+            with contextlib.suppress(errors.DirtydiffError):
+                run_request(
+                    args.state, "bitmap.remove", name=args.name, created_ns=begun["created_ns"]
+                )
+            raise
+    _emit(info, args.json, _info_line)
+    return 0
+
+
+class _TerminateAsInterrupt:
+    """SIGTERM raises KeyboardInterrupt, so that a command's cleanup runs as
+    for ^C; until ``arm``, it waits (a request under way finishes first, and
+    its caller learns what there is to clean up)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.pending = False
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if not self.armed:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def arm(self) -> None:
+        self.armed = True
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _TerminateAsInterrupt:
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def cmd_bitmap_clear(args: argparse.Namespace) -> int:
+    info = run_request(args.state, "bitmap.clear", name=args.name, backup=args.backup or "")
     _emit(info, args.json, _info_line)
     return 0
 
@@ -616,9 +662,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_bitmap_add)
 
+    p = bsub.add_parser(
+        "clear", help="empty a bitmap: it counts changes from now on, not from its backup"
+    )
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("name")
+    p.add_argument(
+        "--backup", metavar="URI", help="a backup taken just now, which it then counts from"
+    )
+    p.set_defaults(func=cmd_bitmap_clear)
+
     for action, op, text in (
         ("remove", "bitmap.remove", "delete a bitmap"),
-        ("clear", "bitmap.clear", "mark every granule clean (consistent again from now on)"),
         ("enable", "bitmap.enable", "start recording into a bitmap"),
         ("disable", "bitmap.disable", "stop recording into a bitmap (after in-flight writes)"),
     ):

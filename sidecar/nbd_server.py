@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import struct
+import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -73,7 +74,9 @@ class Export:
     bitmap_filter: frozenset[str] | None = None  # --bitmap: only these
     description: str = ""
     sendfile_path: Path | None = None  # a local file: reads use sendfile(2)
-    _open_bitmaps: dict[str, tuple[int, BitmapFile]] = field(default_factory=dict)
+    _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
+        default_factory=weakref.WeakValueDictionary
+    )
 
     @property
     def size(self) -> int:
@@ -110,20 +113,18 @@ class Export:
         ]
 
     def bitmap(self, name: str) -> tuple[int, BitmapFile]:
-        """The file now named ``name`` (its inode, and it mapped read-only);
-        reopened if the name was given to another file."""
+        """The file now named ``name`` (its inode, and it mapped read-only),
+        shared by the connections that chose it; opened anew when the name
+        holds another file. A file no connection holds any more is closed
+        and unmapped (a removed bitmap's space is freed)."""
         assert self.state is not None
         path = self.state.bitmap_path(name)
-        inode = os.stat(path).st_ino
         cached = self._open_bitmaps.get(name)
-        if cached is not None and cached[0] == inode:
-            return cached
-        # The file it replaces is not closed here: connections bound to it
-        # hold it (so its inode cannot be reused) and rebind on their next
-        # request; it closes when the last one lets go.
-        found = inode, BitmapFile(path, writable=False)
-        self._open_bitmaps[name] = found
-        return found
+        if cached is not None and cached.inode == os.stat(path).st_ino:
+            return cached.inode, cached
+        bitmap = BitmapFile(path, writable=False)
+        self._open_bitmaps[name] = bitmap
+        return bitmap.inode, bitmap
 
 
 # Request counters are keyed by the spec's command names, lower case.
@@ -199,6 +200,7 @@ class _BitmapStatus:
     def _bind(self, inode: int, bitmap: BitmapFile) -> None:
         self._inode = inode
         self._bitmap = bitmap
+        self._created = bitmap.header.created_ns
         self._bits: Any = bitmap.bits
         self._granularity = bitmap.granularity
         self._size = bitmap.header.disk_size
@@ -207,26 +209,32 @@ class _BitmapStatus:
         self._ahead: dict[tuple[int, int], tuple[int, bytes, bytes, int]] = {}
 
     def _check(self) -> None:
-        """Follow the name, not the file, on every request.
+        """The bitmap this connection chose is still the one under its name,
+        consistent; else the request fails with EIO.
 
-        A checkpoint renames the open interval's file to the checkpoint's
-        name and puts a new file under ``@open``: a client that chose
-        ``qemu:dirty-bitmap:@open`` before it would otherwise go on reading
-        the frozen file and miss every later write. A bitmap that was
-        removed, or found inconsistent meanwhile (a tracker restarted after
-        a host crash), fails the request: a backup tool stops instead of
-        copying too little. A stat and a 4 KiB pread cost a few
-        microseconds; a request covers up to 4 GiB.
+        The connection never moves on to another file: the file a name
+        holds after a checkpoint (``@open``), a clear, or a remove and add
+        is another bitmap, and finishing a walk in it would miss what the
+        first half found dirty. A rebuild after a crash gives the file
+        another created time: another bitmap too. Asked before and after
+        each answer is made (see "Incarnations" in dirtydiff.bitmapfile):
+        an answer is sent only if its bitmap was consistent throughout. A
+        stat and a 4 KiB pread cost a few microseconds; a request covers up
+        to 4 GiB.
         """
         name = self._name
         assert self._export.state is not None
         try:
             inode = os.stat(self._export.state.bitmap_path(name)).st_ino
-            if inode != self._inode:
-                self._bind(*self._export.bitmap(name))
             header = self._bitmap.reload_header()
         except (OSError, errors.DirtydiffError) as e:
             raise RequestError(Errno.EIO, f"bitmap {name!r} is gone: {e}") from None
+        if inode != self._inode or header.created_ns != self._created:
+            raise RequestError(
+                Errno.EIO,
+                f"bitmap {name!r} is not the one this connection chose any more "
+                "(checkpoint, clear, rebuild, or remove and add); connect again",
+            )
         if header.disk_size != self._size:
             raise RequestError(Errno.EIO, f"bitmap {name!r} now describes another disk size")
         why = inconsistency(header)
@@ -241,6 +249,11 @@ class _BitmapStatus:
 
     def descriptors(self, count: int, offset: int, one: bool) -> bytes:
         self._check()
+        answer = self._answer(count, offset, one)
+        self._check()
+        return answer
+
+    def _answer(self, count: int, offset: int, one: bool) -> bytes:
         g, size = self._granularity, self._size
         if one:  # qemu-img map asks one extent at a time: no need to scan far
             first = bitmap_extents(self._bits, g, size, offset, count, max_extents=1)

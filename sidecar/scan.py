@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import nbd
 
 from dirtydiff import errors
+from dirtydiff.state import DiskSeen, file_identity, tracker_id
 from nbd_plugins.backends import EXTENT_ZERO, FileBackend
 
 KiB = 1 << 10
@@ -195,6 +196,7 @@ class NbdSide:
         self.uri = uri
         h = nbd.NBD()
         h.add_meta_context("base:allocation")
+        h.set_full_info(True)  # the description: a dirtydiff tracker names its state there
         try:
             h.connect_uri(uri)
         except nbd.Error as e:
@@ -204,6 +206,11 @@ class NbdSide:
         h.set_pread_initialize(False)  # we only read what the server wrote
         self.h = h
         self.size: int = h.get_size()
+        try:
+            description: str | None = h.get_export_description()
+        except nbd.Error:  # the server sent none
+            description = None
+        self.seen = DiskSeen(uri, self.size, tracker=tracker_id(description))
         self.fd: int = self._call(h.aio_get_fd)
         self.events = 0  # what ``fd`` is registered for
         self.in_flight = 0
@@ -314,6 +321,7 @@ class FileSide:
         self.conn = self.backend.connect()
         self.size = self.backend.size
         self.path = path
+        self.seen = DiskSeen(path, self.size, file=file_identity(self.backend.fd))
 
     def zero_map(self, start: int, end: int) -> ZeroMap:
         extents = self.conn.extents(end - start, start)

@@ -194,15 +194,19 @@ def _run(
                 f"the backup {options.backup} has {backup.size} bytes but the disk has "
                 f"{disk.size} bytes: a backup of another disk, or the disk was resized",
             )
+        if disk.seen.tracker is not None and disk.seen.tracker == backup.seen.tracker:
+            raise errors.Conflict(
+                "backup-is-disk", f"the backup {options.backup} is the disk itself"
+            )
         if lock is not None:  # offline: no tracker; we own the files
-            known = state.disk_size()
+            known = state.disk()
             if known is None:
                 state.prepare()
-                state.record_disk(disk.size, options.disk)
-            elif known != disk.size:
+                state.record_disk(disk.size, options.disk, disk.seen.file)
+            elif known.size != disk.size:
                 raise errors.Conflict(
                     "disk-size-mismatch",
-                    f"the disk has {disk.size} bytes but {state.path} describes {known} bytes",
+                    f"the disk has {disk.size} bytes but {state.path} describes {known.size} bytes",
                 )
             store = BitmapStore(state, disk.size, recording=False)
         bitmaps = _Bitmaps(state, store)
@@ -234,6 +238,7 @@ def _run(
             "scan.begin",
             name=options.name,
             granularity=options.granularity,
+            disk=control.disk_seen(disk.seen),
             restart=previous is None or not same_boot,
             backup=options.backup,
             rebuild=options.rebuild,
@@ -276,7 +281,7 @@ def _run(
                 f"{options.disk} was modified during the scan and no tracker recorded the writes; "
                 f"scan again with the tracker running (bitmap {options.name!r} stays inconsistent)",
             )
-        info = bitmaps.call("scan.complete", name=options.name)
+        info = bitmaps.call("scan.complete", name=options.name, created_ns=begun["created_ns"])
         record.remove()
         return {"bitmap": info, "progress": progress.as_dict(), "resumed_from": start}
     finally:

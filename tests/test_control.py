@@ -20,11 +20,13 @@ from hypothesis import strategies as st
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BOOT_ID_ENV
-from dirtydiff.state import OPEN_CHECKPOINT, StateDir
+from dirtydiff.state import OPEN_CHECKPOINT, DiskSeen, StateDir
 from dirtydiff.store import BitmapStore
 
 BOOT_A = "8a5bd0c4-6a8e-4f3c-9d1e-0f6f2b7e1a01"
 DISK = 1 << 24
+FILE = ("file", 1, 2)  # the disk file's identity, as the state records it
+SEEN = control.disk_seen(DiskSeen("disk.raw", DISK, file=FILE))
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +39,7 @@ def store(tmp_path: Path) -> Iterator[BitmapStore]:
     state = StateDir(tmp_path)
     lock = state.try_lock()
     assert lock is not None
+    state.record_disk(DISK, "file:disk.raw", FILE)
     store = BitmapStore(state, DISK, recording=False)
     try:
         yield store
@@ -367,19 +370,33 @@ def check_scan_abort(store: BitmapStore, result: Any) -> None:
     assert result is None and "s" not in store.bitmaps
 
 
-def scanning(store: BitmapStore) -> None:
-    store.scan_begin("s")
+def check_import_complete(store: BitmapStore, result: Any) -> None:
+    assert result["name"] == "i" and result["consistent"] and result["dirty_bytes"] == 65536
+
+
+def scanning(store: BitmapStore) -> dict[str, Any]:
+    begun = store.scan_begin("s", disk=control._disk({"disk": SEEN}))
     store.mark_ranges("s", [(0, 1)])
+    return {"created_ns": begun["created_ns"]}
 
 
-SETUP: dict[str, Callable[[BitmapStore], None]] = {
+def importing(store: BitmapStore) -> dict[str, Any]:
+    info = store.add("i", importing=True)
+    assert not info.consistent and "import" in info.reason
+    store.mark_ranges("i", [(0, 1)])
+    return {"created_ns": info.created_ns}
+
+
+SETUP: dict[str, Callable[[BitmapStore], dict[str, Any]]] = {
     "scan.complete": scanning,
     "scan.abort": scanning,
+    "import.complete": importing,
 }
 
 OPS: dict[str, tuple[dict[str, Any], Callable[[BitmapStore, Any], None]]] = {
-    "scan.begin": ({"name": "s"}, check_scan_begin),
+    "scan.begin": ({"name": "s", "disk": SEEN}, check_scan_begin),
     "scan.complete": ({"name": "s"}, check_scan_complete),
+    "import.complete": ({"name": "i"}, check_import_complete),
     "scan.abort": ({"name": "s"}, check_scan_abort),
     "ping": ({}, check_ping),
     "status": ({}, check_status),
@@ -404,9 +421,9 @@ def test_every_handler_has_a_dispatch_test() -> None:
 def test_dispatch_each_op_on_an_offline_store(store: BitmapStore, op: str) -> None:
     store.add("b")
     store.bitmaps["b"].mark(0, 1)
-    if op in SETUP:
-        SETUP[op](store)
     args, check = OPS[op]
+    if op in SETUP:
+        args = {**args, **SETUP[op](store)}
     # Through the wire format, as a client's request arrives.
     message = read_recorded(control.encode(control.request(op, **args)))
     assert message is not None

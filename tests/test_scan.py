@@ -148,8 +148,10 @@ def test_offline_scan_marks_exactly_the_differing_granules(
     assert dirty_set(state, "local") == expected
     assert result["progress"]["differing_granules"] == len(expected)
     assert result["bitmap"]["consistent"] and result["bitmap"]["enabled"]
-    disk_server = procs.nbdkit("-r", "file", str(disk))
-    scan(state, disk_server.uri, server.uri, "remote", "--granularity", str(granularity), *extra)
+    # Over NBD, the disk is read through its tracker: nothing else proves
+    # that an NBD export is this state's disk.
+    tracker = procs.tracker(state, disk=disk)
+    scan(state, tracker.uri, server.uri, "remote", "--granularity", str(granularity), *extra)
     assert dirty_set(state, "remote") == expected
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from dirtydiff import errors
 from dirtydiff.bitmapfile import BOOT_ID_ENV, BitmapFile, Flag, Reason, inconsistency
-from dirtydiff.state import OPEN_CHECKPOINT, StateDir
+from dirtydiff.state import OPEN_CHECKPOINT, DiskSeen, StateDir
 from dirtydiff.store import BitmapStore, CheckpointResult, Generation
 
 BOOT_A = "8a5bd0c4-6a8e-4f3c-9d1e-0f6f2b7e1a01"
@@ -27,6 +27,8 @@ BOOT_B = "1c0ffee0-0000-4000-8000-00000000000b"
 G = 65536
 DISK = 64 * G + 4096  # a partial last granule
 WAIT = 10.0  # bound for events that must come; reaching it is a failure
+FILE = ("file", 1, 2)  # the disk file's identity, as the state records it
+SEEN = DiskSeen("disk.raw", DISK, file=FILE)  # what a scan of that file finds
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +41,7 @@ def state(tmp_path: Path) -> Iterator[StateDir]:
     state = StateDir(tmp_path)
     lock = state.try_lock()
     assert lock is not None
+    state.record_disk(DISK, "file:disk.raw", FILE)
     try:
         yield state
     finally:
@@ -298,17 +301,40 @@ def test_disable_drains_a_write_in_flight(
 
 
 def test_clear_keeps_writes_in_flight_marked(store: BitmapStore, state: StateDir) -> None:
+    store.add("b", backup="nbd://backup/b0")
     write(store, 0, 1)
     gen, token = store.begin_write(3 * G + 5, 2 * G)  # granules 3, 4, 5
-    info = store.clear(OPEN_CHECKPOINT)
-    assert dirty(store, OPEN_CHECKPOINT) == {3, 4, 5}
+    before = store.info("b")
+    info = store.clear("b")
+    assert dirty(store, "b") == {3, 4, 5}
     assert info.dirty_bytes == 3 * G
     store.end_write(gen, token)
-    assert dirty(store, OPEN_CHECKPOINT) == {3, 4, 5}
-    assert on_disk(state, OPEN_CHECKPOINT) == {3, 4, 5}
-    store.clear(OPEN_CHECKPOINT)
-    assert dirty(store, OPEN_CHECKPOINT) == set()
+    assert dirty(store, "b") == {3, 4, 5}
+    assert on_disk(state, "b") == {3, 4, 5}
+    # Another bitmap under the name: it counts from the clear, not from b0.
+    assert info.backup == "" and info.created_ns > before.created_ns
+    assert store.bitmaps["b"].inode != store.bitmaps[OPEN_CHECKPOINT].inode
+    info = store.clear("b", backup="nbd://backup/b1")
+    assert dirty(store, "b") == set() and info.backup == "nbd://backup/b1"
+    assert store.info("b").recording
+    write(store, 7 * G, 1)
+    assert on_disk(state, "b") == {7}
+
+
+def test_the_open_interval_is_never_cleared_disabled_or_removed(store: BitmapStore) -> None:
+    """Each would make the next checkpoint claim less than what changed
+    since the last one."""
+    write(store, 0, 1)
+    for change in (
+        lambda: store.clear(OPEN_CHECKPOINT),
+        lambda: store.disable(OPEN_CHECKPOINT),
+        lambda: store.remove(OPEN_CHECKPOINT),
+    ):
+        with pytest.raises(errors.BadRequest) as refused:
+            change()
+        assert refused.value.code == "reserved-name"
     assert store.info(OPEN_CHECKPOINT).recording
+    assert store.checkpoint("cp").dirty_bytes == G
 
 
 def test_bitmaps_joining_during_a_write_get_its_range(store: BitmapStore) -> None:
@@ -555,22 +581,25 @@ def test_host_crash_stays_inconsistent_across_opens(
         assert inconsistency(state.read_header(name)) is Reason.HOST_CRASH
 
 
-def test_clear_makes_a_crashed_bitmap_consistent_again(
+def test_clear_makes_a_crashed_bitmap_a_new_consistent_one(
     state: StateDir, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A cleared bitmap counts from the clear: it no longer speaks for the
+    backup it counted from before the crash."""
     crash_host(state, monkeypatch, disabled="d")
     store = BitmapStore(state, DISK, recording=True, granularity=G)
     try:
-        store.clear(OPEN_CHECKPOINT)
+        with pytest.raises(errors.BadRequest):
+            store.clear(OPEN_CHECKPOINT)  # rebuild it, or checkpoint
         store.clear("d")
-        assert store.info(OPEN_CHECKPOINT).consistent
-        assert store.info("d").consistent
+        assert store.info("d").consistent and store.info("d").backup == ""
+        assert not store.info(OPEN_CHECKPOINT).consistent
     finally:
         store.close()
     store = BitmapStore(state, DISK, recording=False, granularity=G)
     try:
-        assert store.info(OPEN_CHECKPOINT).consistent
         assert store.info("d").consistent
+        assert not store.info(OPEN_CHECKPOINT).consistent
     finally:
         store.close()
 
@@ -586,38 +615,61 @@ def stage_next_interval(state: StateDir, generation: int) -> None:
     ).close()
 
 
-def test_checkpoint_interrupted_between_renames_recovers(state: StateDir) -> None:
+def test_checkpoint_interrupted_between_renames_is_undone(state: StateDir) -> None:
+    """The frozen file under its new name is still ENABLED: it goes back
+    under @open with every bit it got, and the checkpoint can be taken again."""
     store = BitmapStore(state, DISK, recording=True, granularity=G)
     write(store, 6 * G, 1)
     frozen = store.bitmaps[OPEN_CHECKPOINT]
     store.close(clean=False)  # the tracker dies mid-checkpoint, host up
+    stage_next_interval(state, generation=2)
+    os.rename(frozen.path, state.bitmap_path("cp1"))
+    # ... and the crash comes before the staging file is renamed to @open.
 
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert sorted(state.names()) == [OPEN_CHECKPOINT]
+        assert not list(state.bitmaps_dir.glob(".*"))
+        info = store.info(OPEN_CHECKPOINT)
+        assert (info.recording, info.consistent, info.generation) == (True, True, 1)
+        assert dirty(store, OPEN_CHECKPOINT) == {6}
+        write(store, 8 * G, 1)
+        assert store.checkpoint("cp1").dirty_bytes == 2 * G
+    finally:
+        store.close()
+
+
+def test_checkpoint_interrupted_between_renames_by_an_older_tracker_stands(
+    state: StateDir,
+) -> None:
+    """An older tracker wrote the frozen header before its renames, and died
+    holding the lock: nothing was marked since, and the checkpoint stands."""
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    write(store, 6 * G, 1)
+    frozen = store.bitmaps[OPEN_CHECKPOINT]
+    store.close(clean=False)
     stage_next_interval(state, generation=2)
     with state.open_bitmap(OPEN_CHECKPOINT, writable=True) as bitmap:
         bitmap.header.flags &= ~Flag.ENABLED
         bitmap.write_header(durable=False)
     os.rename(frozen.path, state.bitmap_path("cp1"))
-    # ... and the crash comes before the staging file is renamed to @open.
-    assert not state.bitmap_path(OPEN_CHECKPOINT).exists()
 
     store = BitmapStore(state, DISK, recording=True, granularity=G)
     try:
         assert sorted(state.names()) == [OPEN_CHECKPOINT, "cp1"]
         assert not list(state.bitmaps_dir.glob(".*"))
         following = store.info(OPEN_CHECKPOINT)
-        assert (following.enabled, following.recording, following.consistent) == (
+        assert (following.recording, following.consistent, following.generation) == (
             True,
             True,
-            True,
+            2,
         )
-        assert following.generation == 2
         frozen_info = store.info("cp1")
         assert (frozen_info.enabled, frozen_info.consistent) == (False, True)
         assert dirty(store, "cp1") == {6}
         assert dirty(store, OPEN_CHECKPOINT) == set()
         write(store, 8 * G, 1)
         assert dirty(store, OPEN_CHECKPOINT) == {8}
-        assert dirty(store, "cp1") == {6}
         assert store.checkpoint("cp2").generation == 2
     finally:
         store.close()
@@ -681,7 +733,7 @@ def test_corrupt_bitmap_refuses_to_open_the_store(state: StateDir) -> None:
 def test_a_bitmap_a_scan_is_filling_cannot_be_made_to_look_complete(store: BitmapStore) -> None:
     """Regression guard: clear/enable/merge on a half-built bitmap would make
     it consistent and exported while it misses differences."""
-    store.scan_begin("half")
+    store.scan_begin("half", disk=SEEN)
     changes: list[Callable[[], object]] = [
         lambda: store.clear("half"),
         lambda: store.enable("half"),
@@ -728,10 +780,10 @@ def test_restarting_a_scan_never_writes_a_consistent_header_over_cleared_bits(
     """A restarted scan clears what the interrupted one found; a kill between
     a header saying "consistent" and the next one would leave an empty
     bitmap that every backup trusts."""
-    first = store.scan_begin("s", G)
+    first = store.scan_begin("s", G, disk=SEEN)
     store.mark_ranges("s", [(0, G)])
     seen = headers_written(monkeypatch, "s")
-    again = store.scan_begin("s", G, restart=True)
+    again = store.scan_begin("s", G, disk=SEEN, restart=True)
     assert again == {"resume": False, "granularity": G, "created_ns": first["created_ns"]}
     assert Reason.NONE not in seen
     assert dirty(store, "s") == set()
@@ -754,10 +806,10 @@ def test_rebuild_turns_an_inconsistent_bitmap_into_a_scan_and_keeps_writes(
         assert not store.info(OPEN_CHECKPOINT).consistent
         assert store.info(OPEN_CHECKPOINT).backup == "nbd://backup/full"
         with pytest.raises(errors.Conflict, match="nothing to rebuild"):
-            store.scan_begin("full", G, rebuild=True)  # consistent: nothing to rebuild
+            store.scan_begin("full", G, disk=SEEN, rebuild=True)  # consistent: nothing to rebuild
         seen = headers_written(monkeypatch, OPEN_CHECKPOINT)
         gen, token = store.begin_write(5 * G, 1)  # in flight across the start
-        store.scan_begin(OPEN_CHECKPOINT, G, rebuild=True)
+        begun = store.scan_begin(OPEN_CHECKPOINT, G, disk=SEEN, rebuild=True)
         store.end_write(gen, token)
         write(store, 9 * G, 1)
         assert Reason.NONE not in seen
@@ -765,7 +817,7 @@ def test_rebuild_turns_an_inconsistent_bitmap_into_a_scan_and_keeps_writes(
         with pytest.raises(errors.Conflict):
             store.checkpoint("during")  # half a rebuild is not an interval
         store.mark_ranges(OPEN_CHECKPOINT, [(2 * G, 1)])  # what the scan found
-        info = store.scan_complete(OPEN_CHECKPOINT)
+        info = store.scan_complete(OPEN_CHECKPOINT, begun["created_ns"])
         assert info.consistent and info.recording
         assert dirty(store, OPEN_CHECKPOINT) == {2, 5, 9}
         assert store.info(OPEN_CHECKPOINT).backup == "nbd://backup/full"
@@ -786,7 +838,7 @@ def test_aborting_a_rebuild_of_the_open_interval_keeps_it_recording(
     monkeypatch.setenv(BOOT_ID_ENV, "00000000-0000-0000-0000-00000000000c")
     store = BitmapStore(state, DISK, recording=True, granularity=G)
     try:
-        store.scan_begin(OPEN_CHECKPOINT, G, rebuild=True)
+        store.scan_begin(OPEN_CHECKPOINT, G, disk=SEEN, rebuild=True)
         store.scan_abort(OPEN_CHECKPOINT)
         info = store.info(OPEN_CHECKPOINT)
         assert info.recording and not info.consistent
@@ -796,3 +848,189 @@ def test_aborting_a_rebuild_of_the_open_interval_keeps_it_recording(
         assert store.checkpoint("after").dirty_bytes >= G  # and checkpoints go on
     finally:
         store.close()
+
+
+# -- a checkpoint failing inside its locked section -------------------------------------
+
+
+def failing_rename(
+    monkeypatch: pytest.MonkeyPatch, *fail: tuple[str, str]
+) -> list[tuple[str, str]]:
+    """os.rename that fails with EIO for these (source name, target name)."""
+    real = os.rename
+    calls: list[tuple[str, str]] = []
+
+    def rename(src: str | Path, dst: str | Path) -> None:
+        pair = (Path(src).name, Path(dst).name)
+        calls.append(pair)
+        if pair in fail:
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    return calls
+
+
+STAGED = (".@open.staging", "@open.bitmap")
+UNDO = ("cp1.bitmap", "@open.bitmap")
+
+
+def test_a_checkpoint_whose_second_rename_fails_is_undone(
+    store: BitmapStore, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(store, 6 * G, 1)
+    failing_rename(monkeypatch, STAGED)
+    with pytest.raises(errors.StorageError, match="checkpoint cp1 failed"):
+        store.checkpoint("cp1")
+    monkeypatch.undo()
+    monkeypatch.setenv(BOOT_ID_ENV, BOOT_A)
+    assert state.names() == [OPEN_CHECKPOINT]
+    write(store, 9 * G, 1)
+    assert on_disk(state, OPEN_CHECKPOINT) == {6, 9}
+    assert store.checkpoint("cp1").dirty_bytes == 2 * G
+
+
+def test_a_checkpoint_that_cannot_undo_its_first_rename_loses_no_write(
+    state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both the rename and its undo fail: the frozen file stays under the
+    checkpoint's name and goes on recording (an over-report); no clean
+    @open is left for the export, and the next start puts it back."""
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        write(store, 6 * G, 1)
+        failing_rename(monkeypatch, STAGED, UNDO)
+        with pytest.raises(errors.StorageError):
+            store.checkpoint("cp1")
+        monkeypatch.undo()
+        monkeypatch.setenv(BOOT_ID_ENV, BOOT_A)
+        assert not state.bitmap_path(OPEN_CHECKPOINT).exists()
+        write(store, 9 * G, 1)
+        assert on_disk(state, "cp1") == {6, 9}
+    finally:
+        store.close()
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert state.names() == [OPEN_CHECKPOINT]
+        assert store.info(OPEN_CHECKPOINT).consistent
+        assert dirty(store, OPEN_CHECKPOINT) == {6, 9}
+    finally:
+        store.close()
+
+
+def test_a_checkpoint_whose_directory_fsync_fails_marks_the_file_it_names(
+    store: BitmapStore, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both renames stood: the store follows them (the tracker marks what
+    the export serves as @open), and the frozen bitmap stays IN_USE, so a
+    host crash before the directory is durable makes it inconsistent."""
+    write(store, 6 * G, 1)
+
+    def fsync_fails(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("dirtydiff.store.fsync_dir", fsync_fails)
+    with pytest.raises(errors.StorageError, match="could not make it durable"):
+        store.checkpoint("cp1")
+    monkeypatch.undo()
+    monkeypatch.setenv(BOOT_ID_ENV, BOOT_A)
+    write(store, 9 * G, 1)
+    assert on_disk(state, OPEN_CHECKPOINT) == {9}
+    assert on_disk(state, "cp1") == {6}
+    assert state.read_header("cp1").flags & Flag.IN_USE
+    monkeypatch.setenv(BOOT_ID_ENV, BOOT_B)
+    assert inconsistency(state.read_header("cp1")) is Reason.HOST_CRASH
+
+
+# -- scans left behind ------------------------------------------------------------------
+
+
+def test_a_tracker_records_for_every_unfinished_scan_and_reaps_finished_ones(
+    state: StateDir,
+) -> None:
+    """An offline scan (no @scan:NAME: nothing wrote meanwhile) and an
+    offline rebuild of @open are left unfinished; a tracker that starts
+    records into a @scan:NAME for each before its first write, so that
+    either resumes with every write since. A @scan:NAME left by a kill
+    right after its scan completed goes."""
+    offline = BitmapStore(state, DISK, recording=False, granularity=G)
+    offline.scan_begin("s", G, disk=SEEN)
+    offline.add("done")
+    offline.close()
+    BitmapFile.create(
+        state.bitmap_path("@scan:done"), granularity=G, disk_size=DISK, flags=Flag.ENABLED
+    ).close()
+
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        assert "@scan:done" not in store.bitmaps
+        assert store.info("@scan:s").recording
+        write(store, 0, 1)
+    finally:
+        store.close()
+
+    offline = BitmapStore(state, DISK, recording=False, granularity=G)
+    try:
+        begun = offline.scan_begin("s", G, disk=SEEN)
+        assert begun["resume"]
+        info = offline.scan_complete("s", begun["created_ns"])
+        assert info.consistent and dirty(offline, "s") == {0}
+        assert "@scan:s" not in offline.bitmaps
+    finally:
+        offline.close()
+
+
+def test_an_offline_rebuild_of_the_open_interval_resumes_with_a_trackers_writes(
+    state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crash_host(state, monkeypatch, disabled="d")
+    offline = BitmapStore(state, DISK, recording=False, granularity=G)
+    offline.checkpoint("c1", backup="nbd://backup/c1")  # @open: consistent again
+    offline.close()
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    store.close(clean=False)  # recording at a second crash
+    monkeypatch.setenv(BOOT_ID_ENV, BOOT_A)
+    offline = BitmapStore(state, DISK, recording=False, granularity=G)
+    offline.scan_begin(OPEN_CHECKPOINT, G, disk=SEEN, rebuild=True)
+    offline.close()  # killed half way
+
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        write(store, 4 * G, 1)
+    finally:
+        store.close()
+    offline = BitmapStore(state, DISK, recording=False, granularity=G)
+    try:
+        begun = offline.scan_begin(OPEN_CHECKPOINT, G, disk=SEEN, rebuild=True)
+        assert begun["resume"]
+        info = offline.scan_complete(OPEN_CHECKPOINT, begun["created_ns"])
+        assert info.consistent and 4 in dirty(offline, OPEN_CHECKPOINT)
+    finally:
+        offline.close()
+
+
+def test_a_scan_completes_only_the_bitmap_it_began(store: BitmapStore) -> None:
+    first = store.scan_begin("s", G, disk=SEEN)
+    store.remove("s")
+    store.scan_begin("s", G, disk=SEEN)
+    with pytest.raises(errors.Conflict) as other:
+        store.scan_complete("s", first["created_ns"])
+    assert other.value.code == "other-bitmap"
+    assert not store.info("s").consistent
+
+
+def test_a_scan_of_a_disk_not_proven_to_be_this_one_prepares_nothing(
+    store: BitmapStore,
+) -> None:
+    for seen, code in (
+        (DiskSeen("small.raw", G, file=FILE), "disk-size-mismatch"),
+        (DiskSeen("other.raw", DISK, file=("file", 1, 3)), "wrong-disk"),
+        (DiskSeen("nbd://x", DISK, tracker="0" * 32), "wrong-disk"),
+        (DiskSeen("nbd://x", DISK), "unproven-disk"),
+    ):
+        with pytest.raises(errors.Conflict) as refused:
+            store.scan_begin("s", G, disk=seen)
+        assert refused.value.code == code
+        assert "s" not in store.bitmaps and "@scan:s" not in store.bitmaps
+    tracker_id = store.state.disk().id  # type: ignore[union-attr]
+    assert store.scan_begin("s", G, disk=DiskSeen("nbd://t", DISK, tracker=tracker_id))
