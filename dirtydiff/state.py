@@ -98,8 +98,11 @@ class DiskRecord:
     id: str  # this state directory's id ("" in a record from before ids)
     file: FileIdentity | None = None
 
-    def check(self, seen: DiskSeen, *, tracker_runs: bool, state: Path) -> None:
-        """Raise Conflict unless ``seen`` is proven to be this disk.
+    def check(
+        self, seen: DiskSeen, *, tracker_runs: bool, state: Path, require_proof: bool = True
+    ) -> None:
+        """Raise Conflict unless ``seen`` is proven to be this disk (or,
+        without ``require_proof``, if it is proven not to be).
 
         With a tracker running, only two things prove it: the tracker's own
         export (its description names this state) or the very file it serves.
@@ -119,20 +122,21 @@ class DiskRecord:
                 "wrong-disk",
                 f"{seen.where} is the tracker of another state directory, not of {state}",
             )
-        if seen.file is not None:
-            if self.file is not None:
-                if seen.file == self.file:
-                    return
-            elif self.source.startswith("file:") and os.path.realpath(seen.where) == (
-                os.path.realpath(self.source[len("file:") :])
-            ):
-                return  # a record from before file identities: the same path will do
+        if seen.file is not None and self.file is not None:
+            if seen.file == self.file:
+                return
             raise errors.Conflict(
                 "wrong-disk",
                 f"{seen.where} is not the disk of {state} ({self.source})",
             )
-        if not tracker_runs and seen.where == self.source:
-            return  # the tracker's upstream, read while no tracker runs
+        if (
+            seen.file is not None
+            and self.source.startswith("file:")
+            and os.path.realpath(seen.where) == os.path.realpath(self.source[len("file:") :])
+        ):
+            return  # a record from before file identities: the same path will do
+        if not require_proof or (not tracker_runs and seen.where == self.source):
+            return  # (the tracker's upstream, read while no tracker runs)
         how = (
             "read it through the tracker's socket, or read its file"
             if tracker_runs

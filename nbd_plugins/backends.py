@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 from typing import Any, Protocol
 
 # Extent types, as nbdkit's EXTENT_HOLE / EXTENT_ZERO and NBD's base:allocation.
@@ -204,6 +205,9 @@ class NbdBackend:
 
         self._nbd = nbd
         self.uri = uri
+        self._shared: Any = None  # the one upstream connection, without multi-conn
+        self._shared_lock = threading.Lock()
+        self._users = 0
         probe = self._handle(full_info=True)
         try:
             self.size = probe.get_size()
@@ -237,7 +241,26 @@ class NbdBackend:
         return h
 
     def connect(self) -> Connection:
-        return _NbdConnection(self, self._handle())
+        if self.can_multi_conn:
+            return _NbdConnection(self, self._handle())
+        # Without multi-conn the upstream promises nothing across its
+        # connections: a write completed on one may not be seen by a read on
+        # another. A checkpoint's drain and a scan reading through the
+        # tracker rely on exactly that, so every connection shares one
+        # upstream connection (libnbd handles are thread-safe; their
+        # requests are then served in turn).
+        with self._shared_lock:
+            if self._shared is None:
+                self._shared = self._handle()
+            self._users += 1
+            return _NbdConnection(self, self._shared, shared=True)
+
+    def _release(self) -> None:
+        with self._shared_lock:
+            self._users -= 1
+            if self._users == 0 and self._shared is not None:
+                _disconnect(self._shared)
+                self._shared = None
 
     def describe(self) -> str:
         return self.uri
@@ -247,9 +270,11 @@ class NbdBackend:
 
 
 class _NbdConnection:
-    def __init__(self, backend: NbdBackend, handle: Any) -> None:
+    def __init__(self, backend: NbdBackend, handle: Any, *, shared: bool = False) -> None:
+        self._backend = backend
         self._nbd = backend._nbd
         self._h = handle
+        self._shared = shared
 
     def _call(self, name: str, *args: Any) -> Any:
         try:
@@ -296,7 +321,13 @@ class _NbdConnection:
         return [(o, min(n, end - o), t) for o, n, t in found if o < end]
 
     def close(self) -> None:
-        _disconnect(self._h)
+        if self._h is None:
+            return
+        if self._shared:
+            self._backend._release()
+        else:
+            _disconnect(self._h)
+        self._h = None
 
 
 def _disconnect(handle: Any) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dirtydiff import control, errors
-from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, inconsistency
+from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, inconsistency
 from dirtydiff.state import StateDir
 from dirtydiff.store import DRAIN_TIMEOUT
 from sidecar.nbdclient import context_extents
@@ -343,17 +343,30 @@ def cmd_bitmap_show(args: argparse.Namespace) -> int:
 
     state = StateDir(args.state)
     with state.open_bitmap(args.name) as bitmap:
-        why = inconsistency(bitmap.header)
-        if why.value and not args.allow_inconsistent:
-            raise errors.Conflict(
-                "inconsistent",
-                f"bitmap {args.name!r} is inconsistent ({why.describe()}): it may miss changes "
-                "and cannot be used for an incremental backup "
-                "(--allow-inconsistent prints it anyway)",
-            )
+        created = bitmap.header.created_ns
+        _refuse_inconsistent(args, bitmap.header)
         found = bitmap_extents(bitmap)
+        # Asked again once the bits are read (see "Incarnations" in
+        # dirtydiff.bitmapfile): a rebuild may have begun meanwhile.
+        header = bitmap.reload_header()
+        _refuse_inconsistent(args, header)
+        if header.created_ns != created and not args.allow_inconsistent:
+            raise errors.Conflict(
+                "changed", f"bitmap {args.name!r} was rebuilt while it was read; try again"
+            )
     sys.stdout.write(nbdinfo_json(found) if args.json else nbdinfo_text(found))
     return 0
+
+
+def _refuse_inconsistent(args: argparse.Namespace, header: Header) -> None:
+    why = inconsistency(header)
+    if why.value and not args.allow_inconsistent:
+        raise errors.Conflict(
+            "inconsistent",
+            f"bitmap {args.name!r} is inconsistent ({why.describe()}): it may miss changes "
+            "and cannot be used for an incremental backup "
+            "(--allow-inconsistent prints it anyway)",
+        )
 
 
 def _info_line(info: dict[str, Any]) -> None:

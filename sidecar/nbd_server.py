@@ -779,7 +779,11 @@ class Connection:
                     continue
                 # qemu-nbd's ids: 0 for base:allocation, 2 + i for bitmap i.
                 number = 0 if index == 0 else index + 1
-                self.contexts.append(self._context(export, number, context))
+                try:
+                    self.contexts.append(self._context(export, number, context))
+                except (OSError, errors.DirtydiffError) as e:
+                    log.info("context %s not selected: %s", context, e)  # removed just now
+                    continue
                 await self._reply(
                     option, Rep.META_CONTEXT, struct.pack("!I", number) + context.encode()
                 )

@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from dirtydiff import control, errors, sdnotify
-from dirtydiff.state import StateDir
+from dirtydiff.state import DiskSeen, StateDir, file_identity, tracker_id
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
 from sidecar.api import SidecarApi, start_in_background
 from sidecar.jobs import ScanJobs
@@ -34,6 +34,14 @@ def open_disk(disk: str) -> Backend:
         return FileBackend(disk, readonly=True)
     except OSError as e:
         raise errors.Unavailable("disk-unavailable", f"disk {disk}: {e.strerror or e}") from None
+
+
+def disk_seen(where: str, backend: Backend) -> DiskSeen:
+    """What the export's disk shows of itself."""
+    if isinstance(backend, FileBackend):
+        return DiskSeen(where, backend.size, file=file_identity(backend.fd))
+    assert isinstance(backend, NbdBackend)
+    return DiskSeen(where, backend.size, tracker=tracker_id(backend.description))
 
 
 async def _control_client(
@@ -102,13 +110,17 @@ async def serve(
 ) -> None:
     mode, gid = control_socket_mode(control_group)  # a bad group fails before anything starts
     backend = open_disk(disk)
-    size = state.disk_size()
-    if size is not None and size != backend.size:
-        raise errors.Conflict(
-            "disk-size-mismatch",
-            f"disk {disk} has {backend.size} bytes but state directory {state.path} "
-            f"describes a disk of {size} bytes",
-        )
+    record = state.disk()
+    if record is not None:
+        # The export pairs this state's bitmaps with the disk's data: a disk
+        # shown to be another one (size, file, another state's tracker)
+        # would have a backup copy the wrong bytes.
+        try:
+            record.check(disk_seen(disk, backend), tracker_runs=False, state=state.path,
+                         require_proof=False)  # fmt: skip
+        except errors.Conflict:
+            backend.close()
+            raise
     export = Export(
         name=export_name,
         backend=backend,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
 
 from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
@@ -329,3 +330,55 @@ def test_uri_of_a_tracker_names_its_state(procs: Processes, tmp_path: Path, stat
                           text=True, check=True)  # fmt: skip
     description = json.loads(info.stdout)["exports"][0]["description"]
     assert description == f"dirtydiff tracker of state {StateDir(state).disk().id}"  # type: ignore[union-attr]
+
+
+# -- the drain relies on one view of the disk --------------------------------------
+
+
+def test_connections_share_an_upstream_without_multi_conn(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """An upstream that does not advertise multi-conn (qemu-nbd of a
+    writable qcow2 does not) promises nothing across its connections: a
+    write completed on one need not be seen by a read on another, and a
+    checkpoint's drain, or a scan through the tracker, would rely on it.
+    The tracker's connections then share one upstream connection."""
+    image = make_disk(tmp_path / "disk.raw", 8 * MiB)
+    log = tmp_path / "upstream.log"
+    upstream = procs.nbdkit("--filter=log", "--filter=multi-conn", "file", str(image),
+                            "multi-conn-mode=disable", f"logfile={log}")  # fmt: skip
+    tracker = procs.tracker(state, uri=upstream.uri)
+    before = log.read_text().count(" Connect ")  # the tracker's probe at start
+    clients = []
+    try:
+        for i in range(3):
+            h = nbd.NBD()
+            h.connect_uri(tracker.uri)
+            clients.append(h)
+            h.pwrite(bytes([i + 1]) * 4096, i * MiB)
+        for i, h in enumerate(clients):  # each sees every other's write
+            for j in range(3):
+                assert h.pread(4096, j * MiB) == bytes([j + 1]) * 4096, (i, j)
+    finally:
+        for h in clients:
+            h.shutdown()
+    assert log.read_text().count(" Connect ") - before == 1
+    assert {e["offset"] for e in bitmap_json(state) if e["type"] == 1} == {0, MiB, 2 * MiB}
+
+
+def test_the_export_refuses_a_disk_shown_to_be_another(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """Its bitmaps paired with another disk's data would have a backup copy
+    the wrong bytes of every dirty granule."""
+    disk = make_disk(tmp_path / "disk.raw", 8 * MiB)
+    tracker = procs.tracker(state, disk=disk)
+    other = make_disk(tmp_path / "other.raw", 8 * MiB)
+    other_state = tmp_path / "other-state"
+    other_state.mkdir(mode=0o700)
+    other_tracker = procs.tracker(other_state, disk=other)
+    for wrong, why in ((str(other), "not the disk"), (other_tracker.uri, "another state")):
+        result = dirtydiff("serve", "--state", str(state), "--disk", wrong, "--socket",
+                           str(tmp_path / "x.sock"), check=False)  # fmt: skip
+        refused(result, why)
+    sidecar(procs, tmp_path, state, tracker.uri)

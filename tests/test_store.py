@@ -1034,3 +1034,26 @@ def test_a_scan_of_a_disk_not_proven_to_be_this_one_prepares_nothing(
         assert "s" not in store.bitmaps and "@scan:s" not in store.bitmaps
     tracker_id = store.state.disk().id  # type: ignore[union-attr]
     assert store.scan_begin("s", G, disk=DiskSeen("nbd://t", DISK, tracker=tracker_id))
+
+
+def test_an_open_interval_found_not_recording_records_and_is_inconsistent(
+    state: StateDir,
+) -> None:
+    """What an older dirtydiff let `bitmap disable @open` leave: writes were
+    missed while it did not record, and the next checkpoint would have
+    claimed they did not happen."""
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    store.bitmaps[OPEN_CHECKPOINT].header.flags &= ~Flag.ENABLED
+    store.bitmaps[OPEN_CHECKPOINT].write_header()
+    store.close()
+    store = BitmapStore(state, DISK, recording=True, granularity=G)
+    try:
+        info = store.info(OPEN_CHECKPOINT)
+        assert info.recording and not info.consistent
+        assert info.reason == Reason.NOT_RECORDING.describe()
+        write(store, 0, 1)
+        assert dirty(store, OPEN_CHECKPOINT) == {0}
+        assert not store.info(store.checkpoint("cp").name).consistent
+        assert store.info(OPEN_CHECKPOINT).consistent
+    finally:
+        store.close()
