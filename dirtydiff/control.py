@@ -19,6 +19,7 @@ the state directory directly.
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 from collections.abc import Callable, Collection
@@ -137,10 +138,16 @@ def arg(args: dict[str, Any], name: str, kind: type, default: object = ...) -> A
     return value
 
 
+MAX_TIMEOUT = 3600.0  # seconds a request may ask a drain to wait
+
+
 def _seconds(args: dict[str, Any]) -> float:
     value = arg(args, "timeout", object, DRAIN_TIMEOUT)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
-        raise errors.BadRequest("bad-request", "argument 'timeout' must be seconds, 0 < t <= 3600")
+    # A comparison with NaN is false: NaN fails ``0 < value``.
+    if not _is_number(value) or not 0 < value <= MAX_TIMEOUT:
+        raise errors.BadRequest(
+            "bad-request", f"argument 'timeout' must be seconds, 0 < t <= {MAX_TIMEOUT:.0f}"
+        )
     return float(value)
 
 
@@ -157,14 +164,82 @@ def _ranges(args: dict[str, Any]) -> list[tuple[int, int]]:
     ranges = arg(args, "ranges", list)
     found = []
     for item in ranges:
+        # Signed: an offset or length out of the disk is the store's
+        # bad-range, which says which range.
         if (
             not isinstance(item, list | tuple)
             or len(item) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)
+            or not all(_is_int64(v, signed=True) for v in item)
         ):
-            raise errors.BadRequest("bad-request", "'ranges' must be a list of [offset, length]")
+            raise errors.BadRequest(
+                "bad-request", "'ranges' must be a list of [offset, length] of 64-bit integers"
+            )
         found.append((item[0], item[1]))
     return found
+
+
+# -- numbers ----------------------------------------------------------------
+#
+# Every numeric argument of the protocol, by name: each means the same in
+# every op that takes it, so ``check_numbers`` checks it by name where a
+# request is parsed, on both sockets, before the request is routed (the
+# sidecar forwards most requests to the tracker) or run. An infinity, a NaN,
+# a bool (an int in Python) or a 2**64 is then a bad-request, never a value
+# that reaches arithmetic (``call`` adds a drain timeout to its socket
+# timeout) or a C conversion. What is in range beyond this is the op's own
+# check, with a code of its own that names it (bad-granularity, bad-chunk,
+# bad-in-flight, bad-range), and still of the kind bad-request.
+
+INT64_MAX = 2**63 - 1  # nothing the protocol counts (bytes, ns, chunks) goes past it
+
+
+def _is_number(value: object) -> bool:
+    """An int (not a bool) or a finite float, within 64-bit integers' range
+    (a rate of 1e300 bytes/s means nothing a rate of 2**63 does not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and -INT64_MAX - 1 <= value <= INT64_MAX
+
+
+def _is_int64(value: object, *, signed: bool = False) -> bool:
+    """An int (not a bool) that fits 64 bits: signed, or from 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return (-INT64_MAX - 1 if signed else 0) <= value <= INT64_MAX
+
+
+def _count(args: dict[str, Any], name: str) -> None:
+    if not _is_int64(args[name]):
+        raise errors.BadRequest(
+            "bad-request", f"argument {name!r} must be an integer from 0 to 2**63-1"
+        )
+
+
+def _rate(args: dict[str, Any], name: str) -> None:
+    value = args[name]
+    if value is not None and not (_is_number(value) and value > 0):  # None: no limit
+        raise errors.BadRequest(
+            "bad-rate", f"argument {name!r} must be a positive number of bytes per second"
+        )
+
+
+NUMBERS: dict[str, Callable[[dict[str, Any], str], object]] = {
+    "timeout": lambda args, name: _seconds(args),
+    "granularity": _count,
+    "chunk": _count,
+    "in_flight": _count,
+    "created_ns": _count,
+    "max_rate": _rate,
+    "ranges": lambda args, name: _ranges(args),
+}
+
+
+def check_numbers(args: dict[str, Any]) -> None:
+    """Refuse, as bad-request, any numeric argument that is not a finite
+    number of its kind (see NUMBERS)."""
+    for name, check in NUMBERS.items():
+        if name in args:
+            check(args, name)
 
 
 def _disk(args: dict[str, Any]) -> DiskSeen:
@@ -281,6 +356,7 @@ def parse_request(
     args = message.get("args", {})
     if not isinstance(args, dict):
         raise errors.BadRequest("bad-request", "'args' must be a map")
+    check_numbers(args)
     return op, args
 
 
@@ -362,10 +438,13 @@ def listening(path: Path) -> bool:
 
 def call(socket_path: Path, op: str, **args: object) -> Any:
     """Send one request; return its result or raise the error it carries."""
-    drain = args.get("timeout")  # wait long enough for any drain it asks for
-    return call_within(
-        socket_path, CALL_TIMEOUT + (drain if isinstance(drain, int | float) else 0), op, **args
-    )
+    # Wait long enough for any drain it asks for; a timeout that is not
+    # seconds is the server's bad-request to answer, not a socket timeout.
+    try:
+        drain = _seconds(args) if "timeout" in args else 0.0
+    except errors.BadRequest:
+        drain = 0.0
+    return call_within(socket_path, CALL_TIMEOUT + drain, op, **args)
 
 
 def call_within(socket_path: Path, wait: float, op: str, **args: object) -> Any:

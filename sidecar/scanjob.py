@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -65,8 +66,9 @@ class ScanOptions:
                 "bad-in-flight",
                 f"chunk size x chunks in flight is over {MAX_BUFFERED >> 20} MiB",
             )
-        if self.max_rate is not None and not self.max_rate > 0:
-            raise errors.BadRequest("bad-rate", "the rate limit must be a positive number")
+        # NaN fails ``> 0``; an infinite rate would be no limit, which is None.
+        if self.max_rate is not None and not 0 < self.max_rate < math.inf:
+            raise errors.BadRequest("bad-rate", "the rate limit must be a positive finite number")
 
 
 class ScanRecord:

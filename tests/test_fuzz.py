@@ -121,13 +121,18 @@ class Serve:
     nbd: NbdTarget
 
 
-def start_serve(procs: Processes, tmp: Path, *extra: str) -> tuple[Server, Path]:
+def start_serve(
+    procs: Processes, tmp: Path, *extra: str, tracked: bool = False
+) -> tuple[Server, Path]:
+    """``dirtydiff serve`` of the sample disk; ``tracked``: behind a real
+    tracker, so that the sidecar routes bitmap requests over its socket."""
     disk = make_disk(tmp / "disk.raw")
     state = make_state(tmp / "state")
     sock = tmp / "serve.sock"
+    source = procs.tracker(state.path, disk=disk).uri if tracked else str(disk)
     server = procs.start(
         [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state.path),
-         "--disk", str(disk), "--socket", str(sock), *extra], sock,
+         "--disk", source, "--socket", str(sock), *extra], sock,
     )  # fmt: skip
     control_path = state.path / "sidecar.sock"
     wait_for_socket(control_path, server.proc)
@@ -156,11 +161,13 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlTarget]:
     """STATE/sidecar.sock of another ``dirtydiff serve``: a request that
-    starts a scan must not disturb the NBD target's bitmap."""
+    starts a scan must not disturb the NBD target's bitmap. A tracker runs,
+    as in production: the sidecar forwards what it parsed over the
+    tracker's socket (a timeout=inf once overflowed that forwarding)."""
     tmp = tmp_path_factory.mktemp("sidecar")
     procs = Processes(tmp)
     try:
-        server, control_path = start_serve(procs, tmp)
+        server, control_path = start_serve(procs, tmp, tracked=True)
         with control_socket(control_path) as bystander:
             # No state check: a scan a request started changes the state
             # directory in the background, between later requests.

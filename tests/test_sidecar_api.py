@@ -404,3 +404,77 @@ def test_abort_stops_the_sidecars_scan_and_forgets_it(
     names = {b["name"] for b in api(state, "bitmap.list")}
     assert "slow" not in names and "@scan:slow" not in names
     assert not (state / "scans" / "slow.json").exists()
+
+
+# Numbers a client may send that are not a finite number in range: msgpack
+# carries all of these (integers from -2**63 to 2**64-1, any double).
+NOT_NUMBERS: list[object] = [
+    float("inf"), float("-inf"), float("nan"), 1e300, 2**64 - 1, -(2**63), True,
+]  # fmt: skip
+BACKUP_URI = "nbd+unix:///?socket=/nonexistent/backup.sock"
+# Every numeric argument of every op: (op, args with X for the number, the
+# sockets that serve the op).
+NUMERIC_ARGUMENTS: list[tuple[str, dict[str, object], tuple[str, ...]]] = [
+    ("checkpoint", {"name": "cp", "timeout": "X"}, ("sidecar", "tracker")),
+    ("bitmap.disable", {"name": "a", "timeout": "X"}, ("sidecar", "tracker")),
+    ("bitmap.add", {"name": "n", "granularity": "X"}, ("sidecar", "tracker")),
+    ("bitmap.remove", {"name": "a", "created_ns": "X"}, ("sidecar", "tracker")),
+    ("import.complete", {"name": "a", "created_ns": "X"}, ("sidecar", "tracker")),
+    ("bitmap.mark", {"name": "a", "ranges": [["X", 4096]]}, ("sidecar", "tracker")),
+    ("bitmap.mark", {"name": "a", "ranges": [[0, "X"]]}, ("sidecar", "tracker")),
+    ("scan.complete", {"name": "a", "created_ns": "X"}, ("tracker",)),
+    ("ping", {"timeout": "X"}, ("sidecar", "tracker")),
+    ("rebuild", {"name": "a", "backup": BACKUP_URI, "max_rate": "X"}, ("sidecar",)),
+]
+NUMERIC_ARGUMENTS += [
+    ("scan.start", {"name": "s", "backup": BACKUP_URI, key: "X"}, ("sidecar",))
+    for key in ("granularity", "chunk", "in_flight", "max_rate")
+]
+
+
+def with_number(value: object, number: object) -> object:
+    if value == "X":
+        return number
+    if isinstance(value, list):
+        return [with_number(v, number) for v in value]
+    if isinstance(value, dict):
+        return {k: with_number(v, number) for k, v in value.items()}
+    return value
+
+
+def test_every_numeric_argument_not_a_finite_number_in_range_is_a_bad_request(
+    procs: Processes, tmp_path: Path, state: Path, disk: Path
+) -> None:
+    # Found by trying: the sidecar answered checkpoint timeout=inf with
+    # "internal" (the drain timeout added to its socket timeout overflowed)
+    # and started a scan with max_rate=inf, where the tracker said bad-request.
+    tracker = procs.tracker(state, disk=disk)
+    start_sidecar(procs, tmp_path, state, tracker.uri)
+    api(state, "bitmap.add", name="a")
+    before = api(state, "bitmap.list")
+    sockets = {"sidecar": state / "sidecar.sock", "tracker": state / "tracker.sock"}
+    for op, args, served_by in NUMERIC_ARGUMENTS:
+        for number in NOT_NUMBERS:
+            for where in served_by:
+                sent = with_number(args, number)
+                assert isinstance(sent, dict)
+                with pytest.raises(errors.DirtydiffError) as refused:
+                    control.call(sockets[where], op, **sent)
+                assert isinstance(refused.value, errors.BadRequest), (
+                    where, op, sent, refused.value.code, refused.value.message,
+                )  # fmt: skip
+    assert api(state, "bitmap.list") == before
+    assert api(state, "scan.list") == []
+    # The CLI's own numbers: one line, exit 1, nothing started.
+    for argv in (
+        ["checkpoint", "--state", str(state), "cp", "--timeout", "inf"],
+        ["checkpoint", "--state", str(state), "cp", "--timeout", "nan"],
+        ["scan", "--state", str(state), "--backup", BACKUP_URI, "--bitmap", "s",
+         "--max-rate", "inf"],
+    ):  # fmt: skip
+        refused_cli = dirtydiff(*argv, check=False)
+        assert refused_cli.returncode == 1, refused_cli.stderr
+        assert len(refused_cli.stderr.splitlines()) == 1 and "Traceback" not in refused_cli.stderr
+    assert api(state, "bitmap.list") == before
+    assert api(state, "scan.list") == []
+

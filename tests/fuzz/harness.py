@@ -434,6 +434,9 @@ def check_reply(reply: control.Message) -> bool:
     assert isinstance(error.get("code"), str), reply
     assert isinstance(error.get("message"), str), reply
     assert isinstance(error.get("kind", "error"), str), reply
+    # "internal" is a server's own bug answered in one line: no input may
+    # reach one.
+    assert error.get("code") != "internal", reply
     return False
 
 
@@ -621,6 +624,7 @@ ARG_NAMES = (
     "max_rate",
     "chunk",
     "in_flight",
+    "created_ns",
 )
 
 
