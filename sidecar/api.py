@@ -15,11 +15,22 @@ sidecar runs:
 
 The scan's internal steps (``scan.begin``, ``scan.complete``) are not offered:
 a client driving them could make a half-built bitmap look complete.
+
+What a scan here opens is the operator's choice, never a client's: the
+sidecar may run as root, and even a trusted client (the owner, a member of
+``--control-group``) must not make it open a path the operator did not name
+on a command line (a ``disk=/etc/shadow`` would tell its size, and whether
+it equals a backup). So a scan reads only the sidecar's own disk (``serve
+--disk``) and a backup over NBD (``NBD_SCHEMES``; libnbd refuses URIs that
+name local files); anything else is refused before anything is opened, and
+``dirtydiff scan`` then runs that scan in the foreground, with the caller's
+own rights.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from functools import partial
 from typing import Any
@@ -28,6 +39,7 @@ from dirtydiff import control, errors
 from dirtydiff.bitmapfile import Reason
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
 from sidecar.jobs import ACTIVE, Job, ScanJobs
+from sidecar.nbdclient import NBD_SCHEMES, is_nbd_uri
 from sidecar.scanjob import (
     ScanOptions,
     ScanRecord,
@@ -88,7 +100,26 @@ class SidecarApi:
             raise errors.BadRequest("bad-request", "argument 'max_rate' must be a number")
         if not isinstance(fields.get("rebuild", False), bool):
             raise errors.BadRequest("bad-request", "argument 'rebuild' must be bool")
-        return ScanOptions(**fields)
+        options = ScanOptions(**fields)
+        self._check_sources(options)
+        return options
+
+    def _check_sources(self, options: ScanOptions) -> None:
+        """Refuse a scan that would open what the operator did not name (see
+        the module's docstring), before anything is opened."""
+        if _where(options.disk) != _where(self.disk):
+            raise errors.PermissionDenied(
+                "disk-not-allowed",
+                f"the sidecar scans only its own disk, {self.disk} (the default): "
+                f"not {options.disk!r}",
+            )
+        if not is_nbd_uri(options.backup):
+            schemes = ", ".join(f"{scheme}://" for scheme in NBD_SCHEMES)
+            raise errors.PermissionDenied(
+                "backup-not-allowed",
+                f"the sidecar reads a backup only over NBD ({schemes}), not "
+                f"{options.backup!r}; export a backup file with qemu-nbd -r",
+            )
 
     def _scan_start(self, args: dict[str, Any]) -> object:
         return self.jobs.start(self._options(args)).as_dict()
@@ -96,8 +127,9 @@ class SidecarApi:
     def _rebuild(self, args: dict[str, Any]) -> object:
         """Rebuild inconsistent NAME against the backup it refers to."""
         name = control.arg(args, "name", str)
+        given = control.arg(args, "backup", str, "")
         info = control.run(self.state, "bitmap.info", name=name)
-        backup = rebuild_backup(info, args.get("backup"))
+        backup = rebuild_backup(info, given)
         options = self._options(
             {**args, "backup": backup}, rebuild=True, granularity=info["granularity"]
         )
@@ -144,6 +176,11 @@ class SidecarApi:
                     granularity=int(record["granularity"]),
                     rebuild=bool(record.get("rebuild", False)),
                 )
+                # A record is a file of the state directory, not the
+                # operator's command line: the same rule as a request's. A
+                # foreground scan's record (a file backup) is resumed by
+                # the same command.
+                self._check_sources(options)
                 # Patient: at boot the tracker or the backup may come up later.
                 started.append(self.jobs.start(options, patient=True))
             except (KeyError, ValueError, TypeError, errors.DirtydiffError) as e:
@@ -180,3 +217,9 @@ def start_in_background(api: SidecarApi, *, rebuild_inconsistent: bool) -> None:
             log.warning("scans not resumed: %s", e.message)
 
     threading.Thread(target=run, name="resume-scans", daemon=True).start()
+
+
+def _where(disk: str) -> str:
+    """A disk as the sidecar compares it: a URI as written, a path made
+    absolute (by its text alone: nothing is looked up)."""
+    return disk if is_nbd_uri(disk) else os.path.abspath(disk)

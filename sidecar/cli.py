@@ -31,7 +31,7 @@ from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, inconsistency
 from dirtydiff.state import StateDir
 from dirtydiff.store import DRAIN_TIMEOUT
-from sidecar.nbdclient import context_extents
+from sidecar.nbdclient import context_extents, is_nbd_uri
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
 from sidecar.scanjob import ScanOptions, abort_scan, rebuild_backup, run_scan
 
@@ -189,14 +189,39 @@ def _progress_printer(enabled: bool) -> Callable[[Progress], None]:
     return show
 
 
-def _scan_in_sidecar(
-    sidecar: Path, options: ScanOptions, args: argparse.Namespace, interactive: bool
-) -> int:
-    """The sidecar runs the scan; return at once, or follow it with --wait."""
+# The sidecar's refusals of a disk or backup it may not open (sidecar.api):
+# the command can still run that scan itself, with the caller's own rights.
+NOT_FOR_THE_SIDECAR = ("disk-not-allowed", "backup-not-allowed")
+
+
+def _start_in_sidecar(sidecar: Path, op: str, options: ScanOptions) -> dict[str, Any] | None:
+    """Start a scan job (``scan.start`` or ``rebuild``) in the sidecar; None
+    if the sidecar may not open what it names, and the scan is to run here,
+    in the foreground (one line on stderr says so)."""
     fields = dataclasses.asdict(options)
     if not options.disk:
         del fields["disk"]  # the sidecar's own disk
-    job = control.call(sidecar, "scan.start", **fields)
+    elif not is_nbd_uri(options.disk):
+        fields["disk"] = os.path.abspath(options.disk)  # the sidecar's cwd is not ours
+    try:
+        job: dict[str, Any] = control.call(sidecar, op, **fields)
+        return job
+    except errors.PermissionDenied as e:
+        if e.code not in NOT_FOR_THE_SIDECAR:
+            raise
+        if not options.disk:
+            raise errors.PermissionDenied(
+                e.code, f"{e.message}; or give --disk to scan here, in the foreground"
+            ) from None
+        print(f"dirtydiff: {e.message}; scanning here, in the foreground", file=sys.stderr)
+        return None
+
+
+def _scan_in_sidecar(
+    sidecar: Path, job: dict[str, Any], options: ScanOptions, args: argparse.Namespace,
+    interactive: bool,
+) -> int:  # fmt: skip
+    """The sidecar runs the scan; return at once, or follow it with --wait."""
     if not args.wait:
         if args.json:
             _emit(job, True, print)
@@ -292,7 +317,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"scan of {args.bitmap}: {job['state']}, cancel requested")
         return 0
     if in_sidecar:
-        return _scan_in_sidecar(sidecar, options, args, interactive)
+        job = _start_in_sidecar(sidecar, "scan.start", options)
+        if job is not None:
+            return _scan_in_sidecar(sidecar, job, options, args, interactive)
     result = run_scan(state, options, on_progress=_progress_printer(interactive))
     if interactive:
         sys.stderr.write("\n")
@@ -315,11 +342,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         rebuild=True,
     )
     interactive = sys.stderr.isatty() and not args.json
-    if control.listening(sidecar):
-        fields = dataclasses.asdict(options)
-        if not args.disk:
-            del fields["disk"]  # the sidecar's own disk
-        job = control.call(sidecar, "rebuild", **fields)
+    job = _start_in_sidecar(sidecar, "rebuild", options) if control.listening(sidecar) else None
+    if job is not None:
         if not args.wait:
             _emit(job, args.json, lambda j: print(f"rebuild of {args.name} started in the sidecar"))
             return 0

@@ -10,6 +10,7 @@ byte.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -478,3 +479,95 @@ def test_every_numeric_argument_not_a_finite_number_in_range_is_a_bad_request(
     assert api(state, "bitmap.list") == before
     assert api(state, "scan.list") == []
 
+
+def sidecar_opens(pid: int, path: str) -> bool:
+    """Whether process ``pid`` holds ``path`` open now."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == path:
+                return True
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return False
+
+
+def test_a_control_request_never_makes_the_sidecar_open_a_path_the_operator_did_not_name(
+    procs: Processes, tmp_path: Path, state: Path, disk: Path
+) -> None:
+    # Found by trying: scan.start opened any path it was given and told its
+    # size and whether it equalled the backup; with --control-group, a group
+    # member could make a root sidecar probe any file.
+    tracker = procs.tracker(state, disk=disk)
+    backup, backup_uri = take_backup(procs, tmp_path, disk, "full")
+    serve_backup(procs, tmp_path, backup, "full")
+    api_sock = state / "sidecar.sock"
+    dirtydiff("bitmap", "add", "--state", str(state), "told", "--backup", "/etc/passwd")
+    tracker.proc.kill()  # a host crash: "told" is to be rebuilt
+    tracker.proc.wait(10)
+    tracker = procs.tracker(state, disk=disk, sock=tracker.sock, env=OTHER_BOOT)
+    sidecar = start_sidecar(procs, tmp_path, state, tracker.uri, env=OTHER_BOOT)
+    # A FIFO: a sidecar that tried to open it would block there, holding it
+    # open for reading, which a writer opening it without blocking sees.
+    fifo = tmp_path / "probe.fifo"
+    os.mkfifo(fifo)
+    passwd_size = str(os.path.getsize("/etc/passwd"))
+    refusals: list[tuple[str, dict[str, object], str]] = [
+        ("scan.start", {"name": "s", "disk": "/etc/passwd", "backup": backup_uri},
+         "disk-not-allowed"),
+        ("scan.start", {"name": "s", "disk": str(fifo), "backup": backup_uri},
+         "disk-not-allowed"),
+        ("scan.start", {"name": "s", "backup": "/etc/passwd"}, "backup-not-allowed"),
+        ("scan.start", {"name": "s", "backup": "/etc/shadow"}, "backup-not-allowed"),
+        ("scan.start", {"name": "s", "backup": str(fifo)}, "backup-not-allowed"),
+        ("scan.start", {"name": "s", "backup": str(backup)}, "backup-not-allowed"),
+        ("scan.start", {"name": "s", "backup": "file:///etc/passwd"}, "backup-not-allowed"),
+        ("scan.start", {"name": "s", "disk": str(disk), "backup": backup_uri},
+         "disk-not-allowed"),  # the tracker's file: still not what serve was given
+        ("rebuild", {"name": "told"}, "backup-not-allowed"),  # as its header records it
+        ("rebuild", {"name": "told", "backup": "/etc/shadow"}, "backup-not-allowed"),
+        ("rebuild", {"name": "told", "backup": backup_uri, "disk": "/etc/passwd"},
+         "disk-not-allowed"),
+    ]  # fmt: skip
+    for op, args, code in refusals:
+        with pytest.raises(errors.PermissionDenied) as refused:
+            control.call(api_sock, op, **args)
+        assert refused.value.code == code, (op, args, refused.value.message)
+        message = refused.value.message
+        assert passwd_size not in message and "bytes" not in message, message
+        assert "nbd://" in message or "own disk" in message  # what is allowed
+    with pytest.raises(OSError) as no_reader:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert no_reader.value.errno == errno.ENXIO  # nobody ever opened the FIFO
+    assert not sidecar_opens(sidecar.proc.pid, "/etc/passwd")
+    assert api(state, "scan.list") == []
+    assert "s" not in {b["name"] for b in api(state, "bitmap.list")}
+    assert not (state / "scans" / "s.json").exists()
+
+    # What is allowed still works: the sidecar's own disk, left out or as
+    # serve was given it, and a backup over NBD.
+    def wait_done(name: str) -> None:
+        end = time.monotonic() + 60
+        while (job := api(state, "scan.status", name=name))["state"] in ("running", "waiting"):
+            assert time.monotonic() < end, job
+            time.sleep(0.1)  # polling the sidecar's job under a deadline
+        assert job["state"] == "done", job
+
+    api(state, "scan.start", name="own", backup=backup_uri)
+    wait_done("own")
+    api(state, "scan.start", name="given", disk=tracker.uri, backup=backup_uri)
+    wait_done("given")
+    api(state, "rebuild", name="told", backup=backup_uri)
+    wait_done("told")
+    assert bitmap_info(state, "told")["consistent"]
+
+    # The CLI runs a scan the sidecar may not open in the foreground, with
+    # the caller's own rights; without --disk it says what to do, in one line.
+    refused_cli = dirtydiff("scan", "--state", str(state), "--backup", str(backup), "--bitmap",
+                            "local", check=False)  # fmt: skip
+    assert refused_cli.returncode == 1
+    assert refused_cli.stderr.count("\n") == 1 and "give --disk" in refused_cli.stderr
+    here = dirtydiff("scan", "--state", str(state), "--disk", tracker.uri, "--backup",
+                     str(backup), "--bitmap", "local")  # fmt: skip
+    assert "in the foreground" in here.stderr and "local is consistent" in here.stdout
+    assert {job["bitmap"] for job in api(state, "scan.list")} == {"own", "given", "told"}
+    assert bitmap_info(state, "local")["consistent"]
