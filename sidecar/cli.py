@@ -129,7 +129,29 @@ def cmd_track(args: argparse.Namespace) -> NoReturn:
     if args.debug:
         print(" ".join(argv), file=sys.stderr)
     _remove_stale_socket(Path(args.socket))
+    _leave_the_launching_session()
     os.execve(nbdkit, argv, env)  # nbdkit takes over this process
+
+
+def _leave_the_launching_session() -> None:
+    """Run the tracker, the VM's disk, in a session of its own unless it is
+    the foreground job of a terminal (where ^C must stop it).
+
+    Started with ``&`` from a script, it would stay in the script's process
+    group and session, and whatever ends those once the script is done
+    would stop it: a job runner's SIGTERM to the group, a terminal's SIGHUP
+    at hangup. (The script's exit alone stops nothing: nbdkit sets a
+    parent-death signal only with --exit-with-parent, which we do not
+    pass.) A process group leader (a job of an interactive shell, a systemd
+    service) may not make a session, and is in no group but its own.
+    """
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            return
+    except OSError:
+        pass  # no terminal to be the foreground of
+    with contextlib.suppress(PermissionError):
+        os.setsid()
 
 
 def _remove_stale_socket(path: Path) -> None:

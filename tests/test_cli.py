@@ -7,12 +7,16 @@ the change in effect at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from dirtydiff import control
 from dirtydiff.bitmapfile import Flag, Header
 from dirtydiff.state import StateDir
 from tests.conftest import (
@@ -74,6 +78,69 @@ def test_track_wrapper_runs_nbdkit_and_stops_cleanly(tmp_path: Path, state: Path
     header = Header.unpack((state / "bitmaps" / "@open.bitmap").read_bytes()[:4096], "@open")
     assert not header.flags & Flag.IN_USE  # a clean stop made it durable and released it
     assert dirty_offsets(state, "@open") == [3 * MiB]
+
+
+def gone(pid: int) -> bool:
+    """Process ``pid`` has ended (or is a zombie nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_track_started_with_ampersand_outlives_the_script_and_its_process_group(
+    tmp_path: Path, state: Path
+) -> None:
+    """Seen: ``dirtydiff track ... &`` in a script stopped when the script
+    was done. What stops it is what ends the script's process group then (a
+    job runner's SIGTERM to the group, a terminal's SIGHUP), which the
+    tracker was a member of; not a parent-death signal (nbdkit sets none
+    without --exit-with-parent)."""
+    disk = make_disk(tmp_path / "disk.raw", 4 * MiB)
+    sock, log = tmp_path / "vm.sock", tmp_path / "track.log"
+    command = " ".join([sys.executable, "-m", "sidecar.cli", "track", str(disk), "--state",
+                        str(state), "--socket", str(sock)])  # fmt: skip
+    # The script in a process group and session of its own, as a job
+    # runner or a login shell starts it. A sleep stays in its group, to
+    # show when a signal to the group has been delivered.
+    script = subprocess.Popen(
+        ["bash", "-c", f"{command} >{log} 2>&1 & echo $! >{tmp_path}/tracker.pid; "
+         f"sleep 600 & echo $! >{tmp_path}/sleep.pid; exit"],
+        cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    assert script.wait(30) == 0
+    pid, sleeper = (int((tmp_path / f"{n}.pid").read_text()) for n in ("tracker", "sleep"))
+    try:
+        end = time.monotonic() + 20
+        while not (sock.is_socket() and (state / "tracker.sock").is_socket()):
+            assert not gone(pid) and time.monotonic() < end, log.read_text()
+            time.sleep(0.02)  # polling the tracker's start under a deadline
+        assert ping_tracker(state) == {"api": 1}
+        # What ends the script's group when it is done: a job runner's
+        # SIGTERM, a terminal's SIGHUP.
+        os.killpg(script.pid, signal.SIGHUP)
+        os.killpg(script.pid, signal.SIGTERM)
+        end = time.monotonic() + 15
+        while not gone(sleeper):
+            assert time.monotonic() < end, "the signals never reached the script's group"
+            time.sleep(0.02)  # polling a process that is not our child, under a deadline
+        assert not gone(pid), log.read_text()
+        assert ping_tracker(state) == {"api": 1}
+        qemu_io(f"nbd+unix:///?socket={sock}", "write 1M 1")
+        assert dirty_offsets(state, "@open") == [MiB]
+        assert not gone(pid), log.read_text()
+    finally:
+        for leftover in (pid, sleeper):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(leftover, signal.SIGTERM)
+        end = time.monotonic() + 15
+        while not gone(pid):
+            assert time.monotonic() < end, "tracker did not stop"
+            time.sleep(0.02)  # polling a process that is not our child, under a deadline
+
+
+def ping_tracker(state: Path) -> object:
+    return control.call(state / "tracker.sock", "ping")
 
 
 def test_track_wrapper_replaces_a_stale_socket(
