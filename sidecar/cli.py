@@ -219,7 +219,8 @@ NOT_FOR_THE_SIDECAR = ("disk-not-allowed", "backup-not-allowed")
 def _start_in_sidecar(sidecar: Path, op: str, options: ScanOptions) -> dict[str, Any] | None:
     """Start a scan job (``scan.start`` or ``rebuild``) in the sidecar; None
     if the sidecar may not open what it names, and the scan is to run here,
-    in the foreground (one line on stderr says so)."""
+    in the foreground (a terminal is told so; a script's stderr keeps to one
+    line per error)."""
     fields = dataclasses.asdict(options)
     if not options.disk:
         del fields["disk"]  # the sidecar's own disk
@@ -235,7 +236,8 @@ def _start_in_sidecar(sidecar: Path, op: str, options: ScanOptions) -> dict[str,
             raise errors.PermissionDenied(
                 e.code, f"{e.message}; or give --disk to scan here, in the foreground"
             ) from None
-        print(f"dirtydiff: {e.message}; scanning here, in the foreground", file=sys.stderr)
+        if sys.stderr.isatty():
+            print(f"dirtydiff: {e.message}; scanning here, in the foreground", file=sys.stderr)
         return None
 
 

@@ -568,6 +568,7 @@ def test_a_control_request_never_makes_the_sidecar_open_a_path_the_operator_did_
     assert refused_cli.stderr.count("\n") == 1 and "give --disk" in refused_cli.stderr
     here = dirtydiff("scan", "--state", str(state), "--disk", tracker.uri, "--backup",
                      str(backup), "--bitmap", "local")  # fmt: skip
-    assert "in the foreground" in here.stderr and "local is consistent" in here.stdout
+    # Not "started in the sidecar": the foreground scan's own summary.
+    assert "compared in" in here.stdout and "local is consistent" in here.stdout
     assert {job["bitmap"] for job in api(state, "scan.list")} == {"own", "given", "told"}
     assert bitmap_info(state, "local")["consistent"]
