@@ -118,6 +118,11 @@ class Tracker:
             except OSError as e:
                 raise ConfigError("disk", str(e.strerror or e)) from None
             self.size = self.backend.size
+            # The bitmaps first: a disk they refuse (another size) must not
+            # become the one the state describes.
+            self.store = BitmapStore(
+                self.state, self.size, recording=True, granularity=config.granularity
+            )
             record = self.state.record_disk(
                 self.size,
                 self.backend.describe(),
@@ -126,9 +131,6 @@ class Tracker:
             # Named in the export's description: a scan reading this export
             # proves by it that it reads this state's disk.
             self.description = tracker_description(record.id)
-            self.store = BitmapStore(
-                self.state, self.size, recording=True, granularity=config.granularity
-            )
             self.control = ControlServer(
                 self.state.socket_path,
                 self.store,

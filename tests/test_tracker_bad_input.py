@@ -108,10 +108,16 @@ def test_bad_granularity_from_the_cli(tracked: Path, state: Path) -> None:
 
 def test_bitmap_from_a_disk_of_another_size(tracked: Path, tmp_path: Path, state: Path) -> None:
     before = files_of(state)
+    disk_record = (state / "disk.json").read_bytes()
     bigger = make_disk(tmp_path / "bigger.raw", 16 * MiB)
     err = start_fails(f"file={bigger}", f"state={state}")
     assert "describes a disk of 8388608 bytes but the disk has 16777216 bytes" in err
     assert files_of(state) == before  # nothing rewritten, not even a flag
+    # Nor the disk the state describes: the refused disk once took its
+    # place, and the state's own disk was then refused offline.
+    assert (state / "disk.json").read_bytes() == disk_record
+    status = dirtydiff("status", "--state", str(state), "--json")
+    assert '"disk_size": 8388608' in status.stdout
 
 
 def test_corrupt_bitmap_header(tracked: Path, state: Path) -> None:
