@@ -148,6 +148,29 @@ class DiskRecord:
         )
 
 
+def record_first_disk(
+    state: StateDir, size: int, source: str, file: FileIdentity | None = None
+) -> None:
+    """Give a state directory that was never tracked its disk, as a
+    tracker's first start would: ``source``, of ``size`` bytes, and with
+    ``file`` that very file. For a bitmap imported, or a disk served, before
+    any tracker ran: every later tracker, scan and export is then held to
+    it (``DiskRecord.check``; a tracker to its size, through the bitmaps).
+
+    Under the state lock, and only if there is no record yet: a process
+    holding the lock (a tracker records its own disk) or a record already
+    made is left as it is."""
+    lock = state.try_lock()
+    if lock is None:
+        return
+    try:
+        if state.disk() is None:
+            state.prepare()
+            state.record_disk(size, source, file)
+    finally:
+        lock.release()
+
+
 def check_name(name: str) -> None:
     """Bitmap names users may give: what QEMU accepts, minus path characters."""
     if not _NAME.fullmatch(name):

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from dirtydiff import control, errors
-from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, inconsistency
-from dirtydiff.state import StateDir
+from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, check_granularity, inconsistency
+from dirtydiff.state import StateDir, check_name, record_first_disk
 from dirtydiff.store import DRAIN_TIMEOUT
 from sidecar.nbdclient import context_extents, is_nbd_uri
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
@@ -459,6 +459,14 @@ def cmd_bitmap_import(args: argparse.Namespace) -> int:
             "disk-size-mismatch",
             f"{args.from_uri} exports {size} bytes but the disk of {state.path} has {known} bytes",
         )
+    if known is None:
+        # Never tracked: the export a bitmap comes from is the disk it
+        # describes (qemu-nbd of the image a tracker will serve), and the
+        # state records it so. Checked first, so that a refused import
+        # leaves nothing behind.
+        check_name(args.name)
+        check_granularity(args.granularity)
+        record_first_disk(state, size, args.from_uri)
     with _TerminateAsInterrupt() as terminate:
         begun = run_request(
             args.state, "bitmap.add", name=args.name, granularity=args.granularity,

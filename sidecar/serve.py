@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from dirtydiff import control, errors, sdnotify
-from dirtydiff.state import DiskSeen, StateDir, file_identity, tracker_id
+from dirtydiff.state import DiskSeen, StateDir, file_identity, record_first_disk, tracker_id
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
 from sidecar.api import SidecarApi, start_in_background
 from sidecar.jobs import ScanJobs
@@ -111,7 +111,11 @@ async def serve(
     mode, gid = control_socket_mode(control_group)  # a bad group fails before anything starts
     backend = open_disk(disk)
     record = state.disk()
-    if record is not None:
+    if record is None and isinstance(backend, FileBackend):
+        # Never tracked: the file the operator serves is the state's disk
+        # from now on (size and identity), as a tracker on it would record.
+        record_first_disk(state, backend.size, backend.describe(), file_identity(backend.fd))
+    elif record is not None:
         # The export pairs this state's bitmaps with the disk's data: a disk
         # shown to be another one (size, file, another state's tracker)
         # would have a backup copy the wrong bytes.

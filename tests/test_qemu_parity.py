@@ -9,12 +9,15 @@ must hold the same content.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
 from tests.conftest import (
     Processes,
+    Server,
     bitmap_json,
     dirtydiff,
     make_disk,
@@ -121,3 +124,84 @@ def test_upstream_qcow2_through_qemu_nbd(procs: Processes, tmp_path: Path, state
     ]
     allocation = nbdinfo_map(tracker.uri)
     assert any(e["type"] == 0 and int(str(e["offset"])) <= 1 * MiB for e in allocation)
+
+
+def qemu_bitmap(procs: Processes, tmp: Path, size: int) -> tuple[Path, Server]:
+    """A raw disk and a qcow2 image with the same writes, the qcow2's QEMU
+    bitmap b0 recording them, and ``qemu-nbd -B b0`` of the qcow2."""
+    raw = make_disk(tmp / "disk.raw", size)
+    qcow2 = tmp / "ref.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(size)])
+    run(["qemu-img", "bitmap", "--add", "--enable", str(qcow2), "b0"])
+    ops = operations(size)
+    qemu_io(str(raw), *ops)
+    qemu_io(str(qcow2), *ops, fmt="qcow2")
+    return raw, procs.qemu_nbd(qcow2, "-r", "-B", "b0", fmt="qcow2")
+
+
+def import_b0(state: Path, reference: Server, name: str = "b0") -> CompletedProcess[str]:
+    """``bitmap import`` of QEMU's b0 as NAME, disabled (it stays as QEMU has it)."""
+    return dirtydiff("bitmap", "import", "--state", str(state), "--disabled", name, "--from",
+                     reference.uri, "--context", "qemu:dirty-bitmap:b0", check=False)  # fmt: skip
+
+
+def test_a_bitmap_imported_into_a_never_tracked_state_is_served_as_qemu_serves_it(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    # Was refused ("has never been tracked"): a user who only wanted to
+    # import QEMU's bitmap and serve it had to run a tracker once first.
+    from tests.test_sidecar_api import start_sidecar  # noqa: PLC0415 (a test helper)
+
+    raw, reference = qemu_bitmap(procs, tmp_path, DISK_SIZE)
+    refused_name = import_b0(state, reference, "a/b")
+    assert refused_name.returncode == 1 and "bad bitmap name" in refused_name.stderr
+    assert list(state.iterdir()) == []  # a refused import sets up nothing
+    assert import_b0(state, reference).returncode == 0
+    record = json.loads((state / "disk.json").read_text())
+    # The disk it describes: the export it came from, of that size.
+    assert record["size"] == DISK_SIZE and record["source"] == reference.uri
+    assert "file" not in record
+    export = start_sidecar(procs, tmp_path, state, str(raw))
+    expected = nbdinfo_map(reference.uri, "qemu:dirty-bitmap:b0")
+    assert any(e["type"] == 1 for e in expected)
+    assert nbdinfo_map(export.uri, "qemu:dirty-bitmap:b0") == expected
+    assert bitmap_json(state, "b0") == expected
+    stop(export.proc)
+
+    # The checks hold: a tracker on a disk of another size is refused, and
+    # an offline scan of a disk nothing proves to be this one.
+    other_size = make_disk(tmp_path / "other-size.raw", DISK_SIZE + 4096)
+    with pytest.raises(RuntimeError, match="size"):
+        procs.tracker(state, disk=other_size)
+    other = make_disk(tmp_path / "other.raw", DISK_SIZE)
+    refused = dirtydiff("scan", "--state", str(state), "--disk", str(other), "--backup",
+                        reference.uri, "--bitmap", "s", check=False)  # fmt: skip
+    assert refused.returncode == 1 and "cannot tell" in refused.stderr, refused.stderr
+    # A tracker on the disk takes the state over as its own, bitmap and all.
+    tracker = procs.tracker(state, disk=raw)
+    assert bitmap_json(state, "b0") == expected
+    qemu_io(tracker.uri, "write 0 1")
+
+
+def test_a_never_tracked_state_served_from_a_file_records_that_file(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    from tests.test_sidecar_api import start_sidecar  # noqa: PLC0415 (a test helper)
+
+    raw, reference = qemu_bitmap(procs, tmp_path, DISK_SIZE)
+    export = start_sidecar(procs, tmp_path, state, str(raw))
+    record = json.loads((state / "disk.json").read_text())
+    st = raw.stat()
+    assert record["size"] == DISK_SIZE and record["source"] == f"file:{raw}"
+    assert record["file"] == ["file", st.st_dev, st.st_ino]
+    assert import_b0(state, reference).returncode == 0  # through the sidecar
+    expected = nbdinfo_map(reference.uri, "qemu:dirty-bitmap:b0")
+    assert nbdinfo_map(export.uri, "qemu:dirty-bitmap:b0") == expected
+
+    # Another file of the same size is not this disk: its scan is refused
+    # (run in the foreground: the sidecar scans only its own disk).
+    other = make_disk(tmp_path / "other.raw", DISK_SIZE)
+    refused = dirtydiff("scan", "--state", str(state), "--disk", str(other), "--backup",
+                        reference.uri, "--bitmap", "s", check=False)  # fmt: skip
+    assert refused.returncode == 1 and "is not the disk of" in refused.stderr, refused.stderr
+    assert json.loads((state / "disk.json").read_text()) == record
