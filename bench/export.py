@@ -90,7 +90,7 @@ def prepare_map(work: Path, extents: int) -> tuple[Path, Path, Path]:
                    stdout=subprocess.DEVNULL)  # fmt: skip
     with raw.open("wb") as f:
         f.truncate(MAP_SIZE)
-    state.mkdir()
+    state.mkdir(mode=0o700)
     sock = work / "setup.sock"
     tracker = [
         "nbdkit", "-f", "-U", str(work / "t.sock"), "python",
@@ -159,7 +159,7 @@ def run(argv: Sequence[str]) -> Outcome:
         ours_map = ours(state, raw, osock, "--bitmap", "b0")
         qemu_copy = ["qemu-nbd", "-r", "-t", "-f", "raw", "-k", str(qsock), str(disk)]
         ours_copy = ours(work / "copy-state", disk, osock)
-        (work / "copy-state").mkdir()
+        (work / "copy-state").mkdir(mode=0o700)
         times: dict[str, list[float]] = {
             "map qemu": [],
             "map ours": [],

@@ -193,7 +193,7 @@ def run(argv: Sequence[str]) -> Outcome:
             ):
                 for r in range(-1, rounds):  # round -1 warms the servers up, untimed
                     state = work / f"state-{sparse}-{r}"
-                    state.mkdir()
+                    state.mkdir(mode=0o700)
                     runs = {
                         "scan": [
                             [
@@ -268,7 +268,7 @@ def run(argv: Sequence[str]) -> Outcome:
 def profile(work: Path, sparse: bool, command: list[str]) -> None:
     """One more scan of the pair under cProfile: where its client CPU goes."""
     state = work / f"state-{sparse}-profile"
-    state.mkdir()
+    state.mkdir(mode=0o700)
     command = [*command[:1], "-m", "cProfile", "-s", "tottime", *command[1:]]
     command[command.index("--state") + 1] = str(state)
     command.remove("--json")

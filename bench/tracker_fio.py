@@ -86,7 +86,7 @@ def tracker_server(
 ) -> Server:
     def args(disk: Path, run: Path) -> list[str]:
         state = run / "state"
-        state.mkdir()
+        state.mkdir(mode=0o700)
         return ["python", str(plugin), f"file={disk}", f"state={state}"]
 
     return Server(label, args, threads)

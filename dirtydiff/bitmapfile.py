@@ -55,6 +55,9 @@ most one stretch of time, and during it its bits only go from 0 to 1. A reader
 that finds its incarnation still in place and consistent *after* it read the
 bits knows that what it read was complete when it read it.
 
+Trust. Every open is O_NOFOLLOW (``statefiles``): a symlink planted under a
+bitmap's name, or a temporary's, is refused or removed, never written through.
+
 Locking. One process records into a file at a time (the tracker, which holds
 the state directory's lock); within it, ``mark`` runs under the tracker's lock.
 Readers in other processes are safe: while recording, bits only go 0 -> 1.
@@ -75,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dirtydiff import errors
+from dirtydiff.statefiles import create_temporary, open_file
 
 MAGIC = b"DDBITMAP"
 FORMAT_VERSION = 1
@@ -273,9 +277,8 @@ class BitmapFile:
     def __init__(self, path: Path, *, writable: bool) -> None:
         self.path = path
         self.writable = writable
-        flags = os.O_RDWR if writable else os.O_RDONLY
         try:
-            self._fd = os.open(path, flags | os.O_CLOEXEC)
+            self._fd = open_file(path, os.O_RDWR if writable else os.O_RDONLY)
         except FileNotFoundError:
             raise errors.NotFound("unknown-bitmap", f"no bitmap file {path}") from None
         try:
@@ -342,7 +345,9 @@ class BitmapFile:
         )
         tmp = path.with_name(f".{path.name}.new")
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # O_EXCL after removing what had the name: a planted symlink is
+            # never written through, and a leftover never held a bit.
+            fd = create_temporary(tmp)
             try:
                 area = header.pack().ljust(_BACKUP_AT, b"\0") + header.pack_backup()
                 os.pwrite(fd, area.ljust(HEADER_SIZE, b"\0"), 0)
@@ -359,7 +364,7 @@ class BitmapFile:
                 "state-dir-full" if e.errno == errno.ENOSPC else "state-dir-error",
                 f"cannot create bitmap {path}: {e.strerror}",
             ) from None
-        if path.exists() and not replace:
+        if os.path.lexists(path) and not replace:
             tmp.unlink()
             raise errors.Conflict("name-in-use", f"bitmap file {path} already exists")
         os.rename(tmp, path)
@@ -498,7 +503,7 @@ def inconsistency(header: Header, boot_id: bytes | None = None) -> Reason:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -10,7 +10,10 @@ Layout::
                                holding it is what makes a process the owner
                                of the recording bitmaps
     STATE/tracker.sock         the tracker's control socket
+    STATE/sidecar.lock         flock()ed by the sidecar: one per state
+    STATE/sidecar.sock         the sidecar's control socket
     STATE/bitmaps/NAME.bitmap  one file per bitmap (see bitmapfile)
+    STATE/scans/NAME.json      an unfinished scan's position (sidecar.scanjob)
 
 The bitmap named ``@open`` is the open checkpoint interval: it records every
 change since the last checkpoint and is frozen under a name by the next one.
@@ -19,6 +22,9 @@ Who may change what: the owner of the lock is the only writer of bitmap files.
 A command run while no tracker runs takes the lock itself (so no tracker can
 start meanwhile) and works on the files; while a tracker runs, it asks the
 tracker over the control socket.
+
+Nothing in the directory is trusted to be what it seems (``statefiles``): a
+directory others may write in is refused, and no symlink in it is followed.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from dirtydiff.bitmapfile import (
     Reason,
     inconsistency,
 )
+from dirtydiff.statefiles import check_directory, make_directory, open_file, read_file, replace_file
 
 OPEN_CHECKPOINT = "@open"
 # While a diff scan fills bitmap NAME, "@scan:NAME" records the writes made
@@ -223,7 +230,8 @@ def describe(name: str, bitmap: BitmapFile, *, recording: bool) -> BitmapInfo:
 
 
 class StateLock:
-    """The exclusive flock on STATE/lock, with the holder's pid inside."""
+    """An exclusive flock on STATE/lock (or STATE/sidecar.lock), with the
+    holder's pid inside."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -243,22 +251,42 @@ class StateDir:
                 f"state directory {self.path} does not exist "
                 f"(create it: mkdir -m 0700 {self.path})",
             )
-        if not self.path.is_dir():
-            raise errors.BadRequest(
-                "no-state-dir", f"state directory {self.path} is not a directory"
-            )
+        # Every process refuses a directory others may write in, readers too
+        # (the export reads bitmaps; a command connects to the sockets here).
+        check_directory(self.path, "state directory", writer=False, follow=True)
         self.bitmaps_dir = self.path / "bitmaps"
+        self.scans_dir = self.path / "scans"
+        for sub in (self.bitmaps_dir, self.scans_dir):
+            if os.path.lexists(sub):
+                check_directory(sub, "directory", writer=False)
         self.lock_path = self.path / "lock"
         self.socket_path = self.path / "tracker.sock"
+        self.sidecar_lock_path = self.path / "sidecar.lock"  # held by the one sidecar
         self.sidecar_socket_path = self.path / "sidecar.sock"  # the sidecar's control API
         self.disk_path = self.path / "disk.json"
 
     # -- ownership -------------------------------------------------------
 
+    def check_writer(self) -> None:
+        """Refuse to write in a directory owned by another user than this
+        process's (or root): its owner could plant what we would write
+        through. Asked before every first write: taking a lock, making a
+        subdirectory."""
+        check_directory(self.path, "state directory", writer=True, follow=True)
+
     def try_lock(self) -> StateLock | None:
         """Take the state lock, or return None when another process holds it."""
+        return self._try_flock(self.lock_path)
+
+    def try_lock_sidecar(self) -> StateLock | None:
+        """Take the sidecar's lock (one sidecar per state directory), or
+        return None when another sidecar holds it."""
+        return self._try_flock(self.sidecar_lock_path)
+
+    def _try_flock(self, path: Path) -> StateLock | None:
+        self.check_writer()
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = open_file(path, os.O_RDWR | os.O_CREAT)
         except PermissionError:
             raise errors.BadRequest(
                 "state-dir-unwritable", f"state directory {self.path} is not writable"
@@ -278,20 +306,17 @@ class StateDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return StateLock(fd)
 
-    def holder_pid(self) -> int | None:
+    def holder_pid(self, path: Path | None = None) -> int | None:
+        """The pid written in STATE/lock (or ``path``, another lock file)."""
         try:
-            return int(self.lock_path.read_text().strip() or "0") or None
-        except (OSError, ValueError):
+            return int(read_file(path or self.lock_path).strip() or b"0") or None
+        except (OSError, ValueError, errors.Corrupt):
             return None
 
     def prepare(self) -> None:
         """Make sure the directory can hold bitmaps (the owner calls this)."""
-        try:
-            self.bitmaps_dir.mkdir(mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise errors.BadRequest(
-                "state-dir-unwritable", f"cannot create {self.bitmaps_dir}: {e.strerror}"
-            ) from None
+        self.check_writer()
+        make_directory(self.bitmaps_dir, "directory")
         if not os.access(self.bitmaps_dir, os.W_OK | os.X_OK):
             raise errors.BadRequest(
                 "state-dir-unwritable", f"state directory {self.bitmaps_dir} is not writable"
@@ -299,8 +324,13 @@ class StateDir:
         for pattern in (".*.new", ".*.clearing"):
             for leftover in self.bitmaps_dir.glob(pattern):
                 # A creation (or a clear) that crashed before its rename:
-                # never held any bit.
+                # never held any bit. (unlink removes a symlink, not its target.)
                 leftover.unlink()
+
+    def prepare_scans(self) -> None:
+        """Make sure STATE/scans can hold scan records."""
+        self.check_writer()
+        make_directory(self.scans_dir, "directory")
 
     # -- the disk --------------------------------------------------------
 
@@ -311,7 +341,7 @@ class StateDir:
     def disk(self) -> DiskRecord | None:
         """What STATE/disk.json says, or None if the state was never tracked."""
         try:
-            record = json.loads(self.disk_path.read_text())
+            record = json.loads(read_file(self.disk_path))
             found = record.get("file")
             file = None if found is None else (str(found[0]), int(found[1]), int(found[2]))
             state_id = str(record.get("id", ""))
@@ -335,9 +365,7 @@ class StateDir:
         body = {"size": size, "source": source, "id": state_id}
         if file is not None:
             body["file"] = list(file)
-        tmp = self.disk_path.with_name(".disk.json.new")
-        tmp.write_text(json.dumps(body) + "\n")
-        os.rename(tmp, self.disk_path)
+        replace_file(self.disk_path, (json.dumps(body) + "\n").encode())
         return record
 
     # -- bitmaps ---------------------------------------------------------
@@ -346,7 +374,7 @@ class StateDir:
         return self.bitmaps_dir / f"{name}{BITMAP_SUFFIX}"
 
     def names(self) -> list[str]:
-        if not self.bitmaps_dir.is_dir():
+        if not os.path.lexists(self.bitmaps_dir):
             return []
         return sorted(
             p.name[: -len(BITMAP_SUFFIX)]
@@ -355,10 +383,12 @@ class StateDir:
         )
 
     def open_bitmap(self, name: str, *, writable: bool = False) -> BitmapFile:
-        path = self.bitmap_path(name)
-        if not path.exists():
-            raise errors.NotFound("unknown-bitmap", f"no bitmap named {name!r} in {self.path}")
-        return BitmapFile(path, writable=writable)
+        try:
+            return BitmapFile(self.bitmap_path(name), writable=writable)
+        except errors.NotFound:
+            raise errors.NotFound(
+                "unknown-bitmap", f"no bitmap named {name!r} in {self.path}"
+            ) from None
 
     def read_header(self, name: str) -> Header:
         return self.read_header_at(self.bitmap_path(name))
@@ -366,7 +396,10 @@ class StateDir:
     @staticmethod
     def read_header_at(path: Path) -> Header:
         try:
-            with path.open("rb") as f:
-                return Header.unpack(f.read(HEADER_SIZE), str(path))
+            fd = open_file(path, os.O_RDONLY)
         except FileNotFoundError:
             raise errors.NotFound("unknown-bitmap", f"no bitmap file {path}") from None
+        try:
+            return Header.unpack(os.pread(fd, HEADER_SIZE, 0), str(path))
+        finally:
+            os.close(fd)

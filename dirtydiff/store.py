@@ -871,10 +871,10 @@ class BitmapStore:
         makes the staging file ``@open``, inconsistent.
         """
         staging = self.state.bitmaps_dir / _STAGING
-        if not staging.exists():
+        if not os.path.lexists(staging):
             return
         target = self.state.bitmap_path(OPEN_CHECKPOINT)
-        if target.exists():
+        if os.path.lexists(target):
             staging.unlink()
             fsync_dir(self.state.bitmaps_dir)
             return

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import threading
 from pathlib import Path
 
-from dirtydiff import control, errors
+from dirtydiff import control, errors, sockets
 from dirtydiff.store import BitmapStore
 
 log = logging.getLogger(__name__)
@@ -35,14 +34,9 @@ class ControlServer:
         self.extra = extra or {}  # requests of the tracker's own (stats)
         self._ops = threading.Lock()
         self._stopping = False
-        path.unlink(missing_ok=True)  # a socket left by a killed tracker; we hold the lock
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)
-        try:
-            self._sock.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, mode)
+        # Born with its mode (no chmod on a path that may be swapped); a
+        # socket left by a killed tracker is replaced, anything else refused.
+        self._sock, self._file = sockets.bind(path, mode & 0o777)
         self._sock.listen(16)
 
     def start(self) -> None:
@@ -93,4 +87,4 @@ class ControlServer:
         with contextlib.suppress(OSError):  # not connected: nothing to shut down
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        self.path.unlink(missing_ok=True)
+        self._file.remove()  # only if the path still names our socket

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import sysconfig
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dirtydiff import control, errors
+from dirtydiff import control, errors, sockets
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, check_granularity, inconsistency
 from dirtydiff.state import StateDir, check_name, record_first_disk
 from dirtydiff.store import DRAIN_TIMEOUT
@@ -94,6 +93,7 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], None]) -> None:
 
 def cmd_track(args: argparse.Namespace) -> NoReturn:
     state = StateDir(args.state)
+    state.check_writer()  # the tracker refuses it too; this says so before nbdkit starts
     if args.disk is None and args.uri is None:
         raise errors.BadRequest("usage", "give a DISK or --uri URI")
     if args.uri is None and "://" in args.disk:  # one DISK setting for files and URIs
@@ -128,7 +128,9 @@ def cmd_track(args: argparse.Namespace) -> NoReturn:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     if args.debug:
         print(" ".join(argv), file=sys.stderr)
-    _remove_stale_socket(Path(args.socket))
+    # A tracker killed with -9 leaves its socket behind, and nbdkit would
+    # refuse to bind: removed if nobody answers on it (anything else stays).
+    sockets.clear_path(Path(args.socket))
     _leave_the_launching_session()
     os.execve(nbdkit, argv, env)  # nbdkit takes over this process
 
@@ -152,20 +154,6 @@ def _leave_the_launching_session() -> None:
         pass  # no terminal to be the foreground of
     with contextlib.suppress(PermissionError):
         os.setsid()
-
-
-def _remove_stale_socket(path: Path) -> None:
-    """A tracker killed with -9 leaves its socket behind; nbdkit would refuse
-    to bind. Remove it only if nobody answers on it."""
-    if not path.is_socket():
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            path.unlink()
-            return
-    raise errors.Conflict("socket-in-use", f"{path} is in use by a running server")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

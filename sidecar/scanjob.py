@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import threading
@@ -30,8 +31,11 @@ from typing import Any
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
 from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
+from dirtydiff.statefiles import open_file, read_file
 from dirtydiff.store import BitmapStore
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress, Scan, file_mtime, open_side
+
+log = logging.getLogger(__name__)
 
 # The scan holds about 2 x chunk x in_flight bytes of buffers: options from a
 # control request or a command line may not make that unbounded.
@@ -72,15 +76,28 @@ class ScanOptions:
 
 
 class ScanRecord:
-    """STATE/scans/NAME.json: what a scan compares and how far it got."""
+    """STATE/scans/NAME.json: what a scan compares and how far it got.
+
+    Opened O_NOFOLLOW, as every file of a state directory: a symlink planted
+    under a record's name (or its lock's) is an error, never written through.
+    """
 
     def __init__(self, state: StateDir, name: str) -> None:
-        self.dir = state.path / "scans"
+        self.state = state
+        self.dir = state.scans_dir
         self.path = self.dir / f"{name}.json"
+        self._dir_checked = False
+
+    def _check_dir(self) -> None:
+        """STATE/scans exists and is safe to write in (checked once: a
+        position is saved many times a second)."""
+        if not self._dir_checked:
+            self.state.prepare_scans()
+            self._dir_checked = True
 
     def load(self) -> dict[str, Any] | None:
         try:
-            record: dict[str, Any] = json.loads(self.path.read_text())
+            record: dict[str, Any] = json.loads(read_file(self.path))
             return record
         except FileNotFoundError:
             return None
@@ -93,9 +110,9 @@ class ScanRecord:
         # Rewritten in place, not renamed over: ext4 flushes data on a rename
         # that replaces a file, which cost more than the scan's own reads. A
         # record torn by a crash reads as none, and the scan starts over.
-        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self._check_dir()
         text = json.dumps({**record, "boot": current_boot_id().hex()}).encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_file(self.path, os.O_WRONLY | os.O_CREAT)
         try:
             os.pwrite(fd, text, 0)
             os.ftruncate(fd, len(text))
@@ -107,10 +124,16 @@ class ScanRecord:
 
     @classmethod
     def unfinished(cls, state: StateDir) -> list[tuple[str, dict[str, Any]]]:
-        """Every scan record left in the state directory: (bitmap, record)."""
+        """Every scan record left in the state directory: (bitmap, record).
+        One that cannot be read (a symlink where a record should be) is
+        reported and left out; the others still count."""
         found = []
-        for path in sorted((state.path / "scans").glob("*.json")):
-            record = cls(state, path.stem).load()
+        for path in sorted(state.scans_dir.glob("*.json")):
+            try:
+                record = cls(state, path.stem).load()
+            except errors.DirtydiffError as e:
+                log.warning("scan record %s not read: %s", path, e.message)
+                continue
             if record is not None:
                 found.append((path.stem, record))
         return found
@@ -118,10 +141,8 @@ class ScanRecord:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """One scan per bitmap at a time."""
-        self.dir.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(
-            self.dir / f"{self.path.stem}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-        )
+        self._check_dir()
+        fd = open_file(self.dir / f"{self.path.stem}.lock", os.O_RDWR | os.O_CREAT)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,17 +5,16 @@ with ``--metrics``, Prometheus ``/metrics``, until SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import start_http_server
 
-from dirtydiff import control, errors, sdnotify
+from dirtydiff import control, errors, sdnotify, sockets
 from dirtydiff.state import DiskSeen, StateDir, file_identity, record_first_disk, tracker_id
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
 from sidecar.api import SidecarApi, start_in_background
@@ -109,74 +108,82 @@ async def serve(
     ready: asyncio.Event | None = None,
 ) -> None:
     mode, gid = control_socket_mode(control_group)  # a bad group fails before anything starts
-    backend = open_disk(disk)
-    record = state.disk()
-    if record is None and isinstance(backend, FileBackend):
-        # Never tracked: the file the operator serves is the state's disk
-        # from now on (size and identity), as a tracker on it would record.
-        record_first_disk(state, backend.size, backend.describe(), file_identity(backend.fd))
-    elif record is not None:
-        # The export pairs this state's bitmaps with the disk's data: a disk
-        # shown to be another one (size, file, another state's tracker)
-        # would have a backup copy the wrong bytes.
-        try:
+    # Before anything else: a second sidecar on this state touches nothing
+    # (when the first exited it would otherwise remove the second's sockets).
+    sidecar_lock = state.try_lock_sidecar()
+    if sidecar_lock is None:
+        pid = state.holder_pid(state.sidecar_lock_path)
+        raise errors.Conflict(
+            "sidecar-running",
+            f"state directory {state.path} is in use by another sidecar "
+            f"({f'pid {pid}' if pid else 'starting now'}); stop it first",
+        )
+    async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse, whatever fails
+        cleanup.callback(sidecar_lock.release)
+        backend = open_disk(disk)
+        cleanup.callback(backend.close)
+        record = state.disk()
+        if record is None and isinstance(backend, FileBackend):
+            # Never tracked: the file the operator serves is the state's disk
+            # from now on (size and identity), as a tracker on it would record.
+            record_first_disk(state, backend.size, backend.describe(), file_identity(backend.fd))
+        elif record is not None:
+            # The export pairs this state's bitmaps with the disk's data: a disk
+            # shown to be another one (size, file, another state's tracker)
+            # would have a backup copy the wrong bytes.
             record.check(disk_seen(disk, backend), tracker_runs=False, state=state.path,
                          require_proof=False)  # fmt: skip
-        except errors.Conflict:
-            backend.close()
-            raise
-    export = Export(
-        name=export_name,
-        backend=backend,
-        state=state,
-        bitmap_filter=frozenset(bitmaps) if bitmaps else None,
-    )
-    server = NbdServer([export])
-    await server.listen_unix(socket_path)
-    jobs = ScanJobs(state)
-    api = SidecarApi(state, disk, jobs)
-    control_path = state.sidecar_socket_path
-    control_path.unlink(missing_ok=True)
-    old_umask = os.umask(0o077)  # no moment at which others may connect
-    try:
+        export = Export(
+            name=export_name,
+            backend=backend,
+            state=state,
+            bitmap_filter=frozenset(bitmaps) if bitmaps else None,
+        )
+        server = NbdServer([export])
+        # The export's socket may live anywhere (/run/dirtydiff): only a
+        # stale socket is replaced, and at exit only ours is removed.
+        sockets.clear_path(socket_path)
+        await server.listen_unix(socket_path)
+        export_file = sockets.SocketFile(socket_path)
+        cleanup.callback(export_file.remove)
+        cleanup.push_async_callback(server.close)
+        jobs = ScanJobs(state)
+        api = SidecarApi(state, disk, jobs)
+        # Born 0600 (or 0660), so that no moment exists at which others may
+        # connect; the group is given to the socket we bound, not to a path.
+        control_sock, control_file = sockets.bind(state.sidecar_socket_path, mode)
+        cleanup.callback(control_file.remove)
         control_server = await asyncio.start_unix_server(
-            lambda r, w: _control_client(api, r, w), path=str(control_path)
+            lambda r, w: _control_client(api, r, w), sock=control_sock
         )
-    finally:
-        os.umask(old_umask)
-    os.chown(control_path, -1, gid)
-    os.chmod(control_path, mode)
-    start_in_background(api, rebuild_inconsistent=auto_rebuild)
-    http: Any = None
-    if metrics is not None:
-        host, port = parse_hostport(metrics)
-        found = registry(state, jobs, server, metrics_disk or state.path.name)
-        http, _ = start_http_server(port, addr=host, registry=found)
-        print(
-            f"dirtydiff serve: metrics on http://{host}:{http.server_port}/metrics",
-            file=sys.stderr,
-            flush=True,
-        )
-    if tcp is not None:
-        host, port = parse_hostport(tcp)
-        bound = await server.listen_tcp(host, port)
-        print(f"dirtydiff serve: listening on tcp {host}:{bound}", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
-    sdnotify.ready(f"serving {disk} on {socket_path}")
-    try:
+        cleanup.callback(control_server.close)
+        control_file.set_group(gid)
+        start_in_background(api, rebuild_inconsistent=auto_rebuild)
+
+        @cleanup.callback
+        def stop_jobs() -> None:
+            for job in jobs.jobs.values():
+                job.cancel.set()  # a scan saves its position and resumes next time
+
+        if metrics is not None:
+            host, port = parse_hostport(metrics)
+            found = registry(state, jobs, server, metrics_disk or state.path.name)
+            http, _ = start_http_server(port, addr=host, registry=found)
+            cleanup.callback(http.shutdown)
+            print(
+                f"dirtydiff serve: metrics on http://{host}:{http.server_port}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
+        if tcp is not None:
+            host, port = parse_hostport(tcp)
+            bound = await server.listen_tcp(host, port)
+            print(f"dirtydiff serve: listening on tcp {host}:{bound}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        sdnotify.ready(f"serving {disk} on {socket_path}")
         await stop.wait()
-    finally:
-        for job in jobs.jobs.values():
-            job.cancel.set()  # a scan saves its position and resumes next time
-        control_server.close()
-        control_path.unlink(missing_ok=True)
-        if http is not None:
-            http.shutdown()
-        await server.close()
-        socket_path.unlink(missing_ok=True)
-        backend.close()

@@ -229,7 +229,7 @@ def qemu_bitmap_pair(
     qemu_io(str(raw), *ops)
     qemu_io(str(qcow2), *ops, fmt="qcow2")
     state = tmp / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)
     tracker = procs.tracker(state, disk=raw)  # once, so the state knows its disk
     tracker.proc.terminate()
     tracker.proc.wait(10)

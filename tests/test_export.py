@@ -340,7 +340,10 @@ def test_a_removed_or_crashed_bitmap_fails_its_connections(
     finally:
         h.shutdown()
 
-    # Reading the file itself, this export's connections outlive the tracker.
+    # Reading the file itself, this export's connections outlive the tracker
+    # (one sidecar per state directory: the first one goes first).
+    ours.proc.terminate()
+    assert ours.proc.wait(20) == 0
     sock = tmp_path / "direct.sock"
     direct = procs.start(serve_argv(state, disk, sock), sock)
     h = nbd.NBD()

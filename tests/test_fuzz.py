@@ -448,7 +448,7 @@ def test_a_client_not_reading_its_replies_does_not_stall_other_clients(
     disk.write_bytes(b"\x55" * (64 * MiB))  # data, not holes: holes need no buffer
     upstream = procs.nbdkit("file", str(disk))
     state = tmp_path / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)
     sock = tmp_path / "serve.sock"
     procs.start(
         [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state),
