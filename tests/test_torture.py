@@ -1,8 +1,8 @@
 """The torture suite's short run: seeded scenarios with faults, no granule lost.
 
 Each test plays one scenario (tests/torture/scenario.py) with a fixed seed and
-a fixed list of actions, so that every kind of fault is injected on every run;
-the last one plays random scenarios from a fixed master seed. Every scenario
+a fixed list of actions, so that every kind of fault and operator path is
+played on every run; the last one plays random scenarios from a fixed master seed. Every scenario
 ends with the check of tests/torture/verify.py. The long run is
 ``.venv/bin/python -m tests.torture --scenarios 200 --seed N``.
 """
@@ -63,6 +63,31 @@ def test_host_crash_makes_bitmaps_inconsistent_unexported_and_a_scan_rebuilds_on
     # The claims through the crashed @open cannot be proven: they were
     # checked to be reported inconsistent and not exported instead.
     assert outcome.verdict is not None and outcome.verdict.claims_unprovable >= 1
+
+
+def test_scans_of_a_wrong_disk_are_refused_and_an_offline_scan_resumes_whole() -> None:
+    outcome = play(606, ["wrong-disk", "offline-resume", "checkpoint", "offline-resume"])
+    # Four online cases, and a copy as the disk of each offline scan.
+    assert outcome.faults["wrong-disk-refused"] == 6, outcome.faults
+    # Killed part way, the VM ran and wrote where it had compared: resumed.
+    assert outcome.faults["offline-scan-resumed"] >= 1, outcome.faults
+    assert outcome.faults["written-while-scan-stopped"] == 2
+
+
+def test_a_client_bound_to_a_bitmap_never_ends_its_walk_in_another() -> None:
+    kinds = ["rebind-checkpoint", "rebind-clear", "rebind-remove-add", "rebind-disable",
+             "rebind-other-checkpoint"]  # fmt: skip
+    outcome = play(707, kinds)
+    # Checkpoint of @open, clear, remove and add: EIO. Disabled, or another
+    # checkpoint taken: the walk goes on, missing nothing.
+    assert outcome.faults["rebound-client-eio"] == 3, outcome.faults
+    assert outcome.faults["bound-client-read-on"] == 2, outcome.faults
+
+
+def test_imports_stopped_half_way_and_a_clear_after_a_host_crash() -> None:
+    outcome = play(810, ["import-killed", "clear-after-crash", "checkpoint", "import-killed"])
+    assert outcome.faults["import-killed-9"] == 2 and outcome.faults["import-terminated"] == 2
+    assert outcome.faults["clear-after-crash"] == 1
 
 
 def test_random_scenarios_from_a_fixed_seed_lose_no_granule() -> None:

@@ -11,7 +11,11 @@ at the end. Claims are made only where the invariant promises them:
   by the whole chain since the tracker started;
 - a copy taken after ``bitmap add NAME`` returned is completed by NAME;
 - a scan of NAME against backup B completes B, from the end of the scan on
-  (NAME records like any enabled bitmap).
+  (NAME records like any enabled bitmap);
+- a copy taken after ``bitmap clear NAME`` returned is completed by NAME: a
+  cleared bitmap counts from the clear, and every older claim on NAME goes;
+- a disabled bitmap stops recording: it completes nothing any more (its
+  claims go), but stays consistent and exported, frozen.
 
 A simulated host crash makes every bitmap that was recording unprovable: those
 must be reported inconsistent (sticky) and never exported; every claim that
@@ -40,6 +44,7 @@ class Claim:
 class Model:
     chain: list[str] = field(default_factory=list)  # checkpoints, oldest first
     recording: set[str] = field(default_factory=set)  # user and scan bitmaps (not @open)
+    frozen: set[str] = field(default_factory=set)  # user bitmaps disabled: consistent, still
     doubtful: set[str] = field(default_factory=set)  # must be reported inconsistent
     open_doubtful: bool = False  # the current @open was recording at a host crash
     claims: list[Claim] = field(default_factory=list)
@@ -61,6 +66,16 @@ class Model:
             self.doubtful.add(name)
             self.open_doubtful = False
 
+    def forget(self, name: str) -> None:
+        """``name`` no longer counts from what it counted from (cleared,
+        removed and added again, disabled): no claim rests on it."""
+        self.claims = [c for c in self.claims if name not in c.names]
+
+    def disabled(self, name: str) -> None:
+        self.forget(name)
+        self.recording.discard(name)
+        self.frozen.add(name)
+
     def host_crashed(self) -> None:
         self.open_doubtful = True
         self.doubtful |= self.recording
@@ -70,4 +85,4 @@ class Model:
 
     def known(self) -> set[str]:
         """Every bitmap the scenario made (others it may find are unexpected)."""
-        return {OPEN, *self.chain, *self.recording}
+        return {OPEN, *self.chain, *self.recording, *self.frozen}

@@ -22,7 +22,26 @@ it is given), each injecting faults while the writers go on:
 - ``host-crash``: the tracker and sidecar die with the host, which comes back
   with a new boot id; the bitmaps that were recording must be inconsistent and
   not exported; a scan against a backup makes a new complete one, and
-  ``dirtydiff rebuild`` refills one of those the crash spoilt.
+  ``dirtydiff rebuild`` refills one of those the crash spoilt;
+- ``wrong-disk``: scans that name another disk (a file of another size as
+  disk and backup, a same-sized copy, another state's tracker, a backup's
+  qemu-nbd) are refused with one line, and leave nothing under their name;
+- ``offline-resume``: the VM stops (writers held, tracker and sidecar
+  stopped), an offline scan of the disk file is killed part way, the VM runs
+  again for a while and stops, the same scan command resumes: the tracker's
+  writes meanwhile must be in the result;
+- ``rebind-while-reading``: a client bound to a bitmap reads half of it, the
+  bitmap is checkpointed (@open), cleared, removed and added again, or
+  disabled, or another checkpoint is taken; the rest of the walk must fail
+  with EIO where the name now holds another bitmap, and go on, missing
+  nothing, where it does not;
+- ``import-killed``: ``bitmap import`` held half way (its source's first
+  block status request is held by a relay) is inconsistent and not exported;
+  kill -9 leaves it so, SIGTERM removes it; sometimes an import then runs
+  whole and completes what its source completed;
+- ``clear-after-crash``: after a host crash, clearing or disabling @open is
+  refused; clearing a bitmap the crash spoilt makes it a new consistent one
+  that counts from the clear.
 
 The scenario ends by quiescing the writers and running ``verify.check``. The
 seed fixes the disk, the actions, their parameters and the writers' requests;
@@ -31,10 +50,12 @@ thread and process timing still varies from run to run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -45,18 +66,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nbd
+
 from dirtydiff import control, errors
-from tests.conftest import DIRTYDIFF, ROOT
+from dirtydiff.bitmapfile import Reason
+from tests.conftest import DIRTYDIFF, ROOT, Server, stop
 from tests.torture import verify
 from tests.torture.model import OPEN, Claim, Model
-from tests.torture.world import Backup, World
+from tests.torture.relay import HoldingRelay
+from tests.torture.world import Backup, MiB, World
 from tests.torture.writers import WriterPool
 
 ACTIONS = ("kill-tracker", "kill-sidecar", "kill-backup", "checkpoint", "scan", "fs-full",
-           "host-crash")  # fmt: skip
-# What --kinds may name: the actions, and one way a scan is interrupted that
-# a random "scan" picks only now and then.
-KINDS = (*ACTIONS, "scan-re-add")
+           "host-crash", "wrong-disk", "offline-resume", "rebind-while-reading",
+           "import-killed", "clear-after-crash")  # fmt: skip
+# What a client bound to a bitmap meets half way through its walk: the first
+# three put another bitmap under the name (EIO), the last two leave it.
+REBINDS = ("checkpoint", "clear", "remove-add", "disable", "other-checkpoint")
+# What --kinds may name: the actions, one way a scan is interrupted that a
+# random "scan" picks only now and then, and each rebind on its own.
+KINDS = (*ACTIONS, "scan-re-add", *(f"rebind-{how}" for how in REBINDS))
 GRANULARITIES = (4096, 65536, 1 << 20)
 ACTIVE = ("running", "waiting")  # a sidecar's scan job that has not ended
 MAX_BACKUPS = 5  # full copies kept per scenario (disk space, copy time)
@@ -183,6 +212,29 @@ class Scenario:
         self.world.cli("checkpoint", "--state", self.state, name)
         self.model.checkpointed(name)
         return name
+
+    def _start_cli(self, *args: str) -> subprocess.Popen[str]:
+        """A CLI command in the background (stopped by the caller's finally)."""
+        return subprocess.Popen(
+            [*DIRTYDIFF, *args], cwd=ROOT, env={**os.environ, **self.world.env},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    def _add_user(self, name: str) -> None:
+        """bitmap add NAME, and a copy it completes (while room is left)."""
+        granularity = self.rng.choice(GRANULARITIES)
+        self.world.cli(
+            "bitmap", "add", "--state", self.state, "--granularity", str(granularity), name
+        )
+        self._copy_completed_by(name, f"copied after adding {name}")
+
+    def _copy_completed_by(self, name: str, why: str) -> None:
+        """``name`` records every write from now on: a copy taken now is
+        completed by it."""
+        self.model.recording.add(name)
+        self.backup_of.pop(name, None)
+        if len(self.world.backups) < MAX_BACKUPS:
+            self._recording_since(name, self.world.take_backup(), why)
 
     def _backup_after_checkpoint(self, name: str) -> None:
         if len(self.world.backups) >= MAX_BACKUPS:
@@ -484,3 +536,392 @@ class Scenario:
             cp = self._take_checkpoint()
             self._backup_after_checkpoint(cp)
         assert OPEN in world.status()
+
+    # -- operator paths ----------------------------------------------------------
+
+    def _scan_refused(self, args: list[str], what: str, why: str) -> None:
+        """A scan that must be refused before it makes anything."""
+        name = args[args.index("--bitmap") + 1]
+        refused = self.world.cli(*args, check=False)
+        if self._expect_clear_error(refused, f"a scan of {what}"):
+            self.expect(why in refused.stderr, f"a scan of {what}: {refused.stderr.strip()!r}")
+        status = self.world.status()
+        self.expect(name not in status, f"a refused scan of {what} left {status.get(name)}")
+        self.expect(
+            not (self.world.state / "scans" / f"{name}.json").exists(),
+            f"a refused scan of {what} left a scan record",
+        )
+        if self.world.sidecar is not None:
+            self._not_offered(name, f"after its scan of {what} was refused")
+        self.outcome.faults["wrong-disk-refused"] += 1
+
+    def _wrong_disk(self) -> None:
+        """While the VM writes, scans that read another disk than this
+        state's: each would call a written granule clean."""
+        world, rng = self.world, self.rng
+        backup = rng.choice(world.backups)
+        world.serve_backup(backup)
+        small, copy = world.tmp / "small.raw", world.tmp / "copy.raw"
+        with small.open("wb") as f:
+            f.truncate(rng.choice([MiB, world.size // 2, world.size + 65536]))
+        shutil.copyfile(backup.path, copy)  # the same size, another file
+        other_state = world.tmp / "other-state"
+        other_state.mkdir(mode=0o700)
+        other: Server | None = None
+        try:
+            other = world.procs.tracker(other_state, disk=copy, sock=world.tmp / "other.sock")
+            cases = [
+                (str(small), str(small), "a file of another size", "bytes"),
+                (str(copy), backup.uri, "a copy of a backup", "is not the disk of"),
+                (other.uri, backup.uri, "another state's tracker",
+                 "tracker of another state directory"),
+                # The copy as the backup: qemu-nbd serves one client at a time.
+                (backup.uri, str(copy), "a backup's qemu-nbd", "cannot tell that"),
+            ]  # fmt: skip
+            rng.shuffle(cases)
+            for disk, against, what, why in cases:
+                name = self.model.fresh("wrong")
+                args = ["scan", "--state", self.state, "--disk", disk, "--backup", against,
+                        "--bitmap", name, "--granularity", str(rng.choice(GRANULARITIES)),
+                        "--wait"]  # fmt: skip
+                self._scan_refused(args, what, why)
+                self.pool.wait_completed(rng.randint(5, 30))
+        finally:
+            if other is not None:
+                stop(other.proc)
+            small.unlink(missing_ok=True)
+            copy.unlink(missing_ok=True)
+            shutil.rmtree(other_state, ignore_errors=True)
+
+    def _offline_resume(self) -> None:
+        """The VM stops; an offline scan of its disk file is killed part way;
+        the VM runs again (a tracker that starts records its writes for the
+        scan, in @scan:NAME) and stops; the same command resumes the scan,
+        and its result must hold those writes."""
+        world, rng, pool = self.world, self.rng, self.pool
+        backup = rng.choice(world.backups)
+        world.serve_backup(backup)
+        name = self.model.fresh("offline")
+        args = ["scan", "--state", self.state, "--disk", str(world.disk), "--backup", backup.uri,
+                "--bitmap", name, "--granularity", str(rng.choice(GRANULARITIES)),
+                "--chunk-size", rng.choice(["64k", "256k", "1m"]),
+                "--in-flight", str(rng.choice([1, 2, 4])), "--json"]  # fmt: skip
+        pool.hold()  # the VM stops: nothing in flight, no connection
+        # A sidecar would go on with the scan itself once it starts (it
+        # resumes what it finds unfinished): it is stopped with the VM.
+        world.kill_sidecar(rng.choice([signal.SIGTERM, signal.SIGKILL]))
+        world.stop_tracker()
+        copy = world.tmp / "copy.raw"
+        shutil.copyfile(backup.path, copy)
+        try:
+            wrong = ["scan", "--state", self.state, "--disk", str(copy), "--backup", backup.uri,
+                     "--bitmap", self.model.fresh("wrong")]  # fmt: skip
+            self._scan_refused(wrong, "a copy of a backup, offline", "is not the disk of")
+        finally:
+            copy.unlink()
+        # Slow (4-8 s for both sides' reads): the kill lands part way.
+        rate = str(int(2 * world.size / rng.uniform(4.0, 8.0)))
+        proc = self._start_cli(*args, "--max-rate", rate)
+        try:
+            end = time.monotonic() + JOB_DEADLINE
+            while self._saved_position(name) == 0 and proc.poll() is None:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"offline scan of {name}: no position saved")
+                time.sleep(0.02)  # polling for a saved position, under a deadline
+        finally:
+            proc.kill()
+            _, stderr = proc.communicate(timeout=60)
+        killed = proc.returncode == -signal.SIGKILL
+        if not killed:  # it ended before the kill
+            if proc.returncode != 0:
+                raise AssertionError(f"offline scan of {name}: {stderr}")
+            self.outcome.notes.append(f"the offline scan of {name} ended before its kill")
+        world.start_tracker()
+        if killed:
+            self.expect(
+                not world.status()[name]["consistent"],
+                f"{name!r} reported consistent while its offline scan is killed part way",
+            )
+        pool.release()
+        pool.wait_completed(rng.randint(20, 300))  # the VM writes, the tracker records
+        # And where the scan already compared, away from the writers' hot
+        # regions: a later write there would mark what a lost one missed.
+        self._write_before(self._saved_position(name))
+        pool.hold()
+        world.stop_tracker()
+        if killed:  # the same command goes on with it
+            result = json.loads(world.cli(*args).stdout)
+            resumed = int(result["resumed_from"]) > 0
+            counter = "offline-scan-resumed" if resumed else "offline-scan-restarted"
+            self.outcome.faults[counter] += 1
+        world.start_tracker()
+        world.start_sidecar()
+        pool.release()
+        self._recording_since(name, backup, f"offline scan of {name}, resumed after the VM ran")
+
+    def _write_before(self, position: int) -> None:
+        """A few writes of new bytes through the tracker, below ``position``."""
+        h = nbd.NBD()
+        h.connect_uri(self.world.tracker_uri)
+        try:
+            for _ in range(self.rng.randint(1, 4)):
+                offset = self.rng.randrange(max(1, min(position, self.world.size - 4096)))
+                h.pwrite(self.rng.randbytes(4096), offset)
+        finally:
+            h.shutdown()
+        self.outcome.faults["written-while-scan-stopped"] += 1
+
+    def _rebind_checkpoint(self) -> None:
+        self._rebind_while_reading("checkpoint")
+
+    def _rebind_clear(self) -> None:
+        self._rebind_while_reading("clear")
+
+    def _rebind_remove_add(self) -> None:
+        self._rebind_while_reading("remove-add")
+
+    def _rebind_disable(self) -> None:
+        self._rebind_while_reading("disable")
+
+    def _rebind_other_checkpoint(self) -> None:
+        self._rebind_while_reading("other-checkpoint")
+
+    def _bound_target(self, how: str) -> str:
+        """The bitmap a client binds to, for what ``how`` does next."""
+        model = self.model
+        if how == "checkpoint":
+            return OPEN
+        if how == "other-checkpoint":
+            # Bound to the last checkpoint, which the next one leaves alone
+            # (one that froze a doubtful @open is not exported: freeze again).
+            while not model.chain or model.chain[-1] in model.doubtful:
+                self._take_checkpoint()
+            return model.chain[-1]
+        candidates = sorted(model.recording - model.doubtful)
+        if candidates and self.rng.random() < 0.6:
+            return self.rng.choice(candidates)
+        name = model.fresh("bound")
+        self._add_user(name)
+        return name
+
+    def _rebind(self, how: str, name: str) -> None:
+        """Do ``how`` to ``name``, and tell the model what it changed."""
+        world, model = self.world, self.model
+        if how in ("checkpoint", "other-checkpoint"):
+            cp = self._take_checkpoint()
+            if self.rng.random() < 0.8:
+                self._backup_after_checkpoint(cp)
+        elif how == "clear":
+            world.cli("bitmap", "clear", "--state", self.state, name)
+            model.forget(name)
+            self._copy_completed_by(name, f"copied after clearing {name}")
+            cleared = world.status()[name]
+            self.expect(
+                cleared["consistent"] and cleared["backup"] == "",
+                f"cleared {name!r} is {cleared}",
+            )
+        elif how == "remove-add":
+            world.cli("bitmap", "remove", "--state", self.state, name)
+            model.forget(name)
+            self._add_user(name)
+        else:
+            world.cli("bitmap", "disable", "--state", self.state, name)
+            model.disabled(name)
+            self.backup_of.pop(name, None)
+
+    def _rebind_while_reading(self, how: str | None = None) -> None:
+        """A backup tool's connection bound to a bitmap reads its first half;
+        then the bitmap is checkpointed, cleared, removed and added again,
+        disabled, or another checkpoint is taken; then it reads the rest.
+
+        Where the name now holds another bitmap the rest must fail with EIO
+        (finishing the walk in the new bitmap would miss what the first
+        half found dirty); an answer is accepted only if it is the chosen
+        bitmap's. Where it holds the same one (disabled: frozen), the walk
+        goes on and misses nothing the bitmap held."""
+        world, rng, pool = self.world, self.rng, self.pool
+        how = how or rng.choice(REBINDS)
+        if how == "checkpoint" and self.model.open_doubtful:
+            how = "other-checkpoint"  # the crashed @open is not exported
+        name = self._bound_target(how)
+        self.outcome.faults[f"rebind-{how}"] += 1
+        granularity = int(world.status()[name]["granularity"])
+        half = max(granularity, world.size // 2 // granularity * granularity)
+        context = f"qemu:dirty-bitmap:{name}"
+        h = nbd.NBD()
+        h.add_meta_context(context)
+        h.connect_uri(world.export_uri)
+        answers: list[tuple[int, int, list[tuple[int, int]]]] = []
+        failures: list[nbd.Error] = []
+        try:
+            if not h.can_meta_context(context):
+                self.expect(False, f"the export refuses {context} to a client that binds to it")
+                return
+            first = verify.read_dirty(h, context, 0, half)
+            pool.wait_completed(rng.randint(5, 50))
+            # Everything dirty now stays dirty in the bitmap the client chose.
+            before = verify.dirty_ranges(world.export_uri, name, world.size)
+            self._rebind(how, name)
+            pool.wait_completed(rng.randint(5, 50))
+            # The rest of the walk, then the first half again: no request
+            # may answer from another bitmap, the first failed or not.
+            for start, length in ((half, world.size - half), (0, half)):
+                try:
+                    answers.append((start, length, verify.read_dirty(h, context, start, length)))
+                except nbd.Error as e:
+                    failures.append(e)
+        finally:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
+
+        def dirty(ranges: list[tuple[int, int]], start: int, length: int) -> set[int]:
+            """The granules dirty in ``ranges`` within [start, start+length)
+            (a granule boundary: ``half`` is one)."""
+            found: set[int] = set()
+            for offset, n in ranges:
+                low, high = max(offset, start), min(offset + n, start + length)
+                if low < high:
+                    found.update(verify.granules(low, high - low, granularity))
+            return found
+
+        stays = how in ("disable", "other-checkpoint")
+        for failure in failures:
+            self.expect(
+                failure.errno == "EIO" and not stays,
+                f"a client bound to {name!r}, after {how}: {failure.errno} {failure.string}",
+            )
+        for start, length, ranges in answers:
+            # ``first`` is in ``before`` (read later, of the same bitmap).
+            missing = dirty(before, start, length) - dirty(ranges, start, length)
+            self.expect(
+                not missing,
+                f"a client bound to {name!r} read {len(missing)} granule(s) clean after {how} "
+                "that its bitmap had dirty: it answered from another bitmap",
+            )
+        missing_first = dirty(first, 0, half) - dirty(before, 0, half)
+        self.expect(not missing_first, f"{name!r} lost {len(missing_first)} dirty granule(s)")
+        if stays and not failures:
+            self.outcome.faults["bound-client-read-on"] += 1
+        elif not stays and not answers and all(f.errno == "EIO" for f in failures):
+            self.outcome.faults["rebound-client-eio"] += 1
+        elif not stays:
+            self.outcome.notes.append(f"a client bound to {name!r} was answered after {how}")
+        if name != OPEN or not self.model.open_doubtful:
+            self.expect(name in world.exported_bitmaps(), f"after {how} the export drops {name!r}")
+
+    def _import_killed(self) -> None:
+        """bitmap import held half way: inconsistent and not exported while
+        it runs; kill -9 leaves it so, SIGTERM removes it. Then, now and
+        then, an import run whole completes what its source completed."""
+        world, rng = self.world, self.rng
+        if not world.exported_bitmaps():
+            self._take_checkpoint()  # nothing consistent left by a crash: a new @open is
+        for sig in rng.sample([signal.SIGKILL, signal.SIGTERM], 2):
+            self._import_stopped(sig, rng.choice(sorted(world.exported_bitmaps())))
+        if rng.random() < 0.5:
+            self._import_whole()
+
+    def _import_stopped(self, sig: int, source: str) -> None:
+        world = self.world
+        name = self.model.fresh("import")
+        relay = HoldingRelay(world.export_sock, world.tmp / f"{name}-relay.sock")
+        proc: subprocess.Popen[str] | None = None
+        try:
+            proc = self._start_cli("bitmap", "import", "--state", self.state, name,
+                                   "--from", relay.uri, "--context",
+                                   f"qemu:dirty-bitmap:{source}")  # fmt: skip
+            end = time.monotonic() + JOB_DEADLINE
+            # Held at its first block status request: NAME exists by then.
+            while not relay.held.wait(0.02) and proc.poll() is None:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"import of {name} never asked for block status")
+            if proc.poll() is not None:
+                raise AssertionError(f"import of {name} ended unheld: {proc.communicate()}")
+            found = world.status().get(name)
+            self.expect(
+                found is not None
+                and not found["consistent"]
+                and found["reason"] == Reason.IMPORT_IN_PROGRESS.describe(),
+                f"half way through its import {name!r} is {found}",
+            )
+            self.expect(name not in world.exported_bitmaps(), f"export offers half made {name!r}")
+            proc.send_signal(sig)  # SIGTERM acts once the held request is answered
+            if sig == signal.SIGKILL:
+                proc.wait(60)
+        finally:
+            relay.release()
+            if proc is not None:
+                try:
+                    proc.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+            relay.close()
+        self.expect(proc.returncode != 0, f"the import of {name} stopped by {sig} exited 0")
+        found = world.status().get(name)
+        if sig == signal.SIGKILL:
+            self.expect(
+                found is not None
+                and not found["consistent"]
+                and found["reason"] == Reason.IMPORT_IN_PROGRESS.describe(),
+                f"after its import was killed -9 {name!r} is {found}",
+            )
+            self.expect(name not in world.exported_bitmaps(), f"export offers {name!r} killed")
+            shown = world.cli("bitmap", "show", "--state", self.state, name, check=False)
+            self._expect_clear_error(shown, f"bitmap show of {name}, killed half imported")
+            world.cli("bitmap", "remove", "--state", self.state, name)
+            self.outcome.faults["import-killed-9"] += 1
+        else:
+            self.expect(found is None, f"after its import got SIGTERM {name!r} is {found}")
+            self.outcome.faults["import-terminated"] += 1
+
+    def _import_whole(self) -> None:
+        """NAME joins the recording set before the source is read: it holds
+        what its source held, and every write after: it completes every
+        backup its source completes alone."""
+        world, model = self.world, self.model
+        sources = ([] if model.open_doubtful else [OPEN]) + sorted(model.recording - model.doubtful)
+        if not sources:
+            return
+        source = self.rng.choice(sources)
+        name = model.fresh("import")
+        world.cli("bitmap", "import", "--state", self.state, name, "--from", world.export_uri,
+                  "--context", f"qemu:dirty-bitmap:{source}")  # fmt: skip
+        model.recording.add(name)
+        for claim in list(model.claims):
+            alone = (claim.chain_from == len(model.chain)) if source == OPEN else (
+                claim.names == (source,))  # fmt: skip
+            if alone:
+                model.claims.append(Claim(claim.backup, f"{claim.why}, via {name}", names=(name,)))
+                self.backup_of.setdefault(name, claim.backup)
+        self.outcome.faults["import-whole"] += 1
+
+    def _clear_after_crash(self) -> None:
+        """After a host crash: @open can be neither cleared nor disabled; a
+        bitmap the crash spoilt, cleared, is a new one that counts from the
+        clear (and names no backup)."""
+        world, rng, model = self.world, self.rng, self.model
+        if not model.recording:
+            self._add_user(model.fresh("since"))
+        self._crash_host()
+        self.pool.wait_completed(rng.randint(10, 100))
+        for op in ("clear", "disable"):
+            refused = world.cli("bitmap", op, "--state", self.state, OPEN, check=False)
+            if self._expect_clear_error(refused, f"bitmap {op} @open after a host crash"):
+                self.expect(OPEN in refused.stderr, f"bitmap {op} @open: {refused.stderr!r}")
+        self.expect(not world.status()[OPEN]["consistent"], "@open turned consistent, refused")
+        victim = rng.choice(sorted(model.doubtful & model.recording))
+        world.cli("bitmap", "clear", "--state", self.state, victim)
+        cleared = world.status()[victim]
+        self.expect(
+            cleared["consistent"] and cleared["backup"] == "",
+            f"{victim!r} cleared after a host crash is {cleared}",
+        )
+        self.expect(victim in world.exported_bitmaps(), f"the export drops cleared {victim!r}")
+        model.doubtful.discard(victim)
+        model.forget(victim)
+        self._copy_completed_by(victim, f"copied after clearing {victim} after a host crash")
+        self.outcome.faults["clear-after-crash"] += 1
+        if rng.random() < 0.5:
+            cp = self._take_checkpoint()
+            self._backup_after_checkpoint(cp)

@@ -54,32 +54,39 @@ def dirty_ranges(uri: str, name: str, size: int) -> list[tuple[int, int]]:
     try:
         if not h.can_meta_context(context):
             raise AssertionError(f"the export refuses {context}")
-        found: list[tuple[int, int]] = []
-        offset = 0
-        while offset < size:
-            entries: list[int] = []
-
-            def collect(
-                meta: str, start: int, e: list[int], err: Any, entries: list[int] = entries
-            ) -> int:
-                if meta == context:
-                    entries.extend(e)
-                return 0
-
-            h.block_status(min(size - offset, STATUS_CHUNK), offset, collect)
-            position = offset
-            for i in range(0, len(entries) - 1, 2):
-                length, flags = entries[i], entries[i + 1]
-                length = min(length, size - position)
-                if flags & DIRTY:
-                    found.append((position, length))
-                position += length
-            if position <= offset:
-                raise AssertionError(f"{context}: block status made no progress at {offset}")
-            offset = position
-        return found
+        return read_dirty(h, context, 0, size)
     finally:
         h.shutdown()
+
+
+def read_dirty(h: Any, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+    """The dirty extents of ``context`` in [offset, offset+length), read on the
+    connection ``h`` (which chose ``context``); an error answer raises nbd.Error."""
+    end = offset + length
+    found: list[tuple[int, int]] = []
+    while offset < end:
+        entries: list[int] = []
+
+        def collect(
+            meta: str, start: int, e: list[int], err: Any, entries: list[int] = entries
+        ) -> int:
+            if meta == context:
+                entries.extend(e)
+            return 0
+
+        h.block_status(min(end - offset, STATUS_CHUNK), offset, collect)
+        position = offset
+        for i in range(0, len(entries) - 1, 2):
+            extent, flags = min(entries[i], end - position), entries[i + 1]
+            if extent <= 0:
+                break
+            if flags & DIRTY:
+                found.append((position, extent))
+            position += extent
+        if position <= offset:
+            raise AssertionError(f"{context}: block status made no progress at {offset}")
+        offset = position
+    return found
 
 
 def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

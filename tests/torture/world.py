@@ -167,6 +167,12 @@ class World:
         stop(self.tracker.proc, signal.SIGKILL)
         self.tracker = None
 
+    def stop_tracker(self) -> None:
+        """SIGTERM, as a VM's shutdown stops it; returns once it exited."""
+        assert self.tracker is not None
+        stop(self.tracker.proc, signal.SIGTERM)
+        self.tracker = None
+
     def start_sidecar(self) -> None:
         argv = [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(self.state),
                 "--disk", self.tracker_uri, "--socket", str(self.export_sock)]  # fmt: skip
@@ -174,9 +180,9 @@ class World:
             "sidecar", lambda: self.procs.start(argv, self.export_sock, self.env)
         )
 
-    def kill_sidecar(self) -> None:
+    def kill_sidecar(self, sig: int = signal.SIGKILL) -> None:
         assert self.sidecar is not None
-        stop(self.sidecar.proc, signal.SIGKILL)
+        stop(self.sidecar.proc, sig)
         self.sidecar = None
 
     def take_backup(self) -> Backup:

@@ -4,7 +4,11 @@ Each writer thread owns one connection and keeps up to ``depth`` requests in
 flight (aio_pwrite, aio_zero, aio_trim at random offsets and sizes). When the
 tracker dies under it, the connection's requests fail and the writer
 reconnects as soon as the tracker answers again: a VM whose disk went away for
-a moment goes on writing. ``quiesce`` stops submitting and waits for every
+a moment goes on writing. ``hold`` stops the VM: every writer closes its
+connection, as a VM that shuts down closes its disk, and waits for
+``release`` to connect again; the tracker may then be stopped cleanly (nbdkit
+does not exit on SIGTERM while a client stays connected) and the disk file
+scanned offline. ``quiesce`` stops submitting and waits for every
 request in flight to complete, so that the disk file is final before it is
 compared.
 
@@ -49,6 +53,8 @@ class WriterStats:
     # Requests that failed on a live connection (the server answered an
     # error): a tracker must not fail a VM's write because of bitmaps.
     request_errors: Counter[str] = field(default_factory=Counter)
+    holding: bool = False  # the VM is paused (WriterPool.hold)
+    held: int = 0  # writers waiting, with nothing in flight, for the release
     changed: threading.Condition = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,10 +118,28 @@ class Writer:
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._main, name=f"writer-{seed}", daemon=True)
 
+    def _wait_while_held(self) -> bool:
+        """Wait here, with no connection, while the pool holds the VM
+        stopped; whether it did."""
+        with self.stats.changed:
+            if not self.stats.holding:
+                return False
+            self.stats.held += 1
+            self.stats.changed.notify_all()
+            try:
+                while self.stats.holding and not self.stopping.is_set():
+                    # Woken by release; the timeout notices quiesce.
+                    self.stats.changed.wait(0.5)
+            finally:
+                self.stats.held -= 1
+        return True
+
     def _connect(self) -> Any | None:
         """A connection to the tracker, waiting (with a deadline) while it is down."""
         end = time.monotonic() + RECONNECT_DEADLINE
         while not self.stopping.is_set():
+            if self._wait_while_held():
+                end = time.monotonic() + RECONNECT_DEADLINE  # the VM was stopped meanwhile
             h = nbd.NBD()
             try:
                 h.connect_uri(self.uri)
@@ -134,8 +158,8 @@ class Writer:
                 if h is None:
                     return
                 try:
-                    self._run(h)
-                    return
+                    if not self._run(h):
+                        return
                 except nbd.Error:
                     # The connection died (tracker killed): its requests may or
                     # may not have reached the disk; all were marked first.
@@ -163,11 +187,15 @@ class Writer:
             return h.aio_zero(length, offset, flags=flags), None, length
         return h.aio_trim(length, offset), None, length
 
-    def _run(self, h: Any) -> None:
+    def _run(self, h: Any) -> bool:
+        """Write until stopping (False) or held (True: connect again)."""
         can_trim, can_fua = bool(h.can_trim()), bool(h.can_fua())
         # cookie -> (buffer kept alive until the request completes, length)
         pending: dict[int, tuple[Any, int]] = {}
         while not self.stopping.is_set():
+            if self.stats.holding:
+                self._close(h)
+                return True
             # A burst of requests in flight at once, then a pause: heavy
             # enough to keep the tracker busy, sparse enough that the bitmaps
             # do not end up all dirty.
@@ -179,6 +207,7 @@ class Writer:
                 self._retire(h, pending)
             self.stopping.wait(self.rng.expovariate(1 / self.pause))  # think time
         self._close(h)
+        return False
 
     def _retire(self, h: Any, pending: dict[int, tuple[Any, int]]) -> None:
         # peek fails once nothing is in flight or left to retire: ask only
@@ -237,6 +266,24 @@ class WriterPool:
                         f"writers made {self.stats.completed} of {target} requests in {deadline}s"
                     )
                 self.stats.changed.wait(min(left, 0.5))
+
+    def hold(self, deadline: float = QUIESCE_DEADLINE) -> None:
+        """Stop the VM: return once every writer closed its connection (each
+        closes it before its next burst, and waits before connecting)."""
+        end = time.monotonic() + deadline
+        with self.stats.changed:
+            self.stats.holding = True
+            while self.stats.held < sum(w.thread.is_alive() for w in self.writers):
+                self._check()
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"writers still busy {deadline}s after hold")
+                self.stats.changed.wait(min(left, 0.5))
+
+    def release(self) -> None:
+        with self.stats.changed:
+            self.stats.holding = False
+            self.stats.changed.notify_all()
 
     def _check(self) -> None:
         for w in self.writers:
