@@ -129,6 +129,8 @@ class Reason(enum.IntEnum):
     """A checkpoint failed half way, and the interval it started may miss changes."""
     NOT_RECORDING = 7
     """It was found not recording although it must (the open interval)."""
+    DISK_REPLACED = 8
+    """A tracker started on a disk not proven to be the one it described."""
 
     def describe(self) -> str:
         return {
@@ -140,6 +142,7 @@ class Reason(enum.IntEnum):
             Reason.IMPORT_IN_PROGRESS: "an import is filling it and has not finished",
             Reason.CHECKPOINT_FAILED: "a checkpoint failed half way",
             Reason.NOT_RECORDING: "it was found not recording",
+            Reason.DISK_REPLACED: "the tracker serves a disk not proven to be the one it described",
         }[self]
 
 

@@ -46,6 +46,7 @@ from dirtydiff.bitmapfile import (
     Flag,
     Header,
     Reason,
+    current_boot_id,
     inconsistency,
 )
 from dirtydiff.statefiles import check_directory, make_directory, open_file, read_file, replace_file
@@ -104,6 +105,36 @@ class DiskRecord:
     source: str  # the tracker's backend: file:PATH, or its upstream URI
     id: str  # this state directory's id ("" in a record from before ids)
     file: FileIdentity | None = None
+    # The boot ``file`` was seen in: device numbers (of a block device, or
+    # of the filesystem holding a file) may change at the next boot.
+    boot: str = ""
+    # Written by a tracker (else by an import, an export or an offline scan
+    # of a state no tracker ran on yet: the first tracker takes it over).
+    tracked: bool = True
+
+    def same_file(self, seen: DiskSeen) -> bool | None:
+        """Whether the local file ``seen`` is this disk: True, False, or None
+        when nothing tells (the identity is from another boot, and the path
+        differs)."""
+        if seen.file is None:
+            return None
+        if self.file is not None and self.boot == current_boot_id().hex():
+            return seen.file == self.file
+        if self.source.startswith("file:") and os.path.realpath(seen.where) == os.path.realpath(
+            self.source[len("file:") :]
+        ):
+            return True  # an identity from another boot (or none): the same path will do
+        return None
+
+    def same_source(self, source: str, seen: DiskSeen) -> bool:
+        """Whether a tracker starting on ``source`` serves the disk recorded:
+        only what proves it does counts (a disk moved elsewhere, or a record
+        an import made from an export of the disk, does not)."""
+        if self.source.startswith("file:") != source.startswith("file:"):
+            return False
+        if source.startswith("file:"):
+            return self.same_file(seen) is True
+        return source == self.source
 
     def check(
         self, seen: DiskSeen, *, tracker_runs: bool, state: Path, require_proof: bool = True
@@ -129,19 +160,14 @@ class DiskRecord:
                 "wrong-disk",
                 f"{seen.where} is the tracker of another state directory, not of {state}",
             )
-        if seen.file is not None and self.file is not None:
-            if seen.file == self.file:
-                return
+        same = self.same_file(seen)
+        if same is True:
+            return
+        if same is False:
             raise errors.Conflict(
                 "wrong-disk",
                 f"{seen.where} is not the disk of {state} ({self.source})",
             )
-        if (
-            seen.file is not None
-            and self.source.startswith("file:")
-            and os.path.realpath(seen.where) == os.path.realpath(self.source[len("file:") :])
-        ):
-            return  # a record from before file identities: the same path will do
         if not require_proof or (not tracker_runs and seen.where == self.source):
             return  # (the tracker's upstream, read while no tracker runs)
         how = (
@@ -347,13 +373,19 @@ class StateDir:
             state_id = str(record.get("id", ""))
             if state_id and not re.fullmatch(r"[0-9a-f]{32}", state_id):
                 raise ValueError(f"bad id {state_id!r}")
-            return DiskRecord(int(record["size"]), str(record["source"]), state_id, file)
+            boot = str(record.get("boot", ""))
+            tracked = record.get("tracked", True) is not False
+            return DiskRecord(
+                int(record["size"]), str(record["source"]), state_id, file, boot, tracked
+            )
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise errors.Corrupt(f"{self.disk_path}: unreadable ({e})") from None
 
-    def record_disk(self, size: int, source: str, file: FileIdentity | None = None) -> DiskRecord:
+    def record_disk(
+        self, size: int, source: str, file: FileIdentity | None = None, *, tracked: bool = False
+    ) -> DiskRecord:
         """Record the disk the bitmaps describe; the state's id stays, or is
         made now."""
         try:
@@ -361,10 +393,14 @@ class StateDir:
         except errors.Corrupt:
             known = None
         state_id = known.id if known is not None and known.id else secrets.token_hex(16)
-        record = DiskRecord(size, source, state_id, file)
-        body = {"size": size, "source": source, "id": state_id}
+        boot = current_boot_id().hex()
+        record = DiskRecord(size, source, state_id, file, boot, tracked)
+        body: dict[str, object] = {"size": size, "source": source, "id": state_id}
+        if not tracked:
+            body["tracked"] = False
         if file is not None:
             body["file"] = list(file)
+            body["boot"] = boot
         replace_file(self.disk_path, (json.dumps(body) + "\n").encode())
         return record
 

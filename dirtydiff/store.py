@@ -264,6 +264,16 @@ class BitmapStore:
                     flags=Flag.ENABLED,
                 )
 
+    def disk_replaced(self) -> None:
+        """The disk is not proven to be the one the bitmaps described (a
+        tracker started on another file, or the same one moved elsewhere):
+        every bitmap may miss what changed, and is marked so (a rebuild
+        refills it). Before the first write."""
+        for name, bitmap in self.bitmaps.items():
+            if bitmap.consistent or bitmap.header.reason is Reason.NONE:
+                log.error("bitmap %s is inconsistent: %s", name, Reason.DISK_REPLACED.describe())
+                bitmap.mark_inconsistent(Reason.DISK_REPLACED)
+
     def _start_recording(self, name: str, bitmap: BitmapFile) -> None:
         self._settle(name, bitmap)
         bitmap.begin_recording()

@@ -17,7 +17,7 @@ from typing import Any
 
 from dirtydiff import errors, sdnotify
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity
-from dirtydiff.state import StateDir, StateLock, file_identity, tracker_description
+from dirtydiff.state import DiskSeen, StateDir, StateLock, file_identity, tracker_description
 from dirtydiff.store import BitmapStore
 from nbd_plugins.backends import Backend, Connection, FileBackend, NbdBackend
 from nbd_plugins.control_server import ControlServer
@@ -123,11 +123,20 @@ class Tracker:
             self.store = BitmapStore(
                 self.state, self.size, recording=True, granularity=config.granularity
             )
-            record = self.state.record_disk(
-                self.size,
-                self.backend.describe(),
-                file_identity(self.backend.fd) if isinstance(self.backend, FileBackend) else None,
-            )
+            source = self.backend.describe()
+            file = file_identity(self.backend.fd) if isinstance(self.backend, FileBackend) else None
+            known = self.state.disk()
+            seen = DiskSeen(source.removeprefix("file:"), self.size, file=file)
+            if known is not None and (
+                known.same_file(seen) is False
+                or (known.tracked and not known.same_source(source, seen))
+            ):
+                # Of the same size, but not proven the same disk: its bitmaps
+                # could call clean what differs on this one.
+                log.error("%s is not proven to be %s, the disk of %s", source, known.source,
+                          self.state.path)  # fmt: skip
+                self.store.disk_replaced()
+            record = self.state.record_disk(self.size, source, file, tracked=True)
             # Named in the export's description: a scan reading this export
             # proves by it that it reads this state's disk.
             self.description = tracker_description(record.id)

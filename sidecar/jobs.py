@@ -16,7 +16,8 @@ from typing import Any
 
 from dirtydiff import errors
 from dirtydiff.state import StateDir
-from sidecar.scan import Cancelled, Progress
+from sidecar.nbdclient import Cancelled
+from sidecar.scan import Progress
 from sidecar.scanjob import ScanOptions, run_scan
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import select
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,14 +27,65 @@ def is_nbd_uri(where: str) -> bool:
     return bool(sep) and scheme in NBD_SCHEMES
 
 
-def connect(uri: str, contexts: tuple[str, ...] = ()) -> Any:
+# A server that accepts but never finishes the handshake (one serving a
+# single client at a time, busy with another) must not hold a scan forever.
+CONNECT_TIMEOUT = 30.0
+_CONNECT_POLL = 0.2  # seconds between looks at a cancel while connecting
+
+
+class Cancelled(Exception):
+    """The work was asked to stop (a scan saves its marks and position first)."""
+
+
+def connect(
+    uri: str,
+    contexts: tuple[str, ...] = (),
+    *,
+    full_info: bool = False,
+    timeout: float = CONNECT_TIMEOUT,
+    cancel: threading.Event | None = None,
+    what: str = "",
+) -> Any:
+    """A libnbd handle connected to ``uri``, or Unavailable once ``timeout``
+    passes (Cancelled once ``cancel`` is set). The handshake runs on libnbd's
+    asynchronous API, so that neither a silent server nor a cancel waits on
+    a blocking call. ``what`` names the server in errors ("the backup")."""
+    name = what or uri
     h = nbd.NBD()
     for context in contexts:
         h.add_meta_context(context)
+    h.set_full_info(full_info)
+    end = time.monotonic() + timeout
     try:
-        h.connect_uri(uri)
+        h.aio_connect_uri(uri)
+        fd = h.aio_get_fd()
+        poller = select.poll()
+        while h.aio_is_connecting():
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"connecting to {name} cancelled")
+            left = end - time.monotonic()
+            if left <= 0:
+                raise errors.Unavailable(
+                    "handshake-timeout",
+                    f"{name} ({uri}) did not finish the NBD handshake in {timeout:.0f} s "
+                    "(a server of one client at a time, busy with another?)",
+                )
+            direction = h.aio_get_direction()
+            events = (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0) | (
+                select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0
+            )
+            poller.register(fd, events)
+            for _, happened in poller.poll(1000 * min(left, _CONNECT_POLL)):
+                if happened & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    h.aio_notify_read()
+                if happened & select.POLLOUT:
+                    h.aio_notify_write()
+        if not h.aio_is_ready():
+            raise errors.Unavailable("unreachable", f"cannot connect to {name} {uri}")
     except nbd.Error as e:
-        raise errors.Unavailable("unreachable", f"cannot connect to {uri}: {e.string}") from None
+        raise errors.Unavailable(
+            "unreachable", f"cannot connect to {name} {uri}: {e.string}"
+        ) from None
     return h
 
 

@@ -46,6 +46,7 @@ import nbd
 from dirtydiff import errors
 from dirtydiff.state import DiskSeen, file_identity, tracker_id
 from nbd_plugins.backends import EXTENT_ZERO, FileBackend
+from sidecar.nbdclient import Cancelled, connect
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -79,10 +80,6 @@ POLL_TIMEOUT_MS = 1000  # wake up this often anyway, to notice a cancel
 # server's minimum block size if larger): qcow2's cluster size, and the bound
 # on how many distinct pieces a chunk buffer is read in (see Scan._pieces).
 READ_GRID = 64 * KiB
-
-
-class Cancelled(Exception):
-    """The scan was asked to stop; marks and position up to here are saved."""
 
 
 @dataclass
@@ -191,18 +188,16 @@ class NbdSide:
     callback given to ``submit`` from inside ``notify``.
     """
 
-    def __init__(self, name: str, uri: str) -> None:
+    def __init__(self, name: str, uri: str, cancel: threading.Event | None = None) -> None:
         self.name = name
         self.uri = uri
-        h = nbd.NBD()
-        h.add_meta_context("base:allocation")
-        h.set_full_info(True)  # the description: a dirtydiff tracker names its state there
+        # full_info: the description, where a dirtydiff tracker names its state.
         try:
-            h.connect_uri(uri)
-        except nbd.Error as e:
-            raise errors.Unavailable(
-                f"{name}-unreachable", f"cannot connect to the {name} {uri}: {e.string}"
-            ) from None
+            h = connect(
+                uri, ("base:allocation",), full_info=True, cancel=cancel, what=f"the {name}"
+            )
+        except errors.Unavailable as e:
+            raise errors.Unavailable(f"{name}-unreachable", e.message) from None
         h.set_pread_initialize(False)  # we only read what the server wrote
         self.h = h
         self.size: int = h.get_size()
@@ -335,9 +330,9 @@ class FileSide:
         self.backend.close()
 
 
-def open_side(name: str, where: str) -> NbdSide | FileSide:
+def open_side(name: str, where: str, cancel: threading.Event | None = None) -> NbdSide | FileSide:
     if "://" in where:
-        return NbdSide(name, where)
+        return NbdSide(name, where, cancel)
     return FileSide(name, where)
 
 

@@ -33,7 +33,15 @@ from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current
 from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
 from dirtydiff.statefiles import open_file, read_file
 from dirtydiff.store import BitmapStore
-from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress, Scan, file_mtime, open_side
+from sidecar.scan import (
+    DEFAULT_CHUNK,
+    DEFAULT_IN_FLIGHT,
+    FileSide,
+    Progress,
+    Scan,
+    file_mtime,
+    open_side,
+)
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +211,9 @@ def _run(
     on_progress: Callable[[Progress], None],
     cancel: threading.Event | None,
 ) -> dict[str, Any]:
-    disk = open_side("disk", options.disk)
+    disk = open_side("disk", options.disk, cancel)
     try:
-        backup = open_side("backup", options.backup)
+        backup = open_side("backup", options.backup, cancel)
     except BaseException:
         disk.close()
         raise
@@ -225,7 +233,8 @@ def _run(
             known = state.disk()
             if known is None:
                 state.prepare()
-                state.record_disk(disk.size, options.disk, disk.seen.file)
+                source = disk.backend.describe() if isinstance(disk, FileSide) else options.disk
+                state.record_disk(disk.size, source, disk.seen.file)
             elif known.size != disk.size:
                 raise errors.Conflict(
                     "disk-size-mismatch",

@@ -21,6 +21,7 @@ from typing import Any
 import nbd
 import pytest
 
+from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
 from dirtydiff.state import StateDir
 from tests.conftest import (
@@ -382,3 +383,80 @@ def test_the_export_refuses_a_disk_shown_to_be_another(
                            str(tmp_path / "x.sock"), check=False)  # fmt: skip
         refused(result, why)
     sidecar(procs, tmp_path, state, tracker.uri)
+
+
+def test_a_tracker_on_another_disk_of_the_same_size_makes_every_bitmap_inconsistent(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """The bitmaps describe the disk they recorded: a tracker started on
+    another file (a copy, a disk restored elsewhere) could have them call
+    clean what differs, so they become inconsistent (a rebuild refills
+    them); the same disk again changes nothing."""
+    disk = make_disk(tmp_path / "disk.raw", 8 * MiB)
+    tracker = procs.tracker(state, disk=disk)
+    dirtydiff("bitmap", "add", "--state", str(state), "b", "--backup", "nbd://backup/b")
+    qemu_io(tracker.uri, "write -P 1 1M 4k")
+    stop(tracker.proc)
+    tracker = procs.tracker(state, disk=disk, sock=tracker.sock)
+    assert all(b["consistent"] for b in listing(state).values())
+    stop(tracker.proc)
+    copy = tmp_path / "copy.raw"
+    shutil.copyfile(disk, copy)
+    procs.tracker(state, disk=copy, sock=tracker.sock)
+    found = listing(state)
+    assert {n: b["consistent"] for n, b in found.items()} == {"@open": False, "b": False}
+    assert found["b"]["reason"] == Reason.DISK_REPLACED.describe()
+
+
+# -- a backup server that never answers holds nothing --------------------------------
+
+
+def busy_qemu_nbd(procs: Processes, tmp_path: Path, size: int) -> tuple[Server, nbd.NBD]:
+    """qemu-nbd serves one client at a time: with one connected, the next
+    waits in its queue, handshake unfinished."""
+    image = make_disk(tmp_path / "backup.raw", size)
+    server = procs.qemu_nbd(image, "-r")
+    holder = nbd.NBD()
+    holder.connect_uri(server.uri)
+    return server, holder
+
+
+def test_connecting_to_a_server_that_never_finishes_the_handshake_times_out(
+    procs: Processes, tmp_path: Path
+) -> None:
+    from sidecar.nbdclient import connect  # noqa: PLC0415
+
+    server, holder = busy_qemu_nbd(procs, tmp_path, MiB)
+    try:
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="did not finish the NBD handshake"):
+            connect(server.uri, timeout=1.0, what="the backup")
+        assert time.monotonic() - started < 10
+    finally:
+        holder.shutdown()
+
+
+def test_a_scan_waiting_on_a_busy_backup_server_can_be_cancelled(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """Found by the torture suite: the job stayed "running" for good, and
+    --cancel answered but changed nothing."""
+    disk = make_disk(tmp_path / "disk.raw", 8 * MiB)
+    tracker = procs.tracker(state, disk=disk)
+    sidecar(procs, tmp_path, state, tracker.uri)
+    server, holder = busy_qemu_nbd(procs, tmp_path, 8 * MiB)
+    try:
+        sock = state / "sidecar.sock"
+        control.call(sock, "scan.start", name="x", backup=server.uri)
+        control.call(sock, "scan.cancel", name="x")
+        end = time.monotonic() + 10
+        while (job := control.call(sock, "scan.status", name="x"))["state"] in (
+            "running",
+            "waiting",
+        ):
+            assert time.monotonic() < end, job
+            time.sleep(0.05)  # polling the job under a deadline
+        assert job["state"] == "cancelled", job
+    finally:
+        holder.shutdown()
+    assert "x" not in {n for n, b in listing(state).items() if b["consistent"]}
