@@ -495,13 +495,17 @@ _STATUS_HEADER = struct.Struct(proto.STRUCTURED_REPLY.format + proto.BLOCK_STATU
 # Plain ints for the hot paths: operators on IntFlag members build new members.
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _DF = int(CmdFlag.DF)
-# Flags each command accepts; anything else is EINVAL, as in qemu-nbd.
+# Flags each command accepts; anything else is EINVAL, as in qemu-nbd. FUA is
+# on every command: the export advertises SEND_FUA, and the spec then says a
+# server MUST accept it everywhere (it means nothing on a read-only export).
+# DF only once structured replies are negotiated: it is about their chunks.
+_FUA = int(CmdFlag.FUA)
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
-    Cmd.FLUSH: 0,
-    Cmd.CACHE: 0,
-    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
-    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.READ: _FUA,
+    Cmd.FLUSH: _FUA,
+    Cmd.CACHE: _FUA,
+    Cmd.BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
+    Cmd.TRIM: _FUA,
     Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
 }
 
@@ -1028,6 +1032,8 @@ class Connection:
         allowed = _ALLOWED_FLAGS.get(kind)
         if allowed is None:
             raise RequestError(Errno.EINVAL, f"unsupported command {kind}")
+        if kind == Cmd.READ and self.structured:
+            allowed |= _DF
         if flags & ~allowed:
             raise RequestError(Errno.EINVAL, f"unsupported flags {flags:#x}")
         if kind == Cmd.READ:
