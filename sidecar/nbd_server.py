@@ -617,6 +617,10 @@ class Connection:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._sender is not None:
                 self._sender.close()
+            # The bitmaps it chose go now, not when the collector finds this
+            # connection's cycles: a removed bitmap's file is then closed and
+            # unmapped (its space freed) as its last connection ends.
+            self.contexts = []
             if self._file_fd >= 0:
                 self.disk = None  # the file backend's shared fd stays open
             if self.disk is not None:
