@@ -340,7 +340,12 @@ def go(setup: Setup, count: int) -> None:
             f"{sockets(tracker)} / {status_field(tracker, 'Threads')}",
         ),
         ("sidecar fds / threads during", f"{fds(pid)} / {status_field(pid, 'Threads')}"),
-        ("nbdinfo during", nbdinfo(setup)),
+        ("nbdinfo during, at once", nbdinfo(setup)),
+    ]
+    time.sleep(2)  # they stay, idle (a measurement)
+    rows += [
+        ("nbdinfo during, 2 s later", nbdinfo(setup)),
+        ("their connections still open then", sum(not closed(s) for s in held)),
     ]
     for s in held:
         s.close()

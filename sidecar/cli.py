@@ -31,6 +31,7 @@ from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, inconsistency
 from dirtydiff.state import StateDir
 from dirtydiff.store import DRAIN_TIMEOUT
+from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.nbdclient import context_extents
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
 from sidecar.scanjob import ScanOptions, abort_scan, rebuild_backup, run_scan
@@ -167,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             metrics_disk=args.metrics_disk,
             control_group=args.control_group,
             auto_rebuild=args.auto_rebuild,
+            max_connections=args.max_connections,
+            handshake_limit=args.handshake_limit,
         )
     )
     return 0
@@ -640,6 +643,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="at start, rebuild every inconsistent bitmap that names its backup "
         "(unfinished scans always resume)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help=f"export clients served at once (default {MAX_CONNECTIONS}, or fewer if the "
+        "file descriptor limit is low); past N, the one still negotiating longest is "
+        "closed, or else the new one",
+    )
+    p.add_argument(
+        "--handshake-limit",
+        type=float,
+        default=HANDSHAKE_LIMIT,
+        metavar="SECONDS",
+        help=f"close a client that has not finished its handshake in SECONDS "
+        f"(default {HANDSHAKE_LIMIT:g}, as qemu-nbd)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -15,6 +15,10 @@ Two kinds of failure: ``ProtocolError`` (or the client vanishing) ends that
 connection only; ``RequestError`` fails one request with an errno. Nothing a
 client sends makes the server allocate more than ``MAX_REQUEST`` bytes for one
 request or ``MAX_OPTION`` for one option.
+
+``NbdServer`` owns the limits on the clients together (how many, how long a
+handshake may take: see its docstring); ``sidecar.listener`` accepts them,
+and ``sidecar.upstream`` shares a few connections to an NBD disk among them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import errno
 import functools
 import logging
 import os
+import socket
 import struct
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
@@ -44,6 +50,9 @@ from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
 from nbd_plugins.backends import Backend, FileBackend
 from nbd_plugins.backends import Connection as DiskConnection
+from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
+from sidecar.listener import Listener, Throttle, tcp_sockets, unix_socket
+from sidecar.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,11 @@ READ_BUDGET = 256 * 1024 * 1024
 # may not hold the whole budget and stall every other client's reads.
 CONNECTION_READ_BUDGET = 2 * proto.MAX_REQUEST
 BLOCK_SIZES = (1, 4096, proto.MAX_REQUEST)
+# How often the server looks for connections past their handshake limit.
+WATCH_INTERVAL = 0.2
+# Seconds a client in transmission must have been idle (nothing in flight)
+# before the connection limit may close it for a new client.
+IDLE_EVICTABLE = 1.0
 
 
 @dataclass
@@ -77,6 +91,13 @@ class Export:
     _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
         default_factory=weakref.WeakValueDictionary
     )
+    # An NBD disk's connections, shared by every client (sidecar.upstream);
+    # a local file's one descriptor needs none.
+    upstream: UpstreamPool | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, FileBackend):
+            self.upstream = UpstreamPool(self.backend)
 
     @property
     def size(self) -> int:
@@ -519,15 +540,16 @@ def _data_header(cookie: int, offset: int, size: int, done: bool) -> bytes:
 
 
 class Connection:
-    def __init__(
-        self,
-        server: NbdServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    # Set by attach(), once the accepted socket has its transport.
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def __init__(self, server: NbdServer) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.started = time.monotonic()  # the handshake limit counts from here
+        self.active = self.started  # when it last sent a byte or had a reply sent
+        self._attached = False
+        self._aborted = False
         self.structured = False
         self.no_zeroes = False
         self.fixed = False
@@ -584,6 +606,8 @@ class Connection:
 
     def _release(self) -> None:
         self._pending -= 1
+        if not self._pending:
+            self.active = time.monotonic()
         if self._paused and not self._resuming:
             # Not from here: a reply's mark runs inside the sender's flush,
             # and parsing queues more replies on that sender.
@@ -602,8 +626,23 @@ class Connection:
 
     # -- lifecycle ---------------------------------------------------------
 
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._attached = True
+
+    def abort(self) -> None:
+        """End the connection now (the server's decision: a limit); run()
+        then finishes as when the client goes away."""
+        self._aborted = True
+        if self._attached:
+            self.writer.transport.abort()
+
     async def run(self) -> None:
         try:
+            if self._aborted:  # ended before it had its transport
+                self.writer.transport.abort()
+                return
             if await self._handshake():
                 await self._transmission()
         except (asyncio.IncompleteReadError, ConnectionError, proto.ProtocolError) as e:
@@ -821,17 +860,19 @@ class Connection:
         return Context(number, name, status.descriptors, blocking=False)
 
     async def _enter(self, export: Export) -> None:
+        self.server.negotiated(self)
         self.export = export
         if self.contexts_export != export.name:
             self.contexts = []  # the selection belongs to the export named in it
         backend = export.backend
-        if isinstance(backend, FileBackend):
+        if export.upstream is None:
+            assert isinstance(backend, FileBackend)
             # Its connection is the backend's shared fd: nothing to wait for,
             # and a thread hop costs more than the whole call.
             self.disk = backend.connect()
             self._file_fd = backend.fd
         else:
-            self.disk = await asyncio.to_thread(backend.connect)
+            self.disk = await asyncio.to_thread(export.upstream.lease)
 
     # -- transmission --------------------------------------------------------
 
@@ -905,7 +946,15 @@ class Connection:
 
     def _buffer_updated(self, size: int) -> None:
         self._tail += size
+        self.active = time.monotonic()
         self._parse()
+
+    def idle(self, now: float) -> float:
+        """Seconds since it was last active, in transmission with nothing in
+        flight; 0 otherwise."""
+        if self._sender is None or self._pending:
+            return 0.0
+        return now - self.active
 
     def _resume(self) -> None:
         self._resuming = False
@@ -1245,10 +1294,8 @@ class _Protocol(asyncio.StreamReaderProtocol):
     stream ended: after EOF the transport reads no more, so the protocol
     that takes over for the transmission phase would never hear of it."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, connected: Callable[..., Coroutine[Any, Any, None]]
-    ) -> None:
-        super().__init__(reader, connected)
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
         self.done = False
         self.error: Exception | None = None
 
@@ -1293,41 +1340,150 @@ class _Intake(asyncio.BufferedProtocol):
 
 
 class NbdServer:
-    def __init__(self, exports: Iterable[Export], read_budget: int = READ_BUDGET) -> None:
+    """The export's listeners and connections, and the limits on them.
+
+    - At most ``max_connections`` at once. When that many are open, one is
+      closed to make room: the one that has been negotiating longest (a
+      client still in its handshake has nothing in flight: what a flood of
+      idle connections is made of), else the one idle longest, if for
+      ``IDLE_EVICTABLE`` at least; else the new one is closed. So clients
+      that connect and then wait cannot keep everyone else out.
+    - A client that has not sent NBD_OPT_GO or EXPORT_NAME within
+      ``handshake_limit`` seconds is closed.
+    - What the clients make it do or hold is logged at a bounded rate.
+    """
+
+    def __init__(
+        self,
+        exports: Iterable[Export],
+        read_budget: int = READ_BUDGET,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        handshake_limit: float = HANDSHAKE_LIMIT,
+    ) -> None:
         self.exports = {e.name: e for e in exports}
         self.read_budget = ByteBudget(read_budget, min(read_budget, CONNECTION_READ_BUDGET))
+        self.max_connections = max_connections
+        self.handshake_limit = handshake_limit
         self.connections: set[Connection] = set()
         self.stats = ServerStats()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._negotiating: dict[Connection, None] = {}  # in their handshake, oldest first
+        self._listeners: list[Listener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self._refusals = Throttle()
+        self._evictions = Throttle()
+        self._timeouts = Throttle()
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = Connection(self, reader, writer)
+    # -- connections -------------------------------------------------------
+
+    def _accepted(self, sock: socket.socket) -> None:
+        if len(self.connections) >= self.max_connections and not self._make_room():
+            sock.close()
+            self.stats.error("refused")
+            self._refusals.warn(
+                "export: connection refused: %d clients, the limit (--max-connections)",
+                len(self.connections),
+            )
+            return
+        connection = Connection(self)
         self.connections.add(connection)
-        self.stats.connections_total += 1
+        self._negotiating[connection] = None
+        task = asyncio.create_task(self._serve(connection, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _make_room(self) -> bool:
+        """Close the connection negotiating longest, or else the one idle
+        longest; False if none may go."""
+        for oldest in self._negotiating:
+            self._end(oldest, "evicted")
+            self._evictions.warn(
+                "export: %d clients, the limit (--max-connections): closed the one "
+                "negotiating longest to make room",
+                self.max_connections,
+            )
+            return True
+        now = time.monotonic()
+        idlest = max(self.connections, key=lambda c: c.idle(now), default=None)
+        if idlest is None or idlest.idle(now) < IDLE_EVICTABLE:
+            return False
+        self._evictions.warn(
+            "export: %d clients, the limit (--max-connections): closed the one idle "
+            "longest (%.0f s) to make room",
+            self.max_connections, idlest.idle(now),
+        )  # fmt: skip
+        self._end(idlest, "evicted")
+        return True
+
+    def _end(self, connection: Connection, kind: str) -> None:
+        """End ``connection`` now; it no longer counts against the limit."""
+        self._negotiating.pop(connection, None)
+        self.connections.discard(connection)
+        self.stats.error(kind)
+        connection.abort()
+
+    def negotiated(self, connection: Connection) -> None:
+        """``connection`` finished its handshake: no deadline, no eviction."""
+        self._negotiating.pop(connection, None)
+
+    async def _serve(self, connection: Connection, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
+            reader = asyncio.StreamReader()
+            protocol = _Protocol(reader)
+            try:
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+            except BaseException:
+                sock.close()
+                raise
+            connection.attach(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+            self.stats.connections_total += 1
             await connection.run()
         except Exception:
             log.exception("connection failed")  # one client's bug never stops the server
         finally:
+            self._negotiating.pop(connection, None)
             self.connections.discard(connection)
 
-    def _protocol(self) -> _Protocol:
-        # What asyncio.start_server builds, with our protocol.
-        return _Protocol(asyncio.StreamReader(), self._client)
+    async def _watching(self) -> None:
+        """Close the connections past their handshake limit, oldest first."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            while self._negotiating:
+                oldest = next(iter(self._negotiating))
+                if now - oldest.started < self.handshake_limit:
+                    break
+                self._end(oldest, "handshake-timeout")
+                self._timeouts.warn(
+                    "export: closed a client that had not finished its handshake in %g s",
+                    self.handshake_limit,
+                )
+
+    # -- listeners -----------------------------------------------------------
+
+    def _listen(self, sock: socket.socket) -> None:
+        self._listeners.append(Listener(sock, self._accepted, "export"))
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watching())
 
     async def listen_unix(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_unix_server(self._protocol, path=str(path)))
+        self._listen(unix_socket(path))
 
     async def listen_tcp(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._protocol, host=host, port=port)
-        self._servers.append(server)
-        bound: int = server.sockets[0].getsockname()[1]
+        sockets = tcp_sockets(host, port)
+        for sock in sockets:
+            self._listen(sock)
+        bound: int = sockets[0].getsockname()[1]
         return bound
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-            await server.wait_closed()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None

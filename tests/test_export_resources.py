@@ -8,10 +8,16 @@ through the tracker; its fds, mappings and RSS are read from /proc.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import socket
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +25,10 @@ import nbd
 import pytest
 
 from dirtydiff import control
-from tests.conftest import Processes, Server, make_disk
+from dirtydiff import nbdproto as proto
+from sidecar.upstream import UPSTREAM_CONNECTIONS
+from tests.conftest import DIRTYDIFF, ROOT, Processes, Server, make_disk, qemu_io
+from tests.rawnbd import RawClient
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -53,13 +62,48 @@ def serve_argv(state: Path, disk: str, sock: Path, *extra: str) -> list[str]:
 
 
 def live_sidecar(
-    procs: Processes, tmp_path: Path, state: Path, size: int, *extra: str
+    procs: Processes,
+    tmp_path: Path,
+    state: Path,
+    size: int,
+    *extra: str,
+    nofile: str | None = None,
 ) -> tuple[Server, Server]:
-    """A tracker on a sparse disk of ``size``, and the sidecar reading through it."""
+    """A tracker on a sparse disk of ``size``, and the sidecar reading
+    through it; ``nofile``: its RLIMIT_NOFILE, SOFT:HARD, as a service
+    manager's LimitNOFILE= would set it."""
     disk = make_disk(tmp_path / "disk.raw", size)
     tracker = procs.tracker(state, disk=disk)
     sock = tmp_path / "export.sock"
-    return tracker, procs.start(serve_argv(state, tracker.uri, sock, *extra), sock)
+    argv = serve_argv(state, tracker.uri, sock, *extra)
+    if nofile is not None:
+        argv = ["prlimit", f"--nofile={nofile}", "--", *argv]
+    return tracker, procs.start(argv, sock)
+
+
+def metrics_port(server: Server) -> int:
+    assert within(30.0, lambda: "metrics on" in server.stderr()), server.stderr()
+    found = re.search(r"127\.0\.0\.1:(\d+)/metrics", server.stderr())
+    assert found is not None
+    return int(found.group(1))
+
+
+def sockets(pid: int) -> int:
+    """The sockets a process holds (listeners included)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
+
+
+def answers(argv: list[str], timeout: float) -> bool:
+    """Whether the command succeeds within ``timeout`` seconds."""
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=timeout, check=False,
+                              cwd=ROOT).returncode == 0  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def block_status_on_a_new_connection(uri: str, context: str, length: int) -> None:
@@ -131,3 +175,224 @@ def test_removed_bitmaps_are_closed_and_unmapped_cycle_after_cycle(
     baseline = min(s.fds for s in first)
     assert within(5.0, lambda: usage(pid, bitmaps).deleted_bitmaps == 0)
     assert within(5.0, lambda: usage(pid, bitmaps).fds <= baseline)
+
+
+# -- item 1: many connections ---------------------------------------------------
+
+
+def idle_flood(sock: Path, count: int, deadline: float = 20.0) -> list[socket.socket]:
+    """``count`` connections that send nothing. A unix socket's connect
+    fails with EAGAIN while the listen backlog is full; a flooder tries
+    again (polling under a deadline)."""
+    held: list[socket.socket] = []
+    end = time.monotonic() + deadline
+    while len(held) < count:
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        while True:
+            try:
+                s.connect(str(sock))
+                break
+            except BlockingIOError:
+                assert time.monotonic() < end, f"{len(held)} connections made"
+                time.sleep(0.001)  # the backlog is full: try again
+        held.append(s)
+    return held
+
+
+def test_a_flood_of_idle_connections_stops_nobody(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """1,100 connections that send nothing, under the usual 1,024-fd limit
+    (no room to raise it). At 002b827 the sidecar ran out of descriptors:
+    nbdinfo got no answer in 10 s, status none in 20 s, /metrics timed out,
+    and asyncio logged an EMFILE traceback in a hot loop (964,038 lines in
+    40 s). Now the connection limit holds, the clients still negotiating
+    make room for new ones, the control socket and /metrics keep their
+    descriptors, nothing floods the log, and once the flood closes the
+    export answers at once."""
+    _, sidecar = live_sidecar(procs, tmp_path, state, 64 * MiB, "--metrics", "127.0.0.1:0",
+                              nofile="1024:1024")  # fmt: skip
+    port = metrics_port(sidecar)
+    pid = sidecar.proc.pid
+    lines = len(sidecar.stderr().splitlines())
+    flood = idle_flood(sidecar.sock, 1100)
+    try:
+        assert answers(["nbdinfo", sidecar.uri], timeout=5.0)
+        assert answers([*DIRTYDIFF, "status", "--state", str(state)], timeout=10.0)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5.0).read()
+        # The export's clients (at most 128), its listener, the control
+        # socket's, /metrics', the tracker connections: nowhere near 1,100.
+        assert sockets(pid) <= 128 + 16, sockets(pid)
+    finally:
+        for s in flood:
+            s.close()
+    began = time.monotonic()
+    while not answers(["nbdinfo", sidecar.uri], timeout=1.0):
+        assert time.monotonic() - began < 1.0, "the export did not recover within a second"
+    # The evictions are one warning per 10 s, not one per connection.
+    assert len(sidecar.stderr().splitlines()) - lines <= 4, sidecar.stderr()[-2000:]
+    assert sidecar.proc.poll() is None
+
+
+def test_a_client_that_never_finishes_its_handshake_is_closed(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """As qemu-nbd (10 s by default; 1 s here): a client that has not sent
+    NBD_OPT_GO or EXPORT_NAME by then is closed, whether it sent nothing or
+    half an option. One in transmission, idle, stays."""
+    _, sidecar = live_sidecar(procs, tmp_path, state, 16 * MiB, "--handshake-limit", "1")
+    silent, halfway, done = (RawClient(sidecar.sock) for _ in range(3))
+    try:
+        began = time.monotonic()
+        halfway.greet()
+        halfway.send(proto.OPTION_HEADER.pack(proto.IHAVEOPT, proto.Opt.GO, 100)[:10])
+        done.greet()
+        done.go()
+        for client in (silent, halfway):
+            client.sock.settimeout(5.0)
+            while client.recv(1) is not None:  # the greeting, then the end
+                pass
+        took = time.monotonic() - began
+        assert 0.9 <= took < 2.0, took
+        done.request(proto.Cmd.READ, 0, 4096, cookie=5)
+        assert done.structured_reply() == [(proto.ReplyType.OFFSET_HOLE, 12)]
+    finally:
+        for client in (silent, halfway, done):
+            client.close()
+
+
+def test_the_connection_limit_makes_room_for_a_new_client(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """With --max-connections 4 taken by clients still negotiating, a new
+    client closes the one negotiating longest; taken by clients in
+    transmission, by the one idle longest, once idle for a second."""
+    _, sidecar = live_sidecar(procs, tmp_path, state, 16 * MiB, "--max-connections", "4")
+    negotiating = [RawClient(sidecar.sock) for _ in range(4)]
+    try:
+        for client in negotiating:  # in order: the first has negotiated longest
+            assert client.recv(proto.SERVER_GREETING.size) is not None
+        assert answers(["nbdinfo", sidecar.uri], timeout=5.0)
+        negotiating[0].sock.settimeout(5.0)
+        assert negotiating[0].closed()
+        assert not any(closed_now(c.sock) for c in negotiating[1:])
+    finally:
+        for client in negotiating:
+            client.close()
+    handles = []
+    try:
+        for _ in range(4):
+            h = nbd.NBD()
+            h.connect_uri(sidecar.uri)
+            handles.append(h)
+        # A new client gets in once one of them has been idle a second
+        # (polled under a deadline).
+        assert within(5.0, lambda: answers(["nbdinfo", sidecar.uri], timeout=2.0))
+        alive = 0
+        for h in handles:
+            try:
+                h.pread(512, 0)
+                alive += 1
+            except nbd.Error:
+                pass
+        assert alive == 3
+    finally:
+        for h in handles:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
+
+
+def closed_now(s: socket.socket) -> bool:
+    """Whether the server has closed ``s`` (without waiting)."""
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        s.setblocking(True)
+
+
+@contextlib.contextmanager
+def clients(uri: str, count: int) -> Iterator[list[nbd.NBD]]:
+    handles: list[nbd.NBD] = []
+    try:
+        for _ in range(count):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            handles.append(h)
+        yield handles
+    finally:
+        for h in handles:
+            h.shutdown()
+
+
+def test_export_clients_share_a_few_tracker_connections(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """At 002b827 every export client that completed NBD_OPT_GO opened its
+    own connection to the tracker, the VM's disk: 600 clients made 338
+    tracker connections and threads. Now 60 clients reading at once share
+    at most UPSTREAM_CONNECTIONS, each reads its own bytes, and an idle
+    export holds none."""
+    tracker, sidecar = live_sidecar(procs, tmp_path, state, 64 * MiB)
+    qemu_io(tracker.uri, *(f"write -P {i + 1} {i}M 4k" for i in range(60)))
+    before = sockets(tracker.proc.pid)  # its listeners, and nothing of ours
+    with clients(sidecar.uri, 60) as handles:
+        found: dict[int, bytes] = {}
+
+        def read(i: int, h: nbd.NBD) -> None:
+            found[i] = bytes(h.pread(4096, i * MiB))
+
+        threads = [threading.Thread(target=read, args=(i, h)) for i, h in enumerate(handles)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert found == {i: bytes([i + 1]) * 4096 for i in range(60)}
+        assert sockets(tracker.proc.pid) - before <= UPSTREAM_CONNECTIONS
+    assert within(5.0, lambda: sockets(tracker.proc.pid) == before)
+
+
+def test_the_fd_limit_is_raised_and_the_connection_limit_must_fit(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """The soft RLIMIT_NOFILE is raised to the hard one at start; a
+    --max-connections that the descriptors cannot hold, with the control
+    socket's and the rest's kept, is refused in one line."""
+    _, sidecar = live_sidecar(procs, tmp_path, state, 16 * MiB, nofile="1024:4096")
+    limits = Path(f"/proc/{sidecar.proc.pid}/limits").read_text()
+    assert re.search(r"Max open files\s+4096\s+4096", limits), limits
+    refused = subprocess.run(
+        ["prlimit", "--nofile=1024:1024", "--",
+         *serve_argv(state, str(tmp_path / "disk.raw"), tmp_path / "x.sock"),
+         "--max-connections", "1000"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.count("\n") == 1, refused.stderr
+    assert "--max-connections 1000 needs" in refused.stderr, refused.stderr
+
+
+def test_a_tracker_restart_costs_the_export_clients_nothing(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """The shared tracker connections break when the tracker restarts: the
+    next client gets a new one, and a client that was using a broken one
+    moves to a new one and tries its read again (reads are idempotent)."""
+    tracker, sidecar = live_sidecar(procs, tmp_path, state, 16 * MiB)
+    qemu_io(tracker.uri, "write -P 7 1M 4k")
+    with clients(sidecar.uri, 2) as (first, second):
+        assert bytes(first.pread(4096, MiB)) == b"\x07" * 4096
+        assert bytes(second.pread(4096, MiB)) == b"\x07" * 4096
+        tracker.proc.kill()  # nbdkit stops on SIGTERM only once its clients leave
+        tracker.proc.wait(15)
+        restarted = procs.tracker(state, disk=tmp_path / "disk.raw", sock=tracker.sock)
+        qemu_io(restarted.uri, "write -P 8 2M 4k")
+        assert bytes(first.pread(4096, 2 * MiB)) == b"\x08" * 4096
+        with clients(sidecar.uri, 1) as (third,):
+            assert bytes(third.pread(4096, MiB)) == b"\x07" * 4096
+        assert bytes(second.pread(4096, 2 * MiB)) == b"\x08" * 4096
