@@ -160,6 +160,12 @@ def rss_mb(pid: int) -> float:
     return status_field(pid, "VmRSS") / 1024
 
 
+def rss_parts(pid: int) -> str:
+    """RSS MB, anonymous + file-backed (the disk's and bitmaps' pages)."""
+    anon, file = status_field(pid, "RssAnon") / 1024, status_field(pid, "RssFile") / 1024
+    return f"{rss_mb(pid):.0f} (anonymous {anon:.0f}, files {file:.0f})"
+
+
 def deleted_maps(pid: int) -> int:
     return sum("(deleted)" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
 
@@ -362,7 +368,7 @@ def go(setup: Setup, count: int) -> None:
 def unread(setup: Setup, size: int, clients: int = 5, reads: int = 16) -> None:
     pid = setup.sidecar.pid
     subprocess.run(["nbdcopy", setup.uri, "null:"], check=True, timeout=120)  # warm-up
-    rows: list[tuple[str, object]] = [("sidecar RSS MB after one nbdcopy", f"{rss_mb(pid):.0f}")]
+    rows: list[tuple[str, object]] = [("sidecar RSS MB after one nbdcopy", rss_parts(pid))]
     held = []
     for _ in range(clients):
         s = socket.socket(socket.AF_UNIX)
@@ -378,7 +384,7 @@ def unread(setup: Setup, size: int, clients: int = 5, reads: int = 16) -> None:
     rows += [
         (f"{clients} clients x {reads} READs of {size // MiB} MiB, unread", ""),
         ("a real 64 KiB read meanwhile", read_64k(setup)),
-        ("sidecar RSS MB during", f"{rss_mb(pid):.0f}"),
+        ("sidecar RSS MB during", rss_parts(pid)),
         ("connections of theirs still open after", sum(not closed(s) for s in held)),
     ]
     for s in held:
@@ -386,7 +392,7 @@ def unread(setup: Setup, size: int, clients: int = 5, reads: int = 16) -> None:
     time.sleep(3)  # what stays once they are gone (a measurement)
     rows += [
         ("a real 64 KiB read after they closed", read_64k(setup)),
-        ("sidecar RSS MB 3 s after they closed", f"{rss_mb(pid):.0f}"),
+        ("sidecar RSS MB 3 s after they closed", rss_parts(pid)),
     ]
     table("unread: clients that never read their replies", rows)
 

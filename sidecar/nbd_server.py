@@ -50,6 +50,7 @@ from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
 from nbd_plugins.backends import Backend, FileBackend
 from nbd_plugins.backends import Connection as DiskConnection
+from sidecar import memory
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import Listener, Throttle, tcp_sockets, unix_socket
 from sidecar.upstream import UpstreamPool
@@ -70,8 +71,18 @@ READ_BUDGET = 256 * 1024 * 1024
 # kernel, so a client that stops reading its replies keeps what it holds; it
 # may not hold the whole budget and stall every other client's reads.
 CONNECTION_READ_BUDGET = 2 * proto.MAX_REQUEST
+# But four such clients held it all. A connection holding read buffers whose
+# socket has taken no byte of its replies for REPLY_STALL seconds while
+# another client waits for the budget is closed, its buffers freed; and one
+# that has taken none for REPLY_DEADLINE seconds, whoever waits.
+REPLY_STALL = 2.0
+REPLY_DEADLINE = 60.0
+# Once the budget is idle after this much was given back, the free pages go
+# back to the system (sidecar.memory says why that takes doing).
+TRIM_AFTER = 32 * 1024 * 1024
 BLOCK_SIZES = (1, 4096, proto.MAX_REQUEST)
-# How often the server looks for connections past their handshake limit.
+# How often the server looks for connections past their handshake limit, or
+# whose replies stalled.
 WATCH_INTERVAL = 0.2
 # Seconds a client in transmission must have been idle (nothing in flight)
 # before the connection limit may close it for a new client.
@@ -412,6 +423,12 @@ class _Sender:
         self._queue: deque[Part] = deque()
         self._watching = False
         self._on_error = on_error
+        self._progress = 0.0  # when the socket last took a byte, or the queue filled
+
+    def stalled(self, now: float) -> float:
+        """Seconds the socket has taken nothing of what is queued; 0 if
+        nothing is."""
+        return now - self._progress if self._queue else 0.0
 
     def push(self, parts: Iterable[Part], done: Callable[[], None] | None = None) -> None:
         """Queue one whole reply; ``done`` runs once it is all sent (or can
@@ -420,6 +437,8 @@ class _Sender:
             if done is not None:
                 done()
             return
+        if not self._queue:
+            self._progress = time.monotonic()
         self._queue.extend(parts)
         if done is not None:
             self._queue.append(done)
@@ -441,6 +460,7 @@ class _Sender:
                     sent = os.sendfile(self._fd, head.fd, head.offset, head.count)
                     if sent == 0:  # the file shrank under us; the header is out already
                         raise OSError(errno.EIO, "the disk ended before the data did")
+                    self._progress = time.monotonic()
                     head.offset += sent
                     head.count -= sent
                     if not head.count:
@@ -453,6 +473,7 @@ class _Sender:
                         if isinstance(part, _BUFFERS):
                             buffers.append(part)
                     self._consume(os.writev(self._fd, buffers))
+                    self._progress = time.monotonic()
                 else:
                     queue.popleft()
                     head()
@@ -598,6 +619,19 @@ class Connection:
                 self.writer.write(chunk)
             await self.writer.drain()
 
+    async def _send_reply(self, chunks: list[bytes | bytearray]) -> None:
+        """``_send`` for a reply holding read buffers, letting go of them as
+        they are queued (``chunks`` is emptied). If the connection ends
+        first, the request's frames stay in its CancelledError's traceback,
+        in a cycle that only the cyclic collector breaks, and an idle server
+        may not run it for long: its buffers, up to 32 MiB each, must not be
+        there. (Seen: 8 MB that stayed after clients that never read.)"""
+        assert self._sender is not None
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sender.push(chunks, functools.partial(_resolve, sent))
+        chunks.clear()
+        await sent
+
     def _reply_now(self, *parts: Part) -> None:
         """Queue the whole reply of a request answered without a task; its
         slot frees once the reply is sent."""
@@ -652,8 +686,7 @@ class Connection:
         finally:
             for task in list(self._tasks):
                 task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._wait_for_tasks()
             if self._sender is not None:
                 self._sender.close()
             # The bitmaps it chose go now, not when the collector finds this
@@ -912,9 +945,12 @@ class Connection:
             await self._sender.flushed()  # qemu-nbd's last words (bad magic) first
             raise
         # NBD_CMD_DISC: finish what is in flight, send nothing more, close.
+        await self._wait_for_tasks()
+        await self._sender.flushed()
+
+    async def _wait_for_tasks(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._sender.flushed()
 
     def _end(self, error: BaseException | None) -> None:
         if self._ended is not None and not self._ended.done():
@@ -948,6 +984,10 @@ class Connection:
         self._tail += size
         self.active = time.monotonic()
         self._parse()
+
+    def stalled(self, now: float) -> float:
+        """Seconds its socket has taken nothing of the replies queued."""
+        return self._sender.stalled(now) if self._sender is not None else 0.0
 
     def idle(self, now: float) -> float:
         """Seconds since it was last active, in transmission with nothing in
@@ -1159,12 +1199,13 @@ class Connection:
         """A READ through the backend (libnbd), into a buffer that counts
         against the read budget until the reply is sent."""
         assert self.disk is not None
-        async with self.server.read_budget.hold(self, request.length):
+        async with self.server.read_budget.hold(self, request.length) as held:
             if not self.structured:
-                buf = bytearray(request.length)
+                chunks: list[bytes | bytearray] = [
+                    proto.simple_reply(request.cookie), bytearray(request.length)
+                ]  # fmt: skip
                 if request.length:
-                    await asyncio.to_thread(self.disk.pread, buf, request.offset)
-                chunks: list[bytes | bytearray] = [proto.simple_reply(request.cookie), buf]
+                    await asyncio.to_thread(self.disk.pread, chunks[1], request.offset)
             elif request.length == 0:
                 chunks = [
                     proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True)
@@ -1174,7 +1215,10 @@ class Connection:
                     _read_chunks, self.disk, request.cookie, request.offset, request.length,
                     sparse=not request.flags & CmdFlag.DF,
                 )  # fmt: skip
-            await self._send(*chunks)
+                # Until it is sent, the reply holds only its data: a hole's
+                # chunk is a few bytes, whatever length it covers.
+                await held.keep(sum(len(c) for c in chunks if isinstance(c, bytearray)))
+            await self._send_reply(chunks)
         return []
 
     def _check_block_status(self, request: proto.Request) -> None:
@@ -1260,33 +1304,79 @@ def _matches(query: str, context: str) -> bool:
 
 class ByteBudget:
     """Bytes of read buffers the server may hold at once: ``limit`` across
-    clients, ``per_holder`` for each (a connection)."""
+    clients, ``per_holder`` for each (a connection). A hold counts what was
+    asked for while the buffers are made, then what they keep (``keep``)."""
 
     def __init__(self, limit: int, per_holder: int) -> None:
         self.limit = limit
         self.per_holder = per_holder
         self.used = 0
+        self.returned = 0  # bytes given back since the server last trimmed
         self.held: dict[object, int] = {}
+        self._waiting: dict[object, tuple[object, int]] = {}  # token -> (holder, bytes)
         self._changed = asyncio.Condition()
 
     def _fits(self, holder: object, n: int) -> bool:
         return self.used + n <= self.limit and self.held.get(holder, 0) + n <= self.per_holder
 
-    @contextlib.asynccontextmanager
-    async def hold(self, holder: object, n: int) -> Any:
+    def starved(self) -> bool:
+        """Whether a hold waits that its holder's own share would allow: it
+        waits for what the other holders have."""
+        return any(
+            self.used + n > self.limit and self.held.get(holder, 0) + n <= self.per_holder
+            for holder, n in self._waiting.values()
+        )
+
+    def hold(self, holder: object, n: int) -> Hold:
+        """``async with budget.hold(connection, n) as held:`` n bytes."""
+        return Hold(self, holder, n)
+
+    async def _take(self, holder: object, n: int) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self._fits(holder, n))
+            if not self._fits(holder, n):
+                token = object()
+                self._waiting[token] = (holder, n)
+                try:
+                    await self._changed.wait_for(lambda: self._fits(holder, n))
+                finally:
+                    del self._waiting[token]
             self.used += n
             self.held[holder] = self.held.get(holder, 0) + n
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= n
-                left = self.held.pop(holder) - n
-                if left:
-                    self.held[holder] = left
-                self._changed.notify_all()
+
+    async def _give_back(self, holder: object, n: int) -> None:
+        if not n:
+            return  # a hole's reply kept nothing
+        async with self._changed:
+            self.used -= n
+            self.returned += n
+            left = self.held.pop(holder) - n
+            if left:
+                self.held[holder] = left
+            self._changed.notify_all()
+
+
+class Hold:
+    """Bytes one read holds of a ByteBudget while in ``async with``."""
+
+    def __init__(self, budget: ByteBudget, holder: object, n: int) -> None:
+        self._budget = budget
+        self._holder = holder
+        self.n = n
+
+    async def __aenter__(self) -> Hold:
+        await self._budget._take(self._holder, self.n)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._budget._give_back(self._holder, self.n)
+
+    async def keep(self, n: int) -> None:
+        """Hold only ``n`` bytes from now on (at most what is held)."""
+        if n < self.n:
+            # Cancelled while it waits for the lock, it gave nothing back
+            # and still holds all: __aexit__ gives that.
+            await self._budget._give_back(self._holder, self.n - n)
+            self.n = n
 
 
 class _Protocol(asyncio.StreamReaderProtocol):
@@ -1350,6 +1440,9 @@ class NbdServer:
       that connect and then wait cannot keep everyone else out.
     - A client that has not sent NBD_OPT_GO or EXPORT_NAME within
       ``handshake_limit`` seconds is closed.
+    - A client that holds read buffers and reads nothing of its replies is
+      closed after REPLY_STALL seconds if others wait for the read budget,
+      else after REPLY_DEADLINE.
     - What the clients make it do or hold is logged at a bounded rate.
     """
 
@@ -1374,6 +1467,9 @@ class NbdServer:
         self._refusals = Throttle()
         self._evictions = Throttle()
         self._timeouts = Throttle()
+        self._stalls = Throttle()
+        self._trim: asyncio.Task[None] | None = None
+        self._was_empty = True  # the read budget, at the watchdog's last look
 
     # -- connections -------------------------------------------------------
 
@@ -1447,7 +1543,8 @@ class NbdServer:
             self.connections.discard(connection)
 
     async def _watching(self) -> None:
-        """Close the connections past their handshake limit, oldest first."""
+        """Close the connections past their handshake limit, oldest first,
+        and those whose replies stalled (REPLY_STALL, REPLY_DEADLINE)."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = time.monotonic()
@@ -1460,8 +1557,35 @@ class NbdServer:
                     "export: closed a client that had not finished its handshake in %g s",
                     self.handshake_limit,
                 )
+            budget = self.read_budget
+            if not budget.held:
+                # Empty since the last look too: the connections that held
+                # it have let go of their queues as well (they give the
+                # budget back first).
+                if budget.returned >= TRIM_AFTER and self._was_empty and self._trim is None:
+                    budget.returned = 0
+                    self._trim = asyncio.create_task(asyncio.to_thread(memory.release))
+                    self._trim.add_done_callback(self._trimmed)
+                self._was_empty = True
+                continue
+            self._was_empty = False
+            patience = REPLY_STALL if budget.starved() else REPLY_DEADLINE
+            for holder, held in list(budget.held.items()):
+                assert isinstance(holder, Connection)
+                stalled = holder.stalled(now)
+                # (One ended already lets go of its buffers as its tasks end.)
+                if stalled >= patience and holder in self.connections:
+                    self._end(holder, "stalled")
+                    self._stalls.warn(
+                        "export: closed a client that had read nothing of its replies for "
+                        "%.0f s, holding %d MiB of read buffers",
+                        stalled, held >> 20,
+                    )  # fmt: skip
 
     # -- listeners -----------------------------------------------------------
+
+    def _trimmed(self, task: asyncio.Task[None]) -> None:
+        self._trim = None
 
     def _listen(self, sock: socket.socket) -> None:
         self._listeners.append(Listener(sock, self._accepted, "export"))

@@ -27,6 +27,7 @@ from prometheus_client import start_http_server
 from dirtydiff import control, errors, sdnotify
 from dirtydiff.state import DiskSeen, StateDir, file_identity, tracker_id
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
+from sidecar import memory
 from sidecar.api import SidecarApi, start_in_background
 from sidecar.jobs import ScanJobs
 from sidecar.limits import FDS_PER_CONNECTION, HANDSHAKE_LIMIT, MAX_CONNECTIONS
@@ -203,6 +204,7 @@ async def serve(
 ) -> None:
     mode, gid = control_socket_mode(control_group)  # a bad group fails before anything starts
     clients = connection_limit(max_connections, raise_fd_limit())
+    memory.one_arena()  # before the export's worker threads (sidecar.memory)
     backend = open_disk(disk)
     record = state.disk()
     if record is not None:

@@ -8,6 +8,7 @@ through the tracker; its fds, mappings and RSS are read from /proc.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -26,6 +27,9 @@ import pytest
 
 from dirtydiff import control
 from dirtydiff import nbdproto as proto
+from nbd_plugins.backends import NbdBackend
+from sidecar import nbd_server
+from sidecar.nbd_server import Export, NbdServer
 from sidecar.upstream import UPSTREAM_CONNECTIONS
 from tests.conftest import DIRTYDIFF, ROOT, Processes, Server, make_disk, qemu_io
 from tests.rawnbd import RawClient
@@ -396,3 +400,138 @@ def test_a_tracker_restart_costs_the_export_clients_nothing(
         with clients(sidecar.uri, 1) as (third,):
             assert bytes(third.pread(4096, MiB)) == b"\x07" * 4096
         assert bytes(second.pread(4096, 2 * MiB)) == b"\x08" * 4096
+
+
+# -- item 2: clients that never read their replies --------------------------------
+
+
+def unread_reads(sock: Path, offsets: list[int], length: int = 32 * MiB) -> RawClient:
+    """A client that sends READs of ``length`` at ``offsets`` and never
+    reads a reply."""
+    client = RawClient(sock)
+    client.greet()
+    client.go(contexts=())
+    for cookie, offset in enumerate(offsets):
+        client.request(proto.Cmd.READ, offset, length, cookie=cookie)
+    return client
+
+
+def ended_by_server(client: RawClient, deadline: float) -> bool:
+    """Whether the server ends the connection within ``deadline`` (its
+    replies still in the socket are read and dropped)."""
+    client.sock.settimeout(deadline)
+    try:
+        while client.sock.recv(1 << 20):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass  # reset: ended too
+    return True
+
+
+def read_within(uri: str, deadline: float, length: int = 64 * 1024) -> float | None:
+    """Seconds a new client takes to connect and read ``length`` bytes, or
+    None past ``deadline`` (the read goes on in a daemon thread)."""
+    done = threading.Event()
+    began = time.monotonic()
+
+    def read() -> None:
+        # Past the deadline the test ends and stops the server: that error
+        # is the test's answer already.
+        with contextlib.suppress(nbd.Error):
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            h.pread(length, 0)
+            done.set()
+            h.shutdown()
+
+    threading.Thread(target=read, daemon=True).start()
+    return time.monotonic() - began if done.wait(deadline) else None
+
+
+def rss(pid: int) -> int:
+    return usage(pid, Path("/nonexistent")).rss
+
+
+@pytest.mark.parametrize("replies", ["data", "data-then-holes"])
+def test_clients_that_never_read_their_replies_stop_no_other_reader(
+    procs: Processes, tmp_path: Path, replies: str
+) -> None:
+    """Five clients each send 16 READs of 32 MiB and never read a reply.
+
+    data: at 002b827 four of them held the whole read budget (256 MiB) and
+    a 64 KiB read got nothing in 15 s. Now one of them is closed once it has
+    read nothing for 2 s while another client waits, and the read is served.
+
+    data-then-holes: one READ of data, then 15 of holes. At 002b827 each
+    hole's reply, queued behind the data, held 32 MiB of budget it never
+    used, and four clients held it all. A hole holds nothing now: served at
+    once, nobody closed.
+
+    Either way, once they are gone the sidecar's RSS is back where it was."""
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as f:
+        f.write(b"\x55" * (32 * MiB))  # data, then holes to 512 MiB
+        f.truncate(512 * MiB)
+    upstream = procs.nbdkit("file", str(disk))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    sock = tmp_path / "export.sock"
+    sidecar = procs.start(serve_argv(state, upstream.uri, sock), sock)
+    assert read_within(sidecar.uri, 10.0, 32 * MiB) is not None  # warm: threads, a pool
+    baseline = rss(sidecar.proc.pid)
+    holes = [32 * MiB * (1 + i) for i in range(15)]
+    hostile = [unread_reads(sock, [0] * 16 if replies == "data" else [0, *holes]) for _ in range(5)]
+    try:
+        took = read_within(sidecar.uri, 10.0)
+        assert took is not None, "a well-behaved client's read was not served in 10 s"
+        if replies == "data":
+            assert took < 2.0 + 2.0, took  # REPLY_STALL, the watchdog, the read
+            assert sum(ended_by_server(c, 1.0) for c in hostile) >= 1
+        else:
+            assert took < 1.0, took
+            assert not any(ended_by_server(c, 0.1) for c in hostile)
+    finally:
+        for client in hostile:
+            client.close()
+    # Polled under a deadline: the buffers go as the connections end, and
+    # what malloc freed is returned once the budget is idle (~0.5 s).
+    assert within(5.0, lambda: rss(sidecar.proc.pid) <= baseline + 8 * MiB), (
+        rss(sidecar.proc.pid) >> 20,
+        baseline >> 20,
+    )
+    assert "Traceback" not in sidecar.stderr(), sidecar.stderr()
+
+
+def test_a_client_that_reads_no_reply_is_closed_even_when_nobody_waits(
+    procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nobody waiting for the read budget, a client holding read
+    buffers that reads nothing is closed after REPLY_DEADLINE (60 s; 1 s
+    here), and what it held is given back: a peer gone without a word (a
+    TCP peer whose host died) does not keep 64 MiB for hours."""
+    monkeypatch.setattr(nbd_server, "REPLY_DEADLINE", 1.0)
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\x55" * (32 * MiB))
+    upstream = procs.nbdkit("file", str(disk))
+    backend = NbdBackend(upstream.uri, readonly=True)
+    server = NbdServer([Export(name="", backend=backend)])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sock = tmp_path / "export.sock"
+    try:
+        asyncio.run_coroutine_threadsafe(server.listen_unix(sock), loop).result(10)
+        with unread_reads(sock, [0] * 4):
+            began = time.monotonic()
+            assert within(1.0, lambda: server.read_budget.used > 0)
+            # Asked of the server: reading the socket would be reading replies.
+            assert within(5.0, lambda: not server.connections)
+            assert 1.0 <= time.monotonic() - began < 3.0
+            assert within(5.0, lambda: server.read_budget.used == 0)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
