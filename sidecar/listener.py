@@ -138,6 +138,9 @@ class Listener:
                 conn.close()
 
     def _failed(self, error: OSError) -> None:
+        # First stop: whatever happens below, this loop does not spin.
+        self._loop.remove_reader(self.sock.fileno())
+        self._retry = self._loop.call_later(RETRY_DELAY, self._resume)
         if error.errno in _EXHAUSTED and self._spare >= 0:
             # The classic way out (libev, nginx): the spare fd makes room for
             # one accept, whose client is told at once that it cannot stay.
@@ -145,14 +148,11 @@ class Listener:
             with contextlib.suppress(OSError):
                 self.sock.accept()[0].close()
             self._spare = _spare_fd()
-        open_fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
         self._throttle.warn(
-            "%s: cannot accept connections: %s (%d file descriptors open); "
+            "%s: cannot accept connections: %s (%s file descriptors open); "
             "trying again in %g s",
-            self._what, error.strerror or error, open_fds, RETRY_DELAY,
+            self._what, error.strerror or error, _open_fds(), RETRY_DELAY,
         )  # fmt: skip
-        self._loop.remove_reader(self.sock.fileno())
-        self._retry = self._loop.call_later(RETRY_DELAY, self._resume)
 
     def _resume(self) -> None:
         self._retry = None
@@ -170,6 +170,15 @@ class Listener:
         if self._spare >= 0:
             os.close(self._spare)
             self._spare = -1
+
+
+def _open_fds() -> str:
+    """How many descriptors the process has open, if that can be seen now
+    (listing /proc/self/fd takes one)."""
+    try:
+        return str(len(os.listdir("/proc/self/fd")) - 1)
+    except OSError:
+        return "all its"
 
 
 def _spare_fd() -> int:
