@@ -2,24 +2,28 @@
 and how long a real client waits meanwhile and afterwards (issue 13, 1-3).
 
     python -m bench.hostile [idle] [go] [unread] [soak] [--nofile SOFT:HARD]
-                            [--idle N] [--go N] [--cycles N]
+                            [--idle N] [--go N] [--read-size MiB] [--cycles N]
 
 The sidecar serves a 1 GiB disk through the tracker (nbdkit with
 nbd_plugins/tracker.py), as deployed, with ``--metrics``, under the fd limit
 ``--nofile`` (default 1024:1024, the usual soft limit, and no room to raise
 it). Each scenario prints one table:
 
-- ``idle``: N connections (default 1000) that send nothing. During: the
+- ``idle``: N connections (default 1100: with the sidecar's own dozen fds,
+  past 1024; 1000 still fit at 002b827) that send nothing. During: the
   sockets the sidecar holds, how long ``nbdinfo`` takes to answer (10 s at
   most), ``dirtydiff status`` (20 s) and a /metrics scrape (10 s), log lines.
   Then the flood closes: how long until ``nbdinfo`` answers again, fds, RSS.
 - ``go``: N clients (default 600) that complete NBD_OPT_GO and stay: the
   tracker's connections and threads, the sidecar's fds.
-- ``unread``: 5 clients each send 16 READs of 32 MiB and never read a reply;
-  a real 64 KiB read (15 s at most); RSS before, during, after they close.
+- ``unread``: 5 clients each send 16 READs of 32 MiB (``--read-size``) and
+  never read a reply; a real 64 KiB read (15 s at most); RSS before, during,
+  after they close.
 - ``soak``: N cycles (default 300) of checkpoint, block status of
   qemu:dirty-bitmap:incN on a new connection, bitmap remove incN: the
   sidecar's fds, deleted files still mapped, RSS.
+
+BENCH_KEEP=1 keeps the work directory (the sidecar's log is there).
 """
 
 from __future__ import annotations
@@ -462,7 +466,7 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("scenarios", nargs="*", metavar="idle|go|unread|soak")
     parser.add_argument("--nofile", default="1024:1024", help="the sidecar's RLIMIT_NOFILE")
-    parser.add_argument("--idle", type=int, default=1000)
+    parser.add_argument("--idle", type=int, default=1100)
     parser.add_argument("--go", type=int, default=600)
     parser.add_argument("--cycles", type=int, default=300)
     parser.add_argument("--read-size", type=int, default=32, help="MiB per unread READ")
