@@ -49,6 +49,7 @@ class Connection(Protocol):
     def flush(self) -> None: ...
     def cache(self, count: int, offset: int) -> None: ...
     def extents(self, count: int, offset: int) -> list[Extent]: ...
+    def alive(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -192,6 +193,9 @@ class _FileConnection:
             pos = hole
         return found
 
+    def alive(self) -> bool:
+        return self._b.fd >= 0
+
     def close(self) -> None:
         pass  # the fd belongs to the backend
 
@@ -319,6 +323,11 @@ class _NbdConnection:
         self._call("block_status", count, offset, collect)
         end = offset + count
         return [(o, min(n, end - o), t) for o, n, t in found if o < end]
+
+    def alive(self) -> bool:
+        """False once libnbd knows the upstream connection broke or closed."""
+        h = self._h
+        return h is not None and not (h.aio_is_dead() or h.aio_is_closed())
 
     def close(self) -> None:
         if self._h is None:

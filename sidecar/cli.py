@@ -30,6 +30,7 @@ from dirtydiff import control, errors, sockets
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, check_granularity, inconsistency
 from dirtydiff.state import StateDir, check_name, record_first_disk
 from dirtydiff.store import DRAIN_TIMEOUT
+from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.nbdclient import context_extents, is_nbd_uri
 from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
 from sidecar.scanjob import ScanOptions, abort_scan, rebuild_backup, run_scan
@@ -177,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             metrics_disk=args.metrics_disk,
             control_group=args.control_group,
             auto_rebuild=args.auto_rebuild,
+            max_connections=args.max_connections,
+            handshake_limit=args.handshake_limit,
         )
     )
     return 0
@@ -684,6 +687,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="at start, rebuild every inconsistent bitmap that names its backup "
         "(unfinished scans always resume)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help=f"export clients served at once (default {MAX_CONNECTIONS}, or fewer if the "
+        "file descriptor limit is low); past N, the one still negotiating longest is "
+        "closed, or else the new one",
+    )
+    p.add_argument(
+        "--handshake-limit",
+        type=float,
+        default=HANDSHAKE_LIMIT,
+        metavar="SECONDS",
+        help=f"close a client that has not finished its handshake in SECONDS "
+        f"(default {HANDSHAKE_LIMIT:g}, as qemu-nbd)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -15,6 +15,10 @@ Two kinds of failure: ``ProtocolError`` (or the client vanishing) ends that
 connection only; ``RequestError`` fails one request with an errno. Nothing a
 client sends makes the server allocate more than ``MAX_REQUEST`` bytes for one
 request or ``MAX_OPTION`` for one option.
+
+``NbdServer`` owns the limits on the clients together (how many, how long a
+handshake may take: see its docstring); ``sidecar.listener`` accepts them,
+and ``sidecar.upstream`` shares a few connections to an NBD disk among them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import errno
 import functools
 import logging
 import os
+import socket
 import struct
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
@@ -44,6 +50,10 @@ from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
 from nbd_plugins.backends import Backend, FileBackend
 from nbd_plugins.backends import Connection as DiskConnection
+from sidecar import memory
+from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
+from sidecar.listener import Listener, Throttle, tcp_sockets, unix_socket
+from sidecar.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +71,22 @@ READ_BUDGET = 256 * 1024 * 1024
 # kernel, so a client that stops reading its replies keeps what it holds; it
 # may not hold the whole budget and stall every other client's reads.
 CONNECTION_READ_BUDGET = 2 * proto.MAX_REQUEST
+# But four such clients held it all. A connection holding read buffers whose
+# socket has taken no byte of its replies for REPLY_STALL seconds while
+# another client waits for the budget is closed, its buffers freed; and one
+# that has taken none for REPLY_DEADLINE seconds, whoever waits.
+REPLY_STALL = 2.0
+REPLY_DEADLINE = 60.0
+# Once the budget is idle after this much was given back, the free pages go
+# back to the system (sidecar.memory says why that takes doing).
+TRIM_AFTER = 32 * 1024 * 1024
 BLOCK_SIZES = (1, 4096, proto.MAX_REQUEST)
+# How often the server looks for connections past their handshake limit, or
+# whose replies stalled.
+WATCH_INTERVAL = 0.2
+# Seconds a client in transmission must have been idle (nothing in flight)
+# before the connection limit may close it for a new client.
+IDLE_EVICTABLE = 1.0
 
 
 @dataclass
@@ -77,6 +102,13 @@ class Export:
     _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
         default_factory=weakref.WeakValueDictionary
     )
+    # An NBD disk's connections, shared by every client (sidecar.upstream);
+    # a local file's one descriptor needs none.
+    upstream: UpstreamPool | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, FileBackend):
+            self.upstream = UpstreamPool(self.backend)
 
     @property
     def size(self) -> int:
@@ -391,6 +423,12 @@ class _Sender:
         self._queue: deque[Part] = deque()
         self._watching = False
         self._on_error = on_error
+        self._progress = 0.0  # when the socket last took a byte, or the queue filled
+
+    def stalled(self, now: float) -> float:
+        """Seconds the socket has taken nothing of what is queued; 0 if
+        nothing is."""
+        return now - self._progress if self._queue else 0.0
 
     def push(self, parts: Iterable[Part], done: Callable[[], None] | None = None) -> None:
         """Queue one whole reply; ``done`` runs once it is all sent (or can
@@ -399,6 +437,8 @@ class _Sender:
             if done is not None:
                 done()
             return
+        if not self._queue:
+            self._progress = time.monotonic()
         self._queue.extend(parts)
         if done is not None:
             self._queue.append(done)
@@ -420,6 +460,7 @@ class _Sender:
                     sent = os.sendfile(self._fd, head.fd, head.offset, head.count)
                     if sent == 0:  # the file shrank under us; the header is out already
                         raise OSError(errno.EIO, "the disk ended before the data did")
+                    self._progress = time.monotonic()
                     head.offset += sent
                     head.count -= sent
                     if not head.count:
@@ -432,6 +473,7 @@ class _Sender:
                         if isinstance(part, _BUFFERS):
                             buffers.append(part)
                     self._consume(os.writev(self._fd, buffers))
+                    self._progress = time.monotonic()
                 else:
                     queue.popleft()
                     head()
@@ -495,13 +537,17 @@ _STATUS_HEADER = struct.Struct(proto.STRUCTURED_REPLY.format + proto.BLOCK_STATU
 # Plain ints for the hot paths: operators on IntFlag members build new members.
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _DF = int(CmdFlag.DF)
-# Flags each command accepts; anything else is EINVAL, as in qemu-nbd.
+# Flags each command accepts; anything else is EINVAL, as in qemu-nbd. FUA is
+# on every command: the export advertises SEND_FUA, and the spec then says a
+# server MUST accept it everywhere (it means nothing on a read-only export).
+# DF only once structured replies are negotiated: it is about their chunks.
+_FUA = int(CmdFlag.FUA)
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: int(CmdFlag.FUA | CmdFlag.DF),
-    Cmd.FLUSH: 0,
-    Cmd.CACHE: 0,
-    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
-    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.READ: _FUA,
+    Cmd.FLUSH: _FUA,
+    Cmd.CACHE: _FUA,
+    Cmd.BLOCK_STATUS: int(CmdFlag.FUA | CmdFlag.REQ_ONE),
+    Cmd.TRIM: _FUA,
     Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
 }
 
@@ -515,15 +561,16 @@ def _data_header(cookie: int, offset: int, size: int, done: bool) -> bytes:
 
 
 class Connection:
-    def __init__(
-        self,
-        server: NbdServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    # Set by attach(), once the accepted socket has its transport.
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def __init__(self, server: NbdServer) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.started = time.monotonic()  # the handshake limit counts from here
+        self.active = self.started  # when it last sent a byte or had a reply sent
+        self._attached = False
+        self._aborted = False
         self.structured = False
         self.no_zeroes = False
         self.fixed = False
@@ -572,6 +619,19 @@ class Connection:
                 self.writer.write(chunk)
             await self.writer.drain()
 
+    async def _send_reply(self, chunks: list[bytes | bytearray]) -> None:
+        """``_send`` for a reply holding read buffers, letting go of them as
+        they are queued (``chunks`` is emptied). If the connection ends
+        first, the request's frames stay in its CancelledError's traceback,
+        in a cycle that only the cyclic collector breaks, and an idle server
+        may not run it for long: its buffers, up to 32 MiB each, must not be
+        there. (Seen: 8 MB that stayed after clients that never read.)"""
+        assert self._sender is not None
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sender.push(chunks, functools.partial(_resolve, sent))
+        chunks.clear()
+        await sent
+
     def _reply_now(self, *parts: Part) -> None:
         """Queue the whole reply of a request answered without a task; its
         slot frees once the reply is sent."""
@@ -580,6 +640,8 @@ class Connection:
 
     def _release(self) -> None:
         self._pending -= 1
+        if not self._pending:
+            self.active = time.monotonic()
         if self._paused and not self._resuming:
             # Not from here: a reply's mark runs inside the sender's flush,
             # and parsing queues more replies on that sender.
@@ -598,8 +660,23 @@ class Connection:
 
     # -- lifecycle ---------------------------------------------------------
 
+    def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._attached = True
+
+    def abort(self) -> None:
+        """End the connection now (the server's decision: a limit); run()
+        then finishes as when the client goes away."""
+        self._aborted = True
+        if self._attached:
+            self.writer.transport.abort()
+
     async def run(self) -> None:
         try:
+            if self._aborted:  # ended before it had its transport
+                self.writer.transport.abort()
+                return
             if await self._handshake():
                 await self._transmission()
         except (asyncio.IncompleteReadError, ConnectionError, proto.ProtocolError) as e:
@@ -609,10 +686,13 @@ class Connection:
         finally:
             for task in list(self._tasks):
                 task.cancel()
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._wait_for_tasks()
             if self._sender is not None:
                 self._sender.close()
+            # The bitmaps it chose go now, not when the collector finds this
+            # connection's cycles: a removed bitmap's file is then closed and
+            # unmapped (its space freed) as its last connection ends.
+            self.contexts = []
             if self._file_fd >= 0:
                 self.disk = None  # the file backend's shared fd stays open
             if self.disk is not None:
@@ -813,17 +893,19 @@ class Connection:
         return Context(number, name, status.descriptors, blocking=False)
 
     async def _enter(self, export: Export) -> None:
+        self.server.negotiated(self)
         self.export = export
         if self.contexts_export != export.name:
             self.contexts = []  # the selection belongs to the export named in it
         backend = export.backend
-        if isinstance(backend, FileBackend):
+        if export.upstream is None:
+            assert isinstance(backend, FileBackend)
             # Its connection is the backend's shared fd: nothing to wait for,
             # and a thread hop costs more than the whole call.
             self.disk = backend.connect()
             self._file_fd = backend.fd
         else:
-            self.disk = await asyncio.to_thread(backend.connect)
+            self.disk = await asyncio.to_thread(export.upstream.lease)
 
     # -- transmission --------------------------------------------------------
 
@@ -863,9 +945,12 @@ class Connection:
             await self._sender.flushed()  # qemu-nbd's last words (bad magic) first
             raise
         # NBD_CMD_DISC: finish what is in flight, send nothing more, close.
+        await self._wait_for_tasks()
+        await self._sender.flushed()
+
+    async def _wait_for_tasks(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._sender.flushed()
 
     def _end(self, error: BaseException | None) -> None:
         if self._ended is not None and not self._ended.done():
@@ -897,7 +982,19 @@ class Connection:
 
     def _buffer_updated(self, size: int) -> None:
         self._tail += size
+        self.active = time.monotonic()
         self._parse()
+
+    def stalled(self, now: float) -> float:
+        """Seconds its socket has taken nothing of the replies queued."""
+        return self._sender.stalled(now) if self._sender is not None else 0.0
+
+    def idle(self, now: float) -> float:
+        """Seconds since it was last active, in transmission with nothing in
+        flight; 0 otherwise."""
+        if self._sender is None or self._pending:
+            return 0.0
+        return now - self.active
 
     def _resume(self) -> None:
         self._resuming = False
@@ -1028,6 +1125,8 @@ class Connection:
         allowed = _ALLOWED_FLAGS.get(kind)
         if allowed is None:
             raise RequestError(Errno.EINVAL, f"unsupported command {kind}")
+        if kind == Cmd.READ and self.structured:
+            allowed |= _DF
         if flags & ~allowed:
             raise RequestError(Errno.EINVAL, f"unsupported flags {flags:#x}")
         if kind == Cmd.READ:
@@ -1100,12 +1199,13 @@ class Connection:
         """A READ through the backend (libnbd), into a buffer that counts
         against the read budget until the reply is sent."""
         assert self.disk is not None
-        async with self.server.read_budget.hold(self, request.length):
+        async with self.server.read_budget.hold(self, request.length) as held:
             if not self.structured:
-                buf = bytearray(request.length)
+                chunks: list[bytes | bytearray] = [
+                    proto.simple_reply(request.cookie), bytearray(request.length)
+                ]  # fmt: skip
                 if request.length:
-                    await asyncio.to_thread(self.disk.pread, buf, request.offset)
-                chunks: list[bytes | bytearray] = [proto.simple_reply(request.cookie), buf]
+                    await asyncio.to_thread(self.disk.pread, chunks[1], request.offset)
             elif request.length == 0:
                 chunks = [
                     proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True)
@@ -1115,7 +1215,10 @@ class Connection:
                     _read_chunks, self.disk, request.cookie, request.offset, request.length,
                     sparse=not request.flags & CmdFlag.DF,
                 )  # fmt: skip
-            await self._send(*chunks)
+                # Until it is sent, the reply holds only its data: a hole's
+                # chunk is a few bytes, whatever length it covers.
+                await held.keep(sum(len(c) for c in chunks if isinstance(c, bytearray)))
+            await self._send_reply(chunks)
         return []
 
     def _check_block_status(self, request: proto.Request) -> None:
@@ -1201,33 +1304,79 @@ def _matches(query: str, context: str) -> bool:
 
 class ByteBudget:
     """Bytes of read buffers the server may hold at once: ``limit`` across
-    clients, ``per_holder`` for each (a connection)."""
+    clients, ``per_holder`` for each (a connection). A hold counts what was
+    asked for while the buffers are made, then what they keep (``keep``)."""
 
     def __init__(self, limit: int, per_holder: int) -> None:
         self.limit = limit
         self.per_holder = per_holder
         self.used = 0
+        self.returned = 0  # bytes given back since the server last trimmed
         self.held: dict[object, int] = {}
+        self._waiting: dict[object, tuple[object, int]] = {}  # token -> (holder, bytes)
         self._changed = asyncio.Condition()
 
     def _fits(self, holder: object, n: int) -> bool:
         return self.used + n <= self.limit and self.held.get(holder, 0) + n <= self.per_holder
 
-    @contextlib.asynccontextmanager
-    async def hold(self, holder: object, n: int) -> Any:
+    def starved(self) -> bool:
+        """Whether a hold waits that its holder's own share would allow: it
+        waits for what the other holders have."""
+        return any(
+            self.used + n > self.limit and self.held.get(holder, 0) + n <= self.per_holder
+            for holder, n in self._waiting.values()
+        )
+
+    def hold(self, holder: object, n: int) -> Hold:
+        """``async with budget.hold(connection, n) as held:`` n bytes."""
+        return Hold(self, holder, n)
+
+    async def _take(self, holder: object, n: int) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self._fits(holder, n))
+            if not self._fits(holder, n):
+                token = object()
+                self._waiting[token] = (holder, n)
+                try:
+                    await self._changed.wait_for(lambda: self._fits(holder, n))
+                finally:
+                    del self._waiting[token]
             self.used += n
             self.held[holder] = self.held.get(holder, 0) + n
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= n
-                left = self.held.pop(holder) - n
-                if left:
-                    self.held[holder] = left
-                self._changed.notify_all()
+
+    async def _give_back(self, holder: object, n: int) -> None:
+        if not n:
+            return  # a hole's reply kept nothing
+        async with self._changed:
+            self.used -= n
+            self.returned += n
+            left = self.held.pop(holder) - n
+            if left:
+                self.held[holder] = left
+            self._changed.notify_all()
+
+
+class Hold:
+    """Bytes one read holds of a ByteBudget while in ``async with``."""
+
+    def __init__(self, budget: ByteBudget, holder: object, n: int) -> None:
+        self._budget = budget
+        self._holder = holder
+        self.n = n
+
+    async def __aenter__(self) -> Hold:
+        await self._budget._take(self._holder, self.n)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._budget._give_back(self._holder, self.n)
+
+    async def keep(self, n: int) -> None:
+        """Hold only ``n`` bytes from now on (at most what is held)."""
+        if n < self.n:
+            # Cancelled while it waits for the lock, it gave nothing back
+            # and still holds all: __aexit__ gives that.
+            await self._budget._give_back(self._holder, self.n - n)
+            self.n = n
 
 
 class _Protocol(asyncio.StreamReaderProtocol):
@@ -1235,10 +1384,8 @@ class _Protocol(asyncio.StreamReaderProtocol):
     stream ended: after EOF the transport reads no more, so the protocol
     that takes over for the transmission phase would never hear of it."""
 
-    def __init__(
-        self, reader: asyncio.StreamReader, connected: Callable[..., Coroutine[Any, Any, None]]
-    ) -> None:
-        super().__init__(reader, connected)
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
         self.done = False
         self.error: Exception | None = None
 
@@ -1283,41 +1430,184 @@ class _Intake(asyncio.BufferedProtocol):
 
 
 class NbdServer:
-    def __init__(self, exports: Iterable[Export], read_budget: int = READ_BUDGET) -> None:
+    """The export's listeners and connections, and the limits on them.
+
+    - At most ``max_connections`` at once. When that many are open, one is
+      closed to make room: the one that has been negotiating longest (a
+      client still in its handshake has nothing in flight: what a flood of
+      idle connections is made of), else the one idle longest, if for
+      ``IDLE_EVICTABLE`` at least; else the new one is closed. So clients
+      that connect and then wait cannot keep everyone else out.
+    - A client that has not sent NBD_OPT_GO or EXPORT_NAME within
+      ``handshake_limit`` seconds is closed.
+    - A client that holds read buffers and reads nothing of its replies is
+      closed after REPLY_STALL seconds if others wait for the read budget,
+      else after REPLY_DEADLINE.
+    - What the clients make it do or hold is logged at a bounded rate.
+    """
+
+    def __init__(
+        self,
+        exports: Iterable[Export],
+        read_budget: int = READ_BUDGET,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        handshake_limit: float = HANDSHAKE_LIMIT,
+    ) -> None:
         self.exports = {e.name: e for e in exports}
         self.read_budget = ByteBudget(read_budget, min(read_budget, CONNECTION_READ_BUDGET))
+        self.max_connections = max_connections
+        self.handshake_limit = handshake_limit
         self.connections: set[Connection] = set()
         self.stats = ServerStats()
-        self._servers: list[asyncio.AbstractServer] = []
+        self._negotiating: dict[Connection, None] = {}  # in their handshake, oldest first
+        self._listeners: list[Listener] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self._refusals = Throttle()
+        self._evictions = Throttle()
+        self._timeouts = Throttle()
+        self._stalls = Throttle()
+        self._trim: asyncio.Task[None] | None = None
+        self._was_empty = True  # the read budget, at the watchdog's last look
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = Connection(self, reader, writer)
+    # -- connections -------------------------------------------------------
+
+    def _accepted(self, sock: socket.socket) -> None:
+        if len(self.connections) >= self.max_connections and not self._make_room():
+            sock.close()
+            self.stats.error("refused")
+            self._refusals.warn(
+                "export: connection refused: %d clients, the limit (--max-connections)",
+                len(self.connections),
+            )
+            return
+        connection = Connection(self)
         self.connections.add(connection)
-        self.stats.connections_total += 1
+        self._negotiating[connection] = None
+        task = asyncio.create_task(self._serve(connection, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _make_room(self) -> bool:
+        """Close the connection negotiating longest, or else the one idle
+        longest; False if none may go."""
+        for oldest in self._negotiating:
+            self._end(oldest, "evicted")
+            self._evictions.warn(
+                "export: %d clients, the limit (--max-connections): closed the one "
+                "negotiating longest to make room",
+                self.max_connections,
+            )
+            return True
+        now = time.monotonic()
+        idlest = max(self.connections, key=lambda c: c.idle(now), default=None)
+        if idlest is None or idlest.idle(now) < IDLE_EVICTABLE:
+            return False
+        self._evictions.warn(
+            "export: %d clients, the limit (--max-connections): closed the one idle "
+            "longest (%.0f s) to make room",
+            self.max_connections, idlest.idle(now),
+        )  # fmt: skip
+        self._end(idlest, "evicted")
+        return True
+
+    def _end(self, connection: Connection, kind: str) -> None:
+        """End ``connection`` now; it no longer counts against the limit."""
+        self._negotiating.pop(connection, None)
+        self.connections.discard(connection)
+        self.stats.error(kind)
+        connection.abort()
+
+    def negotiated(self, connection: Connection) -> None:
+        """``connection`` finished its handshake: no deadline, no eviction."""
+        self._negotiating.pop(connection, None)
+
+    async def _serve(self, connection: Connection, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
+            reader = asyncio.StreamReader()
+            protocol = _Protocol(reader)
+            try:
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+            except BaseException:
+                sock.close()
+                raise
+            connection.attach(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+            self.stats.connections_total += 1
             await connection.run()
         except Exception:
             log.exception("connection failed")  # one client's bug never stops the server
         finally:
+            self._negotiating.pop(connection, None)
             self.connections.discard(connection)
 
-    def _protocol(self) -> _Protocol:
-        # What asyncio.start_server builds, with our protocol.
-        return _Protocol(asyncio.StreamReader(), self._client)
+    async def _watching(self) -> None:
+        """Close the connections past their handshake limit, oldest first,
+        and those whose replies stalled (REPLY_STALL, REPLY_DEADLINE)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            while self._negotiating:
+                oldest = next(iter(self._negotiating))
+                if now - oldest.started < self.handshake_limit:
+                    break
+                self._end(oldest, "handshake-timeout")
+                self._timeouts.warn(
+                    "export: closed a client that had not finished its handshake in %g s",
+                    self.handshake_limit,
+                )
+            budget = self.read_budget
+            if not budget.held:
+                # Empty since the last look too: the connections that held
+                # it have let go of their queues as well (they give the
+                # budget back first).
+                if budget.returned >= TRIM_AFTER and self._was_empty and self._trim is None:
+                    budget.returned = 0
+                    self._trim = asyncio.create_task(asyncio.to_thread(memory.release))
+                    self._trim.add_done_callback(self._trimmed)
+                self._was_empty = True
+                continue
+            self._was_empty = False
+            patience = REPLY_STALL if budget.starved() else REPLY_DEADLINE
+            for holder, held in list(budget.held.items()):
+                assert isinstance(holder, Connection)
+                stalled = holder.stalled(now)
+                # (One ended already lets go of its buffers as its tasks end.)
+                if stalled >= patience and holder in self.connections:
+                    self._end(holder, "stalled")
+                    self._stalls.warn(
+                        "export: closed a client that had read nothing of its replies for "
+                        "%.0f s, holding %d MiB of read buffers",
+                        stalled, held >> 20,
+                    )  # fmt: skip
+
+    # -- listeners -----------------------------------------------------------
+
+    def _trimmed(self, task: asyncio.Task[None]) -> None:
+        self._trim = None
+
+    def _listen(self, sock: socket.socket) -> None:
+        self._listeners.append(Listener(sock, self._accepted, "export"))
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watching())
 
     async def listen_unix(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_unix_server(self._protocol, path=str(path)))
+        self._listen(unix_socket(path))
 
     async def listen_tcp(self, host: str, port: int) -> int:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._protocol, host=host, port=port)
-        self._servers.append(server)
-        bound: int = server.sockets[0].getsockname()[1]
+        sockets = tcp_sockets(host, port)
+        for sock in sockets:
+            self._listen(sock)
+        bound: int = sockets[0].getsockname()[1]
         return bound
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-            await server.wait_closed()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None

@@ -1,6 +1,12 @@
 """``dirtydiff serve``: the sidecar. Runs the NBD export, the sidecar's
 control socket (``STATE/sidecar.sock``, see ``sidecar.api``) and,
-with ``--metrics``, Prometheus ``/metrics``, until SIGTERM or SIGINT."""
+with ``--metrics``, Prometheus ``/metrics``, until SIGTERM or SIGINT.
+
+Descriptors: the soft RLIMIT_NOFILE is raised to the hard one at start, and
+the export's clients may use all of it but ``RESERVED_FDS``, which keep the
+control socket, /metrics, bitmap files and tracker connections working
+however many clients the export has (``connection_limit``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import asyncio
 import contextlib
 import grp
 import logging
+import resource
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -17,12 +25,62 @@ from prometheus_client import start_http_server
 from dirtydiff import control, errors, sdnotify, sockets
 from dirtydiff.state import DiskSeen, StateDir, file_identity, record_first_disk, tracker_id
 from nbd_plugins.backends import Backend, FileBackend, NbdBackend
+from sidecar import memory
 from sidecar.api import SidecarApi, start_in_background
 from sidecar.jobs import ScanJobs
+from sidecar.limits import FDS_PER_CONNECTION, HANDSHAKE_LIMIT, MAX_CONNECTIONS
+from sidecar.listener import BACKLOG, Listener, Throttle
 from sidecar.metrics import registry
 from sidecar.nbd_server import Export, NbdServer
 
 log = logging.getLogger(__name__)
+
+# Clients of STATE/sidecar.sock at once (the CLI opens one per command; a
+# backup tool, one or two); more are closed as they connect.
+CONTROL_MAX_CONNECTIONS = 64
+# Descriptors kept from the export's clients: the control socket's clients,
+# and about as many again for the rest (listeners, the event loop, bitmap
+# files, /metrics requests, the export's and the scans' tracker connections).
+RESERVED_FDS = 2 * CONTROL_MAX_CONNECTIONS
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as a service that
+    needs many descriptors should (the soft 1024 is kept low for select(2),
+    which nothing here uses); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # a sandbox may refuse
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def connection_limit(requested: int | None, fd_limit: int) -> int:
+    """How many export clients the descriptors allow: ``requested``
+    (``--max-connections``) if it fits under ``fd_limit`` with
+    ``RESERVED_FDS`` kept, else an error; by default MAX_CONNECTIONS, or
+    fewer (said on stderr) under a very low limit."""
+    fit = (fd_limit - RESERVED_FDS) // FDS_PER_CONNECTION
+    if requested is not None and requested < 1:
+        raise errors.BadRequest("bad-limit", "--max-connections must be at least 1")
+    if fit < 1:
+        raise errors.BadRequest(
+            "fd-limit", f"the file descriptor limit {fd_limit} leaves no room for clients"
+        )
+    if requested is None:
+        if fit < MAX_CONNECTIONS:
+            print(f"dirtydiff serve: at most {fit} clients at once: the file descriptor "
+                  f"limit is {fd_limit}", file=sys.stderr, flush=True)  # fmt: skip
+        return min(MAX_CONNECTIONS, fit)
+    if requested > fit:
+        raise errors.BadRequest(
+            "fd-limit",
+            f"--max-connections {requested} needs "
+            f"{RESERVED_FDS + FDS_PER_CONNECTION * requested} file descriptors and the "
+            f"limit is {fd_limit}: raise it (LimitNOFILE=) or ask for at most {fit}",
+        )
+    return requested
 
 
 def open_disk(disk: str) -> Backend:
@@ -70,6 +128,39 @@ async def _control_client(
         writer.close()
 
 
+class ControlClients:
+    """The clients of STATE/sidecar.sock, at most CONTROL_MAX_CONNECTIONS."""
+
+    def __init__(self, api: SidecarApi) -> None:
+        self.api = api
+        self.count = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals = Throttle()
+
+    def accepted(self, sock: socket.socket) -> None:
+        if self.count >= CONTROL_MAX_CONNECTIONS:
+            sock.close()
+            self._refusals.warn(
+                "control socket: %d clients, the limit: a new one was closed", self.count
+            )
+            return
+        self.count += 1
+        task = asyncio.create_task(self._serve(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            try:
+                reader, writer = await asyncio.open_unix_connection(sock=sock)
+            except BaseException:
+                sock.close()
+                raise
+            await _control_client(self.api, reader, writer)
+        finally:
+            self.count -= 1
+
+
 def control_socket_mode(group: str | None) -> tuple[int, int]:
     """(mode, gid) of the control socket: the owner's only, or also a group's
     (operators or a backup tool's service user; the state directory must let
@@ -105,9 +196,12 @@ async def serve(
     metrics_disk: str | None = None,
     control_group: str | None = None,
     auto_rebuild: bool = False,
+    max_connections: int | None = None,
+    handshake_limit: float = HANDSHAKE_LIMIT,
     ready: asyncio.Event | None = None,
 ) -> None:
     mode, gid = control_socket_mode(control_group)  # a bad group fails before anything starts
+    clients = connection_limit(max_connections, raise_fd_limit())
     # Before anything else: a second sidecar on this state touches nothing
     # (when the first exited it would otherwise remove the second's sockets).
     sidecar_lock = state.try_lock_sidecar()
@@ -120,6 +214,7 @@ async def serve(
         )
     async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse, whatever fails
         cleanup.callback(sidecar_lock.release)
+        memory.one_arena()  # before the export's worker threads (sidecar.memory)
         backend = open_disk(disk)
         cleanup.callback(backend.close)
         record = state.disk()
@@ -139,7 +234,7 @@ async def serve(
             state=state,
             bitmap_filter=frozenset(bitmaps) if bitmaps else None,
         )
-        server = NbdServer([export])
+        server = NbdServer([export], max_connections=clients, handshake_limit=handshake_limit)
         # The export's socket may live anywhere (/run/dirtydiff): only a
         # stale socket is replaced, and at exit only ours is removed.
         sockets.clear_path(socket_path)
@@ -153,9 +248,8 @@ async def serve(
         # connect; the group is given to the socket we bound, not to a path.
         control_sock, control_file = sockets.bind(state.sidecar_socket_path, mode)
         cleanup.callback(control_file.remove)
-        control_server = await asyncio.start_unix_server(
-            lambda r, w: _control_client(api, r, w), sock=control_sock
-        )
+        control_sock.listen(BACKLOG)
+        control_server = Listener(control_sock, ControlClients(api).accepted, "control socket")
         cleanup.callback(control_server.close)
         control_file.set_group(gid)
         start_in_background(api, rebuild_inconsistent=auto_rebuild)
