@@ -13,7 +13,7 @@ Layout::
     STATE/sidecar.lock         flock()ed by the sidecar: one per state
     STATE/sidecar.sock         the sidecar's control socket
     STATE/bitmaps/NAME.bitmap  one file per bitmap (see bitmapfile)
-    STATE/scans/NAME.json      an unfinished scan's position (sidecar.scanjob)
+    STATE/scans/NAME.json      an unfinished scan's position (sidecar.scan.job)
 
 The bitmap named ``@open`` is the open checkpoint interval: it records every
 change since the last checkpoint and is frozen under a name by the next one.

@@ -24,9 +24,9 @@ if _ROOT not in sys.path:
 
 import nbdkit
 
+from dirtydiff.disk import Connection, Extent
 from dirtydiff.errors import DirtydiffError
 from nbd_plugins import threadstate
-from nbd_plugins.backends import Connection, Extent
 from nbd_plugins.tracking import STATS, Tracker, TrackerConfig, configure_logging
 
 API_VERSION = 2
@@ -141,7 +141,7 @@ def can_write(h: Connection) -> bool:
 
 
 def can_flush(h: Connection) -> bool:
-    return bool(getattr(_tracker.disk, "can_flush", True))
+    return _tracker.disk.can_flush
 
 
 def can_trim(h: Connection) -> bool:
@@ -149,7 +149,7 @@ def can_trim(h: Connection) -> bool:
 
 
 def can_zero(h: Connection) -> bool:
-    return bool(getattr(_tracker.disk, "can_zero", True))
+    return _tracker.disk.can_zero
 
 
 def can_fast_zero(h: Connection) -> bool:
@@ -169,7 +169,7 @@ def can_cache(h: Connection) -> int:
 
 
 def can_extents(h: Connection) -> bool:
-    return bool(getattr(_tracker.disk, "can_extents", True))
+    return _tracker.disk.can_extents
 
 
 def block_size(h: Connection) -> tuple[int, int, int]:

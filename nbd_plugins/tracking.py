@@ -17,9 +17,9 @@ from typing import Any
 
 from dirtydiff import errors, sdnotify
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity
+from dirtydiff.disk import Backend, Connection, FileBackend, NbdBackend
 from dirtydiff.state import DiskSeen, StateDir, StateLock, file_identity, tracker_description
 from dirtydiff.store import BitmapStore
-from nbd_plugins.backends import Backend, Connection, FileBackend, NbdBackend
 from nbd_plugins.control_server import ControlServer
 
 log = logging.getLogger(__name__)

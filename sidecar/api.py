@@ -37,10 +37,9 @@ from typing import Any
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import Reason
+from dirtydiff.disk import NBD_SCHEMES, is_nbd_uri
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
-from sidecar.jobs import ACTIVE, Job, ScanJobs
-from sidecar.nbdclient import NBD_SCHEMES, is_nbd_uri
-from sidecar.scanjob import (
+from sidecar.scan.job import (
     ScanOptions,
     ScanRecord,
     abort_scan,
@@ -48,6 +47,7 @@ from sidecar.scanjob import (
     rebuild_backup,
     record_is_over,
 )
+from sidecar.scan.jobs import ACTIVE, Job, ScanJobs
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,13 @@ from typing import Any, NoReturn
 
 from dirtydiff import control, errors, sockets
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, check_granularity, inconsistency
+from dirtydiff.disk import is_nbd_uri
 from dirtydiff.state import StateDir, check_name, record_first_disk
 from dirtydiff.store import DRAIN_TIMEOUT
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
-from sidecar.nbdclient import context_extents, is_nbd_uri
-from sidecar.scan import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
-from sidecar.scanjob import ScanOptions, abort_scan, rebuild_backup, run_scan
+from sidecar.nbdclient import context_extents
+from sidecar.scan.engine import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
+from sidecar.scan.job import ScanOptions, abort_scan, rebuild_backup, run_scan
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -32,8 +32,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BitmapFile, Flag
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir, describe
-from sidecar.jobs import STATES, ScanJobs
 from sidecar.nbd_server import NbdServer
+from sidecar.scan.jobs import STATES, ScanJobs
 
 log = logging.getLogger(__name__)
 

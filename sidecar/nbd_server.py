@@ -44,12 +44,12 @@ import numpy as np
 from dirtydiff import errors
 from dirtydiff import nbdproto as proto
 from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
+from dirtydiff.disk import Backend, FileBackend
+from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.extents import extent_arrays
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
-from nbd_plugins.backends import Backend, FileBackend
-from nbd_plugins.backends import Connection as DiskConnection
 from sidecar import memory
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import Listener, Throttle, tcp_sockets, unix_socket

@@ -15,18 +15,6 @@ from dirtydiff import errors
 # libnbd's block status length is 32-bit; ask for 2 GiB at a time.
 STATUS_CHUNK = 1 << 31
 
-# The NBD URIs a control request may name (libnbd's nbd_connect_uri; vsock
-# is left out: nothing of ours listens there). libnbd refuses a URI that
-# names a local file (tls-psk-file) unless told otherwise, which we never do.
-NBD_SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
-
-
-def is_nbd_uri(where: str) -> bool:
-    """Whether ``where`` is an NBD URI of one of NBD_SCHEMES."""
-    scheme, sep, _ = where.partition("://")
-    return bool(sep) and scheme in NBD_SCHEMES
-
-
 # A server that accepts but never finishes the handshake (one serving a
 # single client at a time, busy with another) must not hold a scan forever.
 CONNECT_TIMEOUT = 30.0

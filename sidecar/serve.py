@@ -23,15 +23,15 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from dirtydiff import control, errors, sdnotify, sockets
+from dirtydiff.disk import Backend, FileBackend, NbdBackend, open_backend
 from dirtydiff.state import DiskSeen, StateDir, file_identity, record_first_disk, tracker_id
-from nbd_plugins.backends import Backend, FileBackend, NbdBackend
 from sidecar import memory
 from sidecar.api import SidecarApi, start_in_background
-from sidecar.jobs import ScanJobs
 from sidecar.limits import FDS_PER_CONNECTION, HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import BACKLOG, Listener, Throttle
 from sidecar.metrics import registry
 from sidecar.nbd_server import Export, NbdServer
+from sidecar.scan.jobs import ScanJobs
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,7 @@ def connection_limit(requested: int | None, fd_limit: int) -> int:
 def open_disk(disk: str) -> Backend:
     """A local file/block device, or any NBD URI (normally the tracker's)."""
     try:
-        if disk.startswith(("nbd://", "nbd+unix://", "nbds://", "nbds+unix://")):
-            return NbdBackend(disk, readonly=True)
-        return FileBackend(disk, readonly=True)
+        return open_backend(disk, readonly=True)
     except OSError as e:
         raise errors.Unavailable("disk-unavailable", f"disk {disk}: {e.strerror or e}") from None
 

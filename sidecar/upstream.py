@@ -27,8 +27,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from nbd_plugins.backends import Backend, Extent
-from nbd_plugins.backends import Connection as DiskConnection
+from dirtydiff.disk import Backend, Extent
+from dirtydiff.disk import Connection as DiskConnection
 
 UPSTREAM_CONNECTIONS = 4
 
@@ -97,7 +97,7 @@ class UpstreamPool:
 
 class _Lease:
     """An export client's use of a pooled connection (the Connection
-    protocol of nbd_plugins.backends). Its requests may run in several
+    protocol of dirtydiff.disk). Its requests may run in several
     threads at once. The export is read-only: writes are never sent, and
     refused if they were."""
 

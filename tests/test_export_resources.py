@@ -28,7 +28,7 @@ import pytest
 
 from dirtydiff import control
 from dirtydiff import nbdproto as proto
-from nbd_plugins.backends import NbdBackend
+from dirtydiff.disk import NbdBackend
 from sidecar import nbd_server
 from sidecar.nbd_server import Export, NbdServer
 from sidecar.upstream import UPSTREAM_CONNECTIONS

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from dirtydiff.bitmapfile import BitmapFile
 from dirtydiff.state import StateDir
-from sidecar.scan import DEFAULT_CHUNK, differing_granules
-from sidecar.scanjob import ScanRecord, fills, finished_meanwhile
+from sidecar.scan.engine import DEFAULT_CHUNK, differing_granules
+from sidecar.scan.job import ScanRecord, fills, finished_meanwhile
 from tests.conftest import ROOT, Processes, Server, dirtydiff, make_disk, stop
 
 MiB = 1 << 20
@@ -381,7 +381,7 @@ def test_a_scan_reuses_its_libnbd_buffers_across_reads(
     """libnbd 1.14's Python aio_pread never releases the nbd.Buffer it is
     given: a Buffer per read leaked ~200 bytes per request (GBs over a large
     disk in a long-lived sidecar). The scan makes a bounded set of them."""
-    from sidecar import scan as scan_module  # noqa: PLC0415
+    from sidecar.scan import engine as scan_module  # noqa: PLC0415
 
     size = 48 * MiB + 12345
     backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 61, kind)

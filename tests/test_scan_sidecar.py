@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dirtydiff.state import StateDir
-from sidecar.scanjob import ScanRecord
+from sidecar.scan.job import ScanRecord
 from tests.conftest import Processes, Server, dirtydiff, qemu_io
 from tests.test_scan import BACKUP, differing, dirty_set, pair_files
 

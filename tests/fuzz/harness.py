@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 
 from dirtydiff import control
 from dirtydiff import nbdproto as proto
+from dirtydiff.disk import FileBackend
 from dirtydiff.state import StateDir
 from dirtydiff.store import BitmapStore
-from nbd_plugins.backends import FileBackend
 from sidecar.nbd_server import Export, NbdServer
 
 CORPUS = Path(__file__).resolve().parent / "corpus"

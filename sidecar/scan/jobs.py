@@ -3,7 +3,7 @@
 ``dirtydiff serve`` owns a ``ScanJobs``: ``dirtydiff scan`` asks it (over
 ``STATE/sidecar.sock``) to start a scan, which then runs in a thread of the
 sidecar while the command returns at once, or follows it with ``--wait``. The
-scan itself is the same job as in the foreground (``sidecar.scanjob``).
+scan itself is the same job as in the foreground (``sidecar.scan.job``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dirtydiff import errors
+from dirtydiff.disk import is_nbd_uri
 from dirtydiff.state import StateDir
 from sidecar.nbdclient import Cancelled
-from sidecar.scan import Progress
-from sidecar.scanjob import ScanOptions, run_scan
+from sidecar.scan.engine import Progress
+from sidecar.scan.job import ScanOptions, run_scan
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class ScanJobs:
         # A scan through a URI needs the tracker: without it the job would
         # hold the state lock for its whole run and keep the tracker -- the
         # VM's disk -- from starting. A local file is scanned offline.
-        need_tracker = "://" in job.options.disk
+        need_tracker = is_nbd_uri(job.options.disk)
         try:
             while True:
                 try:

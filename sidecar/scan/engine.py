@@ -12,7 +12,7 @@ granule.
 The scan reports differing granules through ``on_marks`` (in batches) and
 saves its position through ``on_position`` only after the marks before that
 position were handed over, so a resumed scan never skips a difference. It
-knows nothing of bitmaps, trackers or state directories: ``sidecar.scanjob``
+knows nothing of bitmaps, trackers or state directories: ``sidecar.scan.job``
 wires it to those.
 
 Where the time goes (``python -m bench scan [--profile]``, and
@@ -44,8 +44,8 @@ from typing import Any, Protocol
 import nbd
 
 from dirtydiff import errors
+from dirtydiff.disk import EXTENT_ZERO, FileBackend, is_nbd_uri
 from dirtydiff.state import DiskSeen, file_identity, tracker_id
-from nbd_plugins.backends import EXTENT_ZERO, FileBackend
 from sidecar.nbdclient import Cancelled, connect
 
 KiB = 1 << 10
@@ -331,7 +331,7 @@ class FileSide:
 
 
 def open_side(name: str, where: str, cancel: threading.Event | None = None) -> NbdSide | FileSide:
-    if "://" in where:
+    if is_nbd_uri(where):
         return NbdSide(name, where, cancel)
     return FileSide(name, where)
 

@@ -30,10 +30,11 @@ from typing import Any
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
+from dirtydiff.disk import is_nbd_uri
 from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
 from dirtydiff.statefiles import open_file, read_file
 from dirtydiff.store import BitmapStore
-from sidecar.scan import (
+from sidecar.scan.engine import (
     DEFAULT_CHUNK,
     DEFAULT_IN_FLIGHT,
     FileSide,
@@ -72,7 +73,7 @@ class ScanOptions:
             raise errors.BadRequest(
                 "bad-in-flight", f"chunks in flight must be 1 to {MAX_IN_FLIGHT}"
             )
-        # The chunk the scan uses is at least a granule (sidecar.scan.Scan).
+        # The chunk the scan uses is at least a granule (sidecar.scan.engine.Scan).
         if max(self.chunk, self.granularity) * self.in_flight > MAX_BUFFERED:
             raise errors.BadRequest(
                 "bad-in-flight",
@@ -276,7 +277,8 @@ def _run(
             rebuild=options.rebuild,
         )
         start = int(previous["position"]) if previous is not None and begun["resume"] else 0
-        mtime = file_mtime(options.disk) if lock is not None and "://" not in options.disk else None
+        offline_file = lock is not None and not is_nbd_uri(options.disk)
+        mtime = file_mtime(options.disk) if offline_file else None
         base = {
             "backup": options.backup,
             "disk": options.disk,

@@ -1,7 +1,10 @@
-"""Where the tracker forwards requests: a local file/block device, or an NBD export.
+"""Disk access: a local file or block device, or an NBD export.
 
-Both raise OSError with an errno that nbdkit passes to the client. Neither
-imports nbdkit, so tests drive them directly.
+The tracker forwards the VM's requests to one of these; the export and the
+scan read through them. ``BACKENDS`` is the one table from where a disk is
+(a path, or a URI's scheme) to the backend that opens it. Both backends raise
+OSError with an errno that nbdkit passes to the client, and neither imports
+nbdkit, so tests drive them directly.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 from typing import Any, Protocol
 
-# Extent types, as nbdkit's EXTENT_HOLE / EXTENT_ZERO and NBD's base:allocation.
-EXTENT_HOLE = 1
-EXTENT_ZERO = 2
+from dirtydiff.nbdproto import STATE_HOLE, STATE_ZERO
+
+# Extent types: nbdkit's EXTENT_HOLE / EXTENT_ZERO are base:allocation's bits.
+EXTENT_HOLE = STATE_HOLE
+EXTENT_ZERO = STATE_ZERO
 
 Extent = tuple[int, int, int]
 
@@ -57,10 +63,13 @@ class Backend(Protocol):
     size: int
     readonly: bool
     can_trim: bool
+    can_zero: bool
     can_fast_zero: bool
     can_fua_native: bool
     can_multi_conn: bool
     can_cache: bool
+    can_flush: bool
+    can_extents: bool
 
     def connect(self) -> Connection: ...
     def close(self) -> None: ...
@@ -77,6 +86,9 @@ class FileBackend:
     can_fua_native = False  # nbdkit emulates FUA with a flush after the write
     can_multi_conn = True
     can_cache = True
+    can_zero = True
+    can_flush = True
+    can_extents = True  # SEEK_DATA/SEEK_HOLE, or "all data" where unsupported
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
@@ -343,3 +355,38 @@ def _disconnect(handle: Any) -> None:
     """Say NBD_CMD_DISC politely; the handle is freed when collected."""
     with contextlib.suppress(Exception):  # the upstream may already be gone
         handle.shutdown()
+
+
+# Where a disk can be: a path (no scheme) is a file or block device, and these
+# URI schemes are NBD exports, as libnbd's nbd_connect_uri accepts them (vsock
+# is left out: nothing of ours listens there). libnbd refuses a URI that names
+# a local file (tls-psk-file) unless told otherwise, which we never do.
+NBD_SCHEMES = ("nbd", "nbd+unix", "nbds", "nbds+unix")
+PATH = ""  # the "scheme" of a plain path
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    PATH: FileBackend,
+    **dict.fromkeys(NBD_SCHEMES, NbdBackend),
+}
+
+
+def scheme(where: str) -> str:
+    """``PATH`` for a path, else the scheme of the URI ``where``."""
+    name, sep, _ = where.partition("://")
+    if sep and name and name[0].isalpha() and all(c.isalnum() or c in "+-." for c in name):
+        return name
+    return PATH
+
+
+def is_nbd_uri(where: str) -> bool:
+    """Whether ``where`` is an NBD URI of one of NBD_SCHEMES."""
+    return scheme(where) in NBD_SCHEMES
+
+
+def open_backend(where: str, *, readonly: bool = False) -> Backend:
+    """The backend for ``where``; OSError if it cannot be opened."""
+    kind = scheme(where)
+    factory = BACKENDS.get(kind)
+    if factory is None:
+        schemes = ", ".join(f"{s}://" for s in NBD_SCHEMES)
+        raise OSError(errno.EPROTONOSUPPORT, f"{kind}:// is not a disk: give a path or {schemes}")
+    return factory(where, readonly=readonly)
