@@ -418,6 +418,11 @@ class StateDir:
             if p.name.endswith(BITMAP_SUFFIX) and not p.name.startswith(".")
         )
 
+    def user_names(self) -> list[str]:
+        """The bitmaps that are results: not a scan's scratch ``@scan:NAME``,
+        which the export, the metrics and the rebuild on start leave out."""
+        return [name for name in self.names() if not name.startswith(SCAN_WRITES_PREFIX)]
+
     def open_bitmap(self, name: str, *, writable: bool = False) -> BitmapFile:
         try:
             return BitmapFile(self.bitmap_path(name), writable=writable)

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BitmapFile, Flag
-from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir, describe
+from dirtydiff.state import StateDir, describe
 from sidecar.nbd_server import NbdServer
 from sidecar.scan.jobs import STATES, ScanJobs
 
@@ -113,9 +113,7 @@ class BitmapMetrics(Collector):
             "dirtydiff_bitmap_granularity_bytes", "Bytes per bit", labels=labels
         )
         tracking = control.listening(self.state.socket_path)
-        for name in self.state.names():
-            if name.startswith(SCAN_WRITES_PREFIX):
-                continue  # a scan's scratch bitmap; its scan has metrics of its own
+        for name in self.state.user_names():  # a scan's scratch has its scan's metrics
             try:
                 with BitmapFile(self.state.bitmap_path(name), writable=False) as bitmap:
                     info = describe(name, bitmap, recording=False)

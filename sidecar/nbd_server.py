@@ -49,7 +49,7 @@ from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.extents import extent_arrays
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
-from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
+from dirtydiff.state import StateDir
 from sidecar import memory
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import Listener, Throttle, tcp_sockets, unix_socket
@@ -119,11 +119,9 @@ class Export:
         if self.state is None:
             return []
         names = []
-        for name in self.state.names():
+        for name in self.state.user_names():
             if self.bitmap_filter is not None and name not in self.bitmap_filter:
                 continue
-            if name.startswith(SCAN_WRITES_PREFIX):
-                continue  # a scan's scratch bitmap, not a result
             try:
                 header = self.state.read_header(name)
             except Exception as e:  # a corrupt or vanished file: not offered
