@@ -18,7 +18,7 @@ request or ``MAX_OPTION`` for one option.
 
 ``NbdServer`` owns the limits on the clients together (how many, how long a
 handshake may take: see its docstring); ``sidecar.listener`` accepts them,
-and ``sidecar.upstream`` shares a few connections to an NBD disk among them.
+and ``sidecar.export.upstream`` shares a few connections to an NBD disk among them.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, Opt, Rep, RequestError
 from dirtydiff.state import StateDir
 from sidecar import memory
+from sidecar.export.upstream import UpstreamPool
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import Listener, Throttle, tcp_sockets, unix_socket
-from sidecar.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Export:
     _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
         default_factory=weakref.WeakValueDictionary
     )
-    # An NBD disk's connections, shared by every client (sidecar.upstream);
+    # An NBD disk's connections, shared by every client (sidecar.export.upstream);
     # a local file's one descriptor needs none.
     upstream: UpstreamPool | None = field(init=False, default=None)
 
