@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from dirtydiff import errors
 from dirtydiff import nbdproto as proto
-from dirtydiff.nbdproto import Opt, Rep, RequestError
+from dirtydiff.nbdproto import Info, Opt, Rep, RequestError
 from sidecar.export.contexts import Context, Export, select
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class Handshake:
     async def negotiate(self) -> Session | None:
         """Negotiate; the session to serve, or None if the client aborted."""
         flags = proto.FLAG_FIXED_NEWSTYLE | proto.FLAG_NO_ZEROES
-        await self._send(proto.SERVER_GREETING.pack(proto.NBDMAGIC, proto.IHAVEOPT, flags))
+        await self._send(proto.server_greeting(flags))
         (client_flags,) = proto.CLIENT_FLAGS.unpack(await self._read(4))
         if client_flags & ~proto.KNOWN_CLIENT_FLAGS:
             raise proto.ProtocolError(f"unknown client flags {client_flags:#x}")
@@ -143,10 +142,8 @@ class Handshake:
         export = self._find_export(name)
         if export is None:
             raise proto.ProtocolError(f"unknown export {name!r}")  # spec: must disconnect
-        reply = proto.EXPORT_NAME_REPLY.pack(export.size, self._transmission_flags())
-        if not self.no_zeroes:
-            reply += bytes(proto.EXPORT_NAME_PADDING)
-        await self._send(reply)
+        flags = self._transmission_flags()
+        await self._send(proto.export_name_reply(export.size, flags, no_zeroes=self.no_zeroes))
         return export
 
     async def _opt_list(self, option: int, payload: bytes) -> None:
@@ -154,12 +151,7 @@ class Handshake:
             await self._reply(option, Rep.ERR_INVALID, b"LIST takes no payload")
             return
         for export in self.exports.values():
-            name = export.name.encode()
-            await self._reply(
-                option,
-                Rep.SERVER,
-                struct.pack("!I", len(name)) + name + export.description.encode(),
-            )
+            await self._send(proto.server_reply(option, export.name, export.description))
         await self._reply(option, Rep.ACK)
 
     async def _opt_starttls(self, option: int, payload: bytes) -> None:
@@ -183,21 +175,12 @@ class Handshake:
         if export is None:
             await self._reply(option, Rep.ERR_UNKNOWN, f"export {name!r} not present".encode())
             return None
-        info = proto.INFO_EXPORT.pack(proto.Info.EXPORT, export.size, self._transmission_flags())
-        await self._reply(option, Rep.INFO, info)
-        if proto.Info.NAME in requests:
-            await self._reply(
-                option, Rep.INFO, struct.pack("!H", proto.Info.NAME) + export.name.encode()
-            )
-        if proto.Info.DESCRIPTION in requests and export.description:
-            await self._reply(
-                option,
-                Rep.INFO,
-                struct.pack("!H", proto.Info.DESCRIPTION) + export.description.encode(),
-            )
-        await self._reply(
-            option, Rep.INFO, proto.INFO_BLOCK_SIZE.pack(proto.Info.BLOCK_SIZE, *BLOCK_SIZES)
-        )
+        await self._send(proto.info_export_reply(option, export.size, self._transmission_flags()))
+        if Info.NAME in requests:
+            await self._send(proto.info_text_reply(option, Info.NAME, export.name))
+        if Info.DESCRIPTION in requests and export.description:
+            await self._send(proto.info_text_reply(option, Info.DESCRIPTION, export.description))
+        await self._send(proto.info_block_size_reply(option, *BLOCK_SIZES))
         await self._reply(option, Rep.ACK)
         return export if option == Opt.GO else None
 
@@ -216,7 +199,7 @@ class Handshake:
         if option == Opt.LIST_META_CONTEXT:
             chosen = [c for c in available if not queries or any(_matches(q, c) for q in queries)]
             for context in chosen:
-                await self._reply(option, Rep.META_CONTEXT, struct.pack("!I", 0) + context.encode())
+                await self._send(proto.meta_context_reply(option, 0, context))
         else:
             wanted = set(queries)
             self.contexts = []
@@ -231,9 +214,7 @@ class Handshake:
                 except (OSError, errors.DirtydiffError) as e:
                     log.info("context %s not selected: %s", context, e)  # removed just now
                     continue
-                await self._reply(
-                    option, Rep.META_CONTEXT, struct.pack("!I", number) + context.encode()
-                )
+                await self._send(proto.meta_context_reply(option, number, context))
         await self._reply(option, Rep.ACK)
 
     _options: ClassVar[dict[int, Callable[[Handshake, int, bytes], Any]]] = {

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import struct
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -44,8 +43,6 @@ _INPUT = 64 * 1024
 MAX_IN_FLIGHT = 16
 
 
-# A BLOCK_STATUS chunk's header: the structured reply header, the context id.
-_STATUS_HEADER = struct.Struct(proto.STRUCTURED_REPLY.format + proto.BLOCK_STATUS_ID.format[1:])
 # Plain ints for the hot paths: operators on IntFlag members build new members.
 _REQ_ONE = int(CmdFlag.REQ_ONE)
 _DF = int(CmdFlag.DF)
@@ -62,14 +59,6 @@ _ALLOWED_FLAGS: dict[int, int] = {
     Cmd.TRIM: _FUA,
     Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
 }
-
-
-def _data_header(cookie: int, offset: int, size: int, done: bool) -> bytes:
-    """An OFFSET_DATA chunk up to its data."""
-    flags = proto.REPLY_FLAG_DONE if done else 0
-    return proto.STRUCTURED_REPLY.pack(
-        proto.STRUCTURED_REPLY_MAGIC, flags, proto.ReplyType.OFFSET_DATA, cookie, 8 + size
-    ) + proto.OFFSET.pack(offset)
 
 
 class Transmission:
@@ -422,65 +411,44 @@ class Transmission:
             self._reply_now(proto.simple_reply(request.cookie))
         return None
 
+    def _sparse(self, request: proto.Request) -> bool:
+        """Whether a READ's reply is split by the disk's allocation: with
+        structured replies, unless the client set DF (don't fragment)."""
+        return self.structured and request.length > 0 and not request.flags & _DF
+
     def _read_file(self, request: proto.Request) -> None:
-        """Answer a READ of the local disk file, data by sendfile. With
-        structured replies and no DF flag, zero ranges go out as OFFSET_HOLE
-        chunks and data as OFFSET_DATA, one chunk per allocation extent, as
-        qemu-nbd does; otherwise one data chunk."""
+        """Answer a READ of the local disk file, data by sendfile."""
         assert self.disk is not None
-        fd, cookie, offset, length = self._file_fd, request.cookie, request.offset, request.length
-        if not self.structured:
-            if length:
-                self._reply_now(proto.simple_reply(cookie), Region(fd, offset, length))
-            else:
-                self._reply_now(proto.simple_reply(cookie))
-        elif length == 0:
-            self._reply_now(proto.structured_chunk(cookie, proto.ReplyType.NONE, b"", done=True))
-        elif request.flags & _DF:
-            self._reply_now(_data_header(cookie, offset, length, True), Region(fd, offset, length))
-        else:
-            pieces = proto.clip_extents(self.disk.extents(length, offset), offset, length)
-            parts: list[Part] = []
-            last = len(pieces) - 1
-            for i, (size, flags) in enumerate(pieces):
-                if flags & proto.STATE_ZERO:
-                    hole = proto.OFFSET_HOLE.pack(offset, size)
-                    parts.append(
-                        proto.structured_chunk(
-                            cookie, proto.ReplyType.OFFSET_HOLE, hole, done=i == last
-                        )
-                    )
-                else:
-                    parts += (
-                        _data_header(cookie, offset, size, i == last),
-                        Region(fd, offset, size),
-                    )
-                offset += size
-            self._reply_now(*parts)
+        fd, offset, length = self._file_fd, request.offset, request.length
+        allocation = self.disk.extents(length, offset) if self._sparse(request) else None
+        parts: list[Part] = []
+        for header, start, size in proto.read_reply(
+            request.cookie, offset, length, structured=self.structured, allocation=allocation
+        ):
+            parts.append(header)
+            if size:
+                parts.append(Region(fd, start, size))
+        self._reply_now(*parts)
 
     async def _read_buffered(self, request: proto.Request) -> list[bytes | bytearray]:
-        """A READ through the backend (libnbd), into a buffer that counts
+        """A READ through the backend (libnbd), into buffers that count
         against the read budget until the reply is sent."""
         assert self.disk is not None
         async with self._budget.hold(self._holder, request.length) as held:
-            if not self.structured:
-                chunks: list[bytes | bytearray] = [
-                    proto.simple_reply(request.cookie), bytearray(request.length)
-                ]  # fmt: skip
-                if request.length:
-                    await asyncio.to_thread(self.disk.pread, chunks[1], request.offset)
-            elif request.length == 0:
-                chunks = [
-                    proto.structured_chunk(request.cookie, proto.ReplyType.NONE, b"", done=True)
-                ]
-            else:
+            if request.length:
                 chunks = await asyncio.to_thread(
-                    _read_chunks, self.disk, request.cookie, request.offset, request.length,
-                    sparse=not request.flags & CmdFlag.DF,
-                )  # fmt: skip
+                    _read_disk, self.disk, request, self.structured, self._sparse(request)
+                )
                 # Until it is sent, the reply holds only its data: a hole's
                 # chunk is a few bytes, whatever length it covers.
                 await held.keep(sum(len(c) for c in chunks if isinstance(c, bytearray)))
+            else:
+                chunks = [
+                    header
+                    for header, _, _ in proto.read_reply(
+                        request.cookie, request.offset, 0, structured=self.structured
+                    )
+                ]
             await self._send_reply(chunks)
         return []
 
@@ -510,45 +478,29 @@ class Transmission:
         chunks: list[bytes | bytearray] = []
         last = len(self._statuses) - 1
         for i, ((context_id, _), descriptors) in enumerate(zip(self._statuses, found, strict=True)):
-            flags = proto.REPLY_FLAG_DONE if i == last else 0
-            chunks += (
-                _STATUS_HEADER.pack(
-                    proto.STRUCTURED_REPLY_MAGIC, flags, proto.ReplyType.BLOCK_STATUS,
-                    request.cookie, 4 + len(descriptors), context_id,
-                ),
-                descriptors,
-            )  # fmt: skip
+            header = proto.block_status_header(
+                request.cookie, context_id, len(descriptors), done=i == last
+            )
+            chunks += (header, descriptors)
         return chunks
 
 
-def _read_chunks(
-    disk: DiskConnection, cookie: int, offset: int, length: int, *, sparse: bool
+def _read_disk(
+    disk: DiskConnection, request: proto.Request, structured: bool, sparse: bool
 ) -> list[bytes | bytearray]:
-    """The chunks of a structured READ reply, made in one worker-thread call:
-    with ``sparse``, zero ranges as OFFSET_HOLE and data as OFFSET_DATA, one
-    chunk per allocation extent, as qemu-nbd does; else one data chunk."""
-    pieces = (
-        proto.clip_extents(disk.extents(length, offset), offset, length)
-        if sparse
-        else [(length, 0)]
-    )
+    """The reply to a READ, its data read from ``disk``: in one worker-thread
+    call, the allocation (when ``sparse``) and every pread."""
+    allocation = disk.extents(request.length, request.offset) if sparse else None
     chunks: list[bytes | bytearray] = []
-    for i, (size, flags) in enumerate(pieces):
-        done = i == len(pieces) - 1
-        if flags & proto.STATE_ZERO:
-            hole = proto.OFFSET_HOLE.pack(offset, size)
-            chunks.append(
-                proto.structured_chunk(cookie, proto.ReplyType.OFFSET_HOLE, hole, done=done)
-            )
-        else:
-            buf = bytearray(size)
-            disk.pread(buf, offset)
-            flag = proto.REPLY_FLAG_DONE if done else 0
-            header = proto.STRUCTURED_REPLY.pack(
-                proto.STRUCTURED_REPLY_MAGIC, flag, proto.ReplyType.OFFSET_DATA, cookie, 8 + size
-            )
-            chunks += [header + proto.OFFSET.pack(offset), buf]
-        offset += size
+    for header, offset, length in proto.read_reply(
+        request.cookie, request.offset, request.length,
+        structured=structured, allocation=allocation,
+    ):  # fmt: skip
+        chunks.append(header)
+        if length:
+            data = bytearray(length)
+            disk.pread(data, offset)
+            chunks.append(data)
     return chunks
 
 
