@@ -336,13 +336,10 @@ def error_chunk(cookie: int, errno: int, message: str) -> bytes:
 # -- read replies ---------------------------------------------------------------
 
 
-class ReadChunk(NamedTuple):
-    """One piece of a READ reply: ``header`` (a hole's chunk whole, or a
-    header), then ``length`` bytes of the disk from ``offset`` (0 for none)."""
-
-    header: bytes
-    offset: int
-    length: int
+# One piece of a READ reply: (header, offset, length): the header (a hole's
+# chunk whole), then ``length`` bytes of the disk from ``offset`` (0: none).
+# A plain tuple: a NamedTuple costs a Python-level call per chunk.
+ReadChunk = tuple[bytes, int, int]
 
 
 def read_reply(
@@ -368,20 +365,19 @@ def read_reply(
         reply:             [DATA][HOLE             ][DATA,DONE]
     """
     if not structured:
-        return [ReadChunk(simple_reply(cookie), offset, length)]
+        return [(simple_reply(cookie), offset, length)]
     if not length:
-        return [ReadChunk(none_chunk(cookie), offset, 0)]
+        return [(none_chunk(cookie), offset, 0)]
     if allocation is None:
-        return [ReadChunk(data_header(cookie, offset, length, done=True), offset, length)]
+        return [(data_header(cookie, offset, length, done=True), offset, length)]
     pieces = clip_extents(allocation, offset, length)
-    chunks = []
+    chunks: list[ReadChunk] = []
     last = len(pieces) - 1
     for i, (size, flags) in enumerate(pieces):
         if flags & STATE_ZERO:
-            chunks.append(ReadChunk(hole_chunk(cookie, offset, size, done=i == last), offset, 0))
+            chunks.append((hole_chunk(cookie, offset, size, done=i == last), offset, 0))
         else:
-            header = data_header(cookie, offset, size, done=i == last)
-            chunks.append(ReadChunk(header, offset, size))
+            chunks.append((data_header(cookie, offset, size, done=i == last), offset, size))
         offset += size
     return chunks
 
