@@ -263,6 +263,7 @@ class Transmission:
         the server hold stays bounded)."""
         assert self._ended is not None
         data, pos, tail = self._input, self._head, self._tail
+        parse = proto.parse_request
         try:
             while not self._ended.done():
                 if self._skipping is not None:
@@ -283,27 +284,23 @@ class Transmission:
                         self._paused = True
                         self._transport().pause_reading()
                     break
-                fields = proto.REQUEST.unpack_from(data, pos)
+                try:
+                    request = parse(data, pos)
+                except proto.BadRequestMagic as e:
+                    # As qemu-nbd: fail the garbled request by its cookie, then hang up.
+                    self._pending += 1
+                    garbled = proto.Request(0, 0, e.cookie, 0, 0)
+                    self._reply_now(self._error(garbled, Errno.EINVAL, "bad request magic"))
+                    raise
                 pos += proto.REQUEST.size
-                self._request(*fields)
+                self._request(request)
         except Exception as e:  # ends this connection only: run() reports it
             self._end(e)
         finally:
             self._head = pos
 
-    def _request(
-        self, magic: int, flags: int, kind: int, cookie: int, offset: int, length: int
-    ) -> None:
-        if magic != proto.REQUEST_MAGIC:
-            # As qemu-nbd: fail the garbled request by its cookie, then hang up.
-            self._pending += 1
-            self._reply_now(
-                self._error(proto.Request(0, 0, cookie, 0, 0), Errno.EINVAL, "bad request magic")
-            )
-            self._end(proto.ProtocolError(f"bad request magic {magic:#x}"))
-            return
-        request = proto.Request(flags, kind, cookie, offset, length)
-        self._stats.request(kind)
+    def _request(self, request: proto.Request) -> None:
+        self._stats.request(request.type)
         if request.type == Cmd.DISC:
             self._end(None)
             return
