@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 
 class Connection:
+    """One client: ``run()`` negotiates, then serves requests until the
+    client disconnects or the server ends it (``abort``)."""
+
     # Set by attach(), once the accepted socket has its transport.
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter

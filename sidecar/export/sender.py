@@ -1,7 +1,7 @@
 """The transmission phase's sender: whole replies, queued as the caller's
 buffers and file regions, written to the socket in queue order by
-writev(2) and sendfile(2). Replies may go out in any order; the bytes of
-one never interleave with another's.
+writev(2) and sendfile(2). Replies are queued as they are ready, in any
+order of their requests; the bytes of one never interleave with another's.
 """
 
 from __future__ import annotations
@@ -159,5 +159,6 @@ class Sender:
 
 
 def resolve(future: asyncio.Future[None]) -> None:
+    """A mark that wakes whoever waits for a reply to be sent."""
     if not future.done():
         future.set_result(None)

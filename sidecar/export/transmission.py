@@ -11,7 +11,9 @@ connection are in flight: then the transport stops reading, so what one
 client makes the server hold stays bounded.
 
 Two kinds of failure: ``ProtocolError`` (or the client vanishing) ends the
-connection; ``RequestError`` fails one request with an errno.
+connection; ``RequestError`` fails one request with an errno. Nothing a
+client sends makes the server allocate more than ``MAX_REQUEST`` bytes for
+one request, and read buffers count against the server's ``ByteBudget``.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class Transmission:
         self.export: Export = session.export
         # The selection is final once the handshake is over.
         self._statuses: list[tuple[int, Status]] = [
-            (c.id, c.status(disk)) for c in session.contexts
+            (context.id, context.status(disk)) for context in session.contexts
         ]
         self.disk = disk
         self._file_fd = file_fd  # the disk's fd when it is a local file: reads use sendfile
