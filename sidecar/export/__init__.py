@@ -12,7 +12,8 @@ By role:
 - ``sender``: replies written whole, file data by sendfile(2);
 - ``contexts``: what an export offers (its bitmap policy) and the block
   status of each context;
-- ``upstream``: a few connections to an NBD disk, shared by the clients.
+- ``upstream``: a few connections to an NBD disk, shared by the clients;
+- ``stats``: what it counts for /metrics.
 
 The wire format, every reply header included, is ``dirtydiff.nbdproto``'s.
 """

@@ -46,7 +46,7 @@ class Export:
     _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
         default_factory=weakref.WeakValueDictionary
     )
-    # An NBD disk's connections, shared by every client (sidecar.upstream);
+    # An NBD disk's connections, shared by every client (upstream.py);
     # a local file's one descriptor needs none.
     upstream: UpstreamPool | None = field(init=False, default=None)
 
