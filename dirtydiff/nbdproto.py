@@ -1,16 +1,18 @@
-"""The NBD protocol (NetworkBlockDevice/nbd, doc/proto.md): constants and wire structs.
+"""The NBD protocol (NetworkBlockDevice/nbd, doc/proto.md): constants, wire
+structs, the parsers of what a client sends and the builders of every reply.
 
 Names are the spec's minus the ``NBD_`` prefix. Every struct is big-endian
-("network byte order") and preceded by the spec's field list. Parsers here do
-no I/O: they take bytes and return values or raise ``ProtocolError`` (the
-connection must end) / ``RequestError`` (one request fails, the connection
-goes on).
+("network byte order") and preceded by the spec's field list. Nothing here
+does I/O: parsers take bytes and return values or raise ``ProtocolError``
+(the connection must end) / ``RequestError`` (one request fails, the
+connection goes on); builders take the spec's fields and return bytes.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterable
 from typing import NamedTuple
 
 # -- handshake ----------------------------------------------------------------
@@ -240,22 +242,90 @@ class Request(NamedTuple):
     length: int
 
 
-def parse_request(header: bytes) -> Request:
-    magic, flags, kind, cookie, offset, length = REQUEST.unpack(header)
+class BadRequestMagic(ProtocolError):
+    """A request header without NBD_REQUEST_MAGIC. Its cookie is kept: as
+    qemu-nbd does, the server fails that request by it, then hangs up."""
+
+    def __init__(self, magic: int, cookie: int) -> None:
+        super().__init__(f"bad request magic {magic:#x}")
+        self.cookie = cookie
+
+
+def parse_request(header: bytes | bytearray | memoryview, offset: int = 0) -> Request:
+    """The request header at ``offset`` of ``header`` (the server parses its
+    receive buffer in place)."""
+    magic, flags, kind, cookie, start, length = REQUEST.unpack_from(header, offset)
     if magic != REQUEST_MAGIC:
-        raise ProtocolError(f"bad request magic {magic:#x}")
-    return Request(flags, kind, cookie, offset, length)
+        raise BadRequestMagic(magic, cookie)
+    return Request(flags, kind, cookie, start, length)
 
 
-def option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
-    return OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)) + payload
+# -- replies ------------------------------------------------------------------
+#
+# Every header the server sends is made here, as qemu's server makes every
+# structured chunk's header in one function (set_be_chunk): pure functions of
+# the spec's fields, no I/O. The server only appends what follows a header
+# (read data, block status descriptors). A reply to a request is one of:
+#
+#   simple reply:      [SIMPLE_REPLY error cookie]  (+ the data of a READ)
+#   structured reply:  [chunk] [chunk] ... [chunk, DONE]
+#
+# with chunks of type OFFSET_DATA (+ data), OFFSET_HOLE, BLOCK_STATUS (+
+# descriptors), ERROR, or NONE (a reply with nothing to say).
+
+# Chunk headers packed with the fixed start of their payload, in one call:
+# S: the structured reply header (STRUCTURED_REPLY)
+# S: 64 bits, offset of the data (OFFSET_DATA; the data follows)
+OFFSET_DATA_HEADER = struct.Struct("!IHHQIQ")
+# S: the structured reply header
+# S: 64 bits, offset of the hole; 32 bits, hole size (OFFSET_HOLE)
+OFFSET_HOLE_CHUNK = struct.Struct("!IHHQIQI")
+# S: the structured reply header
+# S: 32 bits, metadata context id (BLOCK_STATUS; the descriptors follow)
+BLOCK_STATUS_HEADER = struct.Struct("!IHHQII")
+
+
+def simple_reply(cookie: int, errno: int = 0) -> bytes:
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, cookie)
 
 
 def structured_chunk(cookie: int, kind: int, payload: bytes, *, done: bool) -> bytes:
+    """A chunk whose payload is all in memory (NONE, ERROR, ...)."""
     flags = REPLY_FLAG_DONE if done else 0
     return (
         STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, len(payload)) + payload
     )
+
+
+def none_chunk(cookie: int) -> bytes:
+    """The whole reply to a request that succeeded with nothing to send."""
+    return STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ReplyType.NONE, cookie, 0)
+
+
+def data_header(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
+    """An OFFSET_DATA chunk up to its ``length`` bytes of data."""
+    flags = REPLY_FLAG_DONE if done else 0
+    return OFFSET_DATA_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, cookie, OFFSET.size + length, offset
+    )
+
+
+def hole_chunk(cookie: int, offset: int, length: int, *, done: bool) -> bytes:
+    """An OFFSET_HOLE chunk: ``length`` bytes of zeroes from ``offset``."""
+    flags = REPLY_FLAG_DONE if done else 0
+    return OFFSET_HOLE_CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_HOLE, cookie, OFFSET_HOLE.size,
+        offset, length,
+    )  # fmt: skip
+
+
+def block_status_header(cookie: int, context_id: int, descriptors: int, *, done: bool) -> bytes:
+    """A BLOCK_STATUS chunk up to its ``descriptors`` bytes of descriptors."""
+    flags = REPLY_FLAG_DONE if done else 0
+    return BLOCK_STATUS_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC, flags, ReplyType.BLOCK_STATUS, cookie,
+        BLOCK_STATUS_ID.size + descriptors, context_id,
+    )  # fmt: skip
 
 
 def error_chunk(cookie: int, errno: int, message: str) -> bytes:
@@ -263,8 +333,149 @@ def error_chunk(cookie: int, errno: int, message: str) -> bytes:
     return structured_chunk(cookie, ReplyType.ERROR, ERROR.pack(errno, len(text)) + text, done=True)
 
 
-def simple_reply(cookie: int, errno: int = 0) -> bytes:
-    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, errno, cookie)
+# -- read replies ---------------------------------------------------------------
+
+
+# One piece of a READ reply: (header, offset, length): the header (a hole's
+# chunk whole), then ``length`` bytes of the disk from ``offset`` (0: none).
+# A plain tuple: a NamedTuple costs a Python-level call per chunk.
+ReadChunk = tuple[bytes, int, int]
+
+
+def read_reply(
+    cookie: int,
+    offset: int,
+    length: int,
+    *,
+    structured: bool,
+    allocation: Iterable[tuple[int, int, int]] | None = None,
+) -> list[ReadChunk]:
+    """The reply to a READ of [offset, offset+length), in the disk's order.
+
+    Without structured replies: the simple reply, then the data. With them,
+    a read of nothing is one NONE chunk; given no ``allocation`` (the client
+    set DF, or it is not worth asking), one OFFSET_DATA chunk. Given the
+    disk's allocation extents, (offset, length, flags) as ``Connection.extents``
+    reports them, one chunk per extent of the request (``clip_extents``), as
+    qemu-nbd does: an OFFSET_HOLE where the extent reads as zeroes, else
+    OFFSET_DATA::
+
+        allocation:  |-- data --|------ zero ------|-- data --|
+        request:           [offset ..................... end)
+        reply:             [DATA][HOLE             ][DATA,DONE]
+    """
+    if not structured:
+        return [(simple_reply(cookie), offset, length)]
+    if not length:
+        return [(none_chunk(cookie), offset, 0)]
+    if allocation is None:
+        return [(data_header(cookie, offset, length, done=True), offset, length)]
+    pieces = clip_extents(allocation, offset, length)
+    chunks: list[ReadChunk] = []
+    last = len(pieces) - 1
+    for i, (size, flags) in enumerate(pieces):
+        if flags & STATE_ZERO:
+            chunks.append((hole_chunk(cookie, offset, size, done=i == last), offset, 0))
+        else:
+            chunks.append((data_header(cookie, offset, size, done=i == last), offset, size))
+        offset += size
+    return chunks
+
+
+def clip_extents(
+    found: Iterable[tuple[int, int, int]], offset: int, count: int, *, one: bool = False
+) -> list[tuple[int, int]]:
+    """Allocation extents (offset, length, flags) -> (length, flags) covering
+    exactly [offset, offset+count), neighbours with equal flags merged; a
+    range the source did not describe counts as data (flags 0). With
+    ``one`` (REQ_ONE), only the first::
+
+        found:     |--A--|     |--B--|--B--|
+        request:      [offset .............. end)
+        answer:       [A ][ 0  ][ B        ][0]
+    """
+    end = offset + count
+    merged: list[list[int]] = []
+
+    def add(length: int, flags: int) -> None:
+        if merged and merged[-1][1] == flags:
+            merged[-1][0] += length
+        else:
+            merged.append([length, flags])
+
+    pos = offset
+    for start, length, flags in found:
+        stop = min(start + length, end)
+        if stop <= pos:
+            continue
+        if start >= end:
+            break  # past the request: what is left of it is undescribed
+        if start > pos:
+            add(start - pos, 0)
+        add(stop - max(start, pos), flags)
+        pos = stop
+        if pos >= end:
+            break
+    if pos < end:
+        add(end - pos, 0)
+    if one:
+        merged = merged[:1]
+    return [(length, flags) for length, flags in merged]
+
+
+# -- option replies -------------------------------------------------------------
+
+
+def server_greeting(flags: int) -> bytes:
+    """What the server says first: NBDMAGIC, IHAVEOPT, its handshake flags."""
+    return SERVER_GREETING.pack(NBDMAGIC, IHAVEOPT, flags)
+
+
+def option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
+    return OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)) + payload
+
+
+def export_name_reply(size: int, flags: int, *, no_zeroes: bool) -> bytes:
+    """The reply to NBD_OPT_EXPORT_NAME, padded unless the client set NO_ZEROES."""
+    reply = EXPORT_NAME_REPLY.pack(size, flags)
+    return reply if no_zeroes else reply + bytes(EXPORT_NAME_PADDING)
+
+
+def server_reply(option: int, name: str, description: str) -> bytes:
+    """NBD_REP_SERVER (to LIST).
+
+    S: 32 bits, length of the export name
+    S: String, the export name
+    S: String, its description (the rest of the reply)
+    """
+    encoded = name.encode()
+    return option_reply(
+        option, Rep.SERVER, struct.pack("!I", len(encoded)) + encoded + description.encode()
+    )
+
+
+def info_export_reply(option: int, size: int, flags: int) -> bytes:
+    """NBD_REP_INFO with NBD_INFO_EXPORT: the export's size and transmission flags."""
+    return option_reply(option, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, size, flags))
+
+
+def info_text_reply(option: int, info: Info, text: str) -> bytes:
+    """NBD_REP_INFO with NBD_INFO_NAME or NBD_INFO_DESCRIPTION: 16 bits type, the string."""
+    return option_reply(option, Rep.INFO, struct.pack("!H", info) + text.encode())
+
+
+def info_block_size_reply(option: int, minimum: int, preferred: int, maximum: int) -> bytes:
+    """NBD_REP_INFO with NBD_INFO_BLOCK_SIZE."""
+    payload = INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum)
+    return option_reply(option, Rep.INFO, payload)
+
+
+def meta_context_reply(option: int, context_id: int, name: str) -> bytes:
+    """NBD_REP_META_CONTEXT: 32 bits context id, then its name."""
+    return option_reply(option, Rep.META_CONTEXT, struct.pack("!I", context_id) + name.encode())
+
+
+# -- option payloads ------------------------------------------------------------
 
 
 def parse_string_list(payload: bytes) -> tuple[str, list[str]]:

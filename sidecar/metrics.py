@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BitmapFile, Flag
 from dirtydiff.state import StateDir, describe
-from sidecar.nbd_server import NbdServer
+from sidecar.export import NbdServer
 from sidecar.scan.jobs import STATES, ScanJobs
 
 log = logging.getLogger(__name__)

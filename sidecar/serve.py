@@ -27,10 +27,10 @@ from dirtydiff.disk import Backend, FileBackend, NbdBackend, open_backend
 from dirtydiff.state import DiskSeen, StateDir, file_identity, record_first_disk, tracker_id
 from sidecar import memory
 from sidecar.api import SidecarApi, start_in_background
+from sidecar.export import Export, NbdServer
 from sidecar.limits import FDS_PER_CONNECTION, HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import BACKLOG, Listener, Throttle
 from sidecar.metrics import registry
-from sidecar.nbd_server import Export, NbdServer
 from sidecar.scan.jobs import ScanJobs
 
 log = logging.getLogger(__name__)

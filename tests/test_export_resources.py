@@ -29,9 +29,9 @@ import pytest
 from dirtydiff import control
 from dirtydiff import nbdproto as proto
 from dirtydiff.disk import NbdBackend
-from sidecar import nbd_server
-from sidecar.nbd_server import Export, NbdServer
-from sidecar.upstream import UPSTREAM_CONNECTIONS
+from sidecar.export import Export, NbdServer
+from sidecar.export import server as export_server
+from sidecar.export.upstream import UPSTREAM_CONNECTIONS
 from tests.conftest import DIRTYDIFF, ROOT, Processes, Server, make_disk, qemu_io
 from tests.rawnbd import RawClient
 
@@ -512,7 +512,7 @@ def test_a_client_that_reads_no_reply_is_closed_even_when_nobody_waits(
     buffers that reads nothing is closed after REPLY_DEADLINE (60 s; 1 s
     here), and what it held is given back: a peer gone without a word (a
     TCP peer whose host died) does not keep 64 MiB for hours."""
-    monkeypatch.setattr(nbd_server, "REPLY_DEADLINE", 1.0)
+    monkeypatch.setattr(export_server, "REPLY_DEADLINE", 1.0)
     disk = tmp_path / "disk.raw"
     disk.write_bytes(b"\x55" * (32 * MiB))
     upstream = procs.nbdkit("file", str(disk))

@@ -31,7 +31,7 @@ from dirtydiff import nbdproto as proto
 from dirtydiff.disk import FileBackend
 from dirtydiff.state import StateDir
 from dirtydiff.store import BitmapStore
-from sidecar.nbd_server import Export, NbdServer
+from sidecar.export import Export, NbdServer
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 KiB, MiB = 1 << 10, 1 << 20
