@@ -2,9 +2,9 @@
 counting what really happened (the scan families are watched rising during
 a scan in test_scan_sidecar.py).
 
-The names come from the README's "Metrics" list and from the Grafana
-dashboard in contrib/: each must be exposed, so neither document can drift
-from what the sidecar serves.
+The names come from docs/metrics.md and from the Grafana dashboard in
+contrib/: each must be exposed, so neither document can drift from what the
+sidecar serves.
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ def value(sample: Sample, name: str, **labels: str) -> float:
 
 
 def documented_names() -> set[str]:
-    """Metric names in the README's Metrics section and in the dashboard."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    names = set(re.findall(r"`(dirtydiff_[a-z_]+)", section))
+    """Metric names in docs/metrics.md and in the dashboard."""
+    page = (ROOT / "docs" / "metrics.md").read_text()
+    names = set(re.findall(r"`(dirtydiff_[a-z_]+)", page))
     dashboard = json.loads((ROOT / "contrib" / "grafana-dashboard.json").read_text())
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):

@@ -15,16 +15,13 @@ position were handed over, so a resumed scan never skips a difference. It
 knows nothing of bitmaps, trackers or state directories: ``sidecar.scan.job``
 wires it to those.
 
-Where the time goes (``python -m bench scan [--profile]``, and
-/work/shared/perf-notes.md): the bytes cost a socket copy on each end and a
-memcmp, which nothing here can avoid; what this module controls is the cost
-per request and per wakeup, on both ends, and how cold the buffers are. Reads
-are issued with completion callbacks (retired inside ``aio_notify_read``: no
-``aio_command_completed`` per read), the sockets stay registered in one poll
-object, reads are at most ``MAX_REQUEST`` long whatever the chunk size, and
-few are in flight. A reader thread per side was measured and did not help
-(the bytes are copied with the GIL released already, but the 2 cores are busy
-with the servers).
+Where the time goes: the bytes cost a socket copy on each end and a memcmp,
+which nothing here can avoid; what this module controls is the cost per
+request and per wakeup, on both ends, and how cold the buffers are. So reads
+are retired by completion callbacks inside ``aio_notify_read``, the sockets
+stay registered in one poll object, reads are at most ``MAX_REQUEST`` long
+whatever the chunk size, and few are in flight (docs/performance.md has the
+measurements behind each choice).
 """
 
 from __future__ import annotations
@@ -51,27 +48,19 @@ from sidecar.nbdclient import Cancelled, connect
 KiB = 1 << 10
 MiB = 1 << 20
 # The unit compared and saved as position, and the bytes per side in flight:
-# DEFAULT_CHUNK x DEFAULT_IN_FLIGHT. Little: what the servers send us is
-# still in the CPU's cache when we compare it. Side by side on warm servers
-# (bench/scan.py's pair, 2 cores, 12 rounds each): dense, 512 KiB x 2 was
-# faster than 1 MiB x 2 in 11 of 12 rounds (1.04 against 0.93 of the read
-# limit, client CPU 0.71 against 0.80 s/GiB); 50% sparse, a tie (7 of 12,
-# 0.89 both). 512 KiB x 3 or 4 and 2 MiB x 1 did worse. 1 MiB per side in
-# flight still covers a LAN's latency; a distant backup wants --in-flight 8
-# or more.
+# DEFAULT_CHUNK x DEFAULT_IN_FLIGHT. Little, so that what the servers send us
+# is still in the CPU's cache when we compare it; 1 MiB per side in flight
+# still covers a LAN's latency, and a distant backup wants a larger in_flight.
 DEFAULT_CHUNK = 512 * KiB
 DEFAULT_IN_FLIGHT = 2
-# The longest read sent: qemu-nbd (7.2) allocates a read's buffer per request,
-# and until glibc's mmap threshold has grown past that size (it grows as
-# larger buffers are freed) each buffer is fresh, faulted-in pages: on a
-# fresh server 1 MiB requests doubled its CPU per GiB against 512 KiB (bench
-# scan: ~2.0 vs ~1.1 s/GiB, 224k vs 7k faults/GiB). Smaller requests cost
-# more Python per byte; 512 KiB is below that cliff.
+# The longest read sent: qemu-nbd allocates a read's buffer per request, and
+# until glibc's mmap threshold has grown past that size each buffer is fresh,
+# faulted-in pages. 512 KiB stays below that cliff; smaller requests cost
+# more Python per byte.
 MAX_REQUEST = 512 * KiB
 # base:allocation is asked for this much of the disk at a time, as the scan
 # gets there: memory stays bounded on a huge fragmented disk, and the first
-# reads do not wait for the map of the whole disk (2 GiB 50% sparse pair:
-# ~0.13 s before any read when it was asked for all at once).
+# reads do not wait for the map of the whole disk.
 ZERO_WINDOW = 256 * MiB
 MARK_BATCH = 4096  # ranges per hand-over
 POSITION_EVERY = 1.0  # seconds between saved positions
@@ -393,9 +382,9 @@ class Scan:
         self._free: list[bytearray] = []
         # The nbd.Buffer of each piece of each chunk buffer, made once: libnbd
         # 1.14's Python aio_pread never releases the Buffer it is given, so a
-        # Buffer per read leaked ~200 bytes (and pinned its memory) per
-        # request, ~1.6 GB over a 2 TiB disk in a long-lived sidecar. Pieces
-        # start and end on READ_GRID, which bounds how many there are.
+        # Buffer per read leaked (and pinned its memory) on every request of
+        # a long-lived sidecar. Pieces start and end on READ_GRID, which
+        # bounds how many there are.
         self._pieces: dict[int, dict[tuple[int, int], Any]] = {}
         self._nbd = [s for s in (disk, backup) if isinstance(s, NbdSide)]
         self._by_fd = {s.fd: s for s in self._nbd}
@@ -486,9 +475,9 @@ class Scan:
             if chunk.waiting == 0:
                 self._ready.append(chunk)
 
-        # Only the data: the server need not look for holes nor send them
-        # (50% sparse pair: ~10% less server CPU), and the zero parts are
-        # filled here (the buffer is reused, so it holds older bytes).
+        # Only the data: the server need not look for holes nor send them,
+        # and the zero parts are filled here (the buffer is reused, so it
+        # holds older bytes).
         view = memoryview(buf)
         step = side.max_request
         # Chunk buffers are reused, and so are their pieces' nbd.Buffers; a
@@ -595,9 +584,8 @@ def differing_granules(a: bytes | bytearray, b: bytes | bytearray, granularity: 
     """Offsets of the granules (of ``granularity`` bytes, the last one maybe
     shorter) where ``a`` and ``b``, of equal length, differ."""
     # a.startswith(view, o) is a memcmp of a[o:] with view, in place:
-    # slicing both sides copied every granule (1 MiB of 64 KiB granules:
-    # ~45 us instead of ~110; of 4 KiB granules: ~136 instead of ~220),
-    # which a disk changed all over pays on every chunk.
+    # slicing both sides copied every granule, which a disk changed all over
+    # pays on every chunk.
     other = memoryview(b)
     g = granularity
     return [o for o in range(0, len(a), g) if not a.startswith(other[o : o + g], o)]
