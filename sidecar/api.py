@@ -5,7 +5,7 @@ It is the one place a backup tool or the CLI needs to talk to while the
 sidecar runs:
 
 - bitmap lifecycle and checkpoints (``bitmap.*``, ``checkpoint``,
-  ``status``): run where they can run (``control.run``): by the tracker while
+  ``status``): run where they can run (``dirtydiff.owner``): by the tracker while
   it serves the VM, so they take effect between two writes with the drain
   semantics of its store, or on the files under the state lock when no
   tracker runs;
@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from functools import partial
 from typing import Any
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import Reason
 from dirtydiff.disk import NBD_SCHEMES, is_nbd_uri
+from dirtydiff.owner import StateOwner
 from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
 from sidecar.scan.job import (
     ScanOptions,
@@ -67,6 +67,8 @@ STOP_TIMEOUT = 30.0
 class SidecarApi:
     def __init__(self, state: StateDir, disk: str, jobs: ScanJobs) -> None:
         self.state = state
+        # The sidecar's own requests go to the tracker or the files, never to itself.
+        self.owner = StateOwner(state, ask_sidecar=False)
         self.disk = disk  # what scans read unless told otherwise: the export's disk
         self.jobs = jobs
 
@@ -75,7 +77,7 @@ class SidecarApi:
         try:
             op, args = control.parse_request(message, OPS)
             if op in ROUTED:
-                return control.reply_ok(control.run(self.state, op, **args))
+                return control.reply_ok(self.owner.request(op, **args))
             return control.reply_ok(getattr(self, "_" + op.replace(".", "_"))(args))
         except errors.DirtydiffError as e:
             return control.reply_error(e)
@@ -128,7 +130,7 @@ class SidecarApi:
         """Rebuild inconsistent NAME against the backup it refers to."""
         name = control.arg(args, "name", str)
         given = control.arg(args, "backup", str, "")
-        info = control.run(self.state, "bitmap.info", name=name)
+        info = self.owner.request("bitmap.info", name=name)
         backup = rebuild_backup(info, given)
         options = self._options(
             {**args, "backup": backup}, rebuild=True, granularity=info["granularity"]
@@ -161,7 +163,7 @@ class SidecarApi:
         scanning = Reason.SCAN_IN_PROGRESS.describe()
         for name, record in ScanRecord.unfinished(self.state):
             try:
-                info = bitmap_info(partial(control.run, self.state), name)
+                info = bitmap_info(self.owner.request, name)
                 if info is None or record_is_over(record, info):
                     outlived = ScanRecord(self.state, name)
                     with outlived.exclusive():
@@ -187,7 +189,7 @@ class SidecarApi:
                 log.warning("unfinished scan of %s not resumed: %s", name, e)
         if not rebuild_inconsistent:
             return started
-        for info in control.run(self.state, "bitmap.list"):
+        for info in self.owner.request("bitmap.list"):
             name = info["name"]
             if info["consistent"] or info["reason"] == scanning:
                 continue  # a scan being filled is resumed from its record, or not at all

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 from dirtydiff import control, errors, sockets
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, check_granularity, inconsistency
 from dirtydiff.disk import is_nbd_uri
+from dirtydiff.owner import StateOwner
 from dirtydiff.state import StateDir, check_name, record_first_disk
 from dirtydiff.store import DRAIN_TIMEOUT
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
@@ -45,12 +46,8 @@ PLUGIN = Path(__file__).resolve().parent.parent / "nbd_plugins" / "tracker.py"
 
 def run_request(state_dir: str, op: str, **args: object) -> Any:
     """Run one control request: through the sidecar's API when a sidecar
-    runs, else through the tracker, else on the files (``control.run``)."""
-    state = StateDir(state_dir)
-    sidecar = state.sidecar_socket_path
-    if control.listening(sidecar):
-        return control.call(sidecar, op, **args)
-    return control.run(state, op, **args)
+    runs, else through the tracker, else on the files (``dirtydiff.owner``)."""
+    return StateOwner(StateDir(state_dir)).request(op, **args)
 
 
 # -- output -------------------------------------------------------------
