@@ -59,6 +59,10 @@ class Actor:
         it carries raised."""
         raise NotImplementedError
 
+    def open(self) -> None:
+        """Open now what the requests need (the files' store), so that what
+        fails there fails before, not as, the first request."""
+
 
 class SidecarActor(Actor):
     route = Route.SIDECAR
@@ -94,6 +98,9 @@ class FilesActor(Actor):
                 raise errors.NotFound("never-tracked", self._never_tracked)
             self._store = BitmapStore(self.state, size, recording=False)
         return self._store
+
+    def open(self) -> None:
+        self.store  # noqa: B018 (opens it)
 
     def call(self, op: str, **args: object) -> Any:
         return result_of(dispatch(self.store, request(op, **args)))

@@ -3,7 +3,8 @@
 Every command takes ``--state DIR``. Bitmap commands go to the running tracker
 through its control socket; when no tracker runs they take the state lock
 themselves and work on the files (the lock keeps a tracker from starting
-meanwhile). Both paths run the same request code (dirtydiff.control.dispatch).
+meanwhile). Both paths run the same request code (dirtydiff.control.dispatch);
+who serves a request is decided in one place, dirtydiff.owner.
 
 Exit codes: 0 success; 1 the request failed (one line on stderr says why);
 2 bad command line; 3 the tracker is running but did not answer.
@@ -26,10 +27,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dirtydiff import control, errors, sockets
+from dirtydiff import errors, sockets
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, check_granularity, inconsistency
 from dirtydiff.disk import is_nbd_uri
-from dirtydiff.owner import StateOwner
+from dirtydiff.owner import Actor, SidecarActor, StateOwner
 from dirtydiff.state import StateDir, check_name, record_first_disk
 from dirtydiff.store import DRAIN_TIMEOUT
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
@@ -205,7 +206,7 @@ def _progress_printer(enabled: bool) -> Callable[[Progress], None]:
 NOT_FOR_THE_SIDECAR = ("disk-not-allowed", "backup-not-allowed")
 
 
-def _start_in_sidecar(sidecar: Path, op: str, options: ScanOptions) -> dict[str, Any] | None:
+def _start_in_sidecar(sidecar: Actor, op: str, options: ScanOptions) -> dict[str, Any] | None:
     """Start a scan job (``scan.start`` or ``rebuild``) in the sidecar; None
     if the sidecar may not open what it names, and the scan is to run here,
     in the foreground (a terminal is told so; a script's stderr keeps to one
@@ -216,7 +217,7 @@ def _start_in_sidecar(sidecar: Path, op: str, options: ScanOptions) -> dict[str,
     elif not is_nbd_uri(options.disk):
         fields["disk"] = os.path.abspath(options.disk)  # the sidecar's cwd is not ours
     try:
-        job: dict[str, Any] = control.call(sidecar, op, **fields)
+        job: dict[str, Any] = sidecar.call(op, **fields)
         return job
     except errors.PermissionDenied as e:
         if e.code not in NOT_FOR_THE_SIDECAR:
@@ -231,7 +232,7 @@ def _start_in_sidecar(sidecar: Path, op: str, options: ScanOptions) -> dict[str,
 
 
 def _scan_in_sidecar(
-    sidecar: Path, job: dict[str, Any], options: ScanOptions, args: argparse.Namespace,
+    sidecar: Actor, job: dict[str, Any], options: ScanOptions, args: argparse.Namespace,
     interactive: bool,
 ) -> int:  # fmt: skip
     """The sidecar runs the scan; return at once, or follow it with --wait."""
@@ -245,7 +246,7 @@ def _scan_in_sidecar(
 
 
 def _follow(
-    sidecar: Path,
+    sidecar: Actor,
     job: dict[str, Any],
     options: ScanOptions,
     args: argparse.Namespace,
@@ -256,7 +257,7 @@ def _follow(
     waiting = None
     while job["state"] in ("running", "waiting"):
         time.sleep(0.5)  # polling the sidecar's job for the progress display
-        job = control.call(sidecar, "scan.status", name=options.name)
+        job = sidecar.call("scan.status", name=options.name)
         if job["state"] == "waiting" and job["error"] != waiting:
             waiting = job["error"]
             print(f"\ndirtydiff: scan of {options.name} waiting: {waiting}", file=sys.stderr)
@@ -294,9 +295,10 @@ def _scan_summary(r: dict[str, Any]) -> str:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
+    sidecar = StateOwner(state).sidecar()
     if args.abort:
-        if control.listening(state.sidecar_socket_path):  # it stops its job first
-            reply = control.call(state.sidecar_socket_path, "scan.abort", name=args.bitmap)
+        if sidecar is not None:  # it stops its job first
+            reply = sidecar.call("scan.abort", name=args.bitmap)
             # A sidecar started before it told (answering None) removed it.
             removed = not isinstance(reply, dict) or bool(reply.get("bitmap_removed", True))
         else:
@@ -309,9 +311,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 "being filled by it and stays"
             )
         return 0
-    sidecar = state.sidecar_socket_path
-    in_sidecar = control.listening(sidecar)
-    if not args.cancel and (args.backup is None or (args.disk is None and not in_sidecar)):
+    if not args.cancel and (args.backup is None or (args.disk is None and sidecar is None)):
         raise errors.BadRequest(
             "usage", "--backup is required, and --disk too when no sidecar runs"
         )
@@ -325,11 +325,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         in_flight=args.in_flight,
     )
     interactive = sys.stderr.isatty() and not args.json
-    if args.cancel:
-        job = control.call(sidecar, "scan.cancel", name=args.bitmap)
+    if args.cancel:  # with no sidecar, its socket's error says so
+        job = (sidecar or SidecarActor(state)).call("scan.cancel", name=args.bitmap)
         print(f"scan of {args.bitmap}: {job['state']}, cancel requested")
         return 0
-    if in_sidecar:
+    if sidecar is not None:
         job = _start_in_sidecar(sidecar, "scan.start", options)
         if job is not None:
             return _scan_in_sidecar(sidecar, job, options, args, interactive)
@@ -343,8 +343,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Refill an inconsistent bitmap by a diff scan against its backup."""
     state = StateDir(args.state)
-    sidecar = state.sidecar_socket_path
-    info = run_request(args.state, "bitmap.info", name=args.name)
+    owner = StateOwner(state)
+    sidecar = owner.sidecar()
+    info = owner.request("bitmap.info", name=args.name)
     backup = rebuild_backup(info, args.backup)
     options = ScanOptions(
         disk=args.disk or "",
@@ -355,11 +356,12 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         rebuild=True,
     )
     interactive = sys.stderr.isatty() and not args.json
-    job = _start_in_sidecar(sidecar, "rebuild", options) if control.listening(sidecar) else None
+    job = _start_in_sidecar(sidecar, "rebuild", options) if sidecar is not None else None
     if job is not None:
         if not args.wait:
             _emit(job, args.json, lambda j: print(f"rebuild of {args.name} started in the sidecar"))
             return 0
+        assert sidecar is not None
         return _follow(sidecar, job, options, args, interactive)
     if not args.disk:
         raise errors.BadRequest("usage", "no sidecar runs: give --disk (the tracker's URI or file)")
@@ -550,10 +552,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
-    lock = state.try_lock()
-    running = lock is None
-    if lock is not None:
-        lock.release()
+    running = StateOwner(state).tracker_runs()
     status: dict[str, Any] = {
         "state": str(state.path),
         "tracker": {"running": running, "pid": state.holder_pid() if running else None},

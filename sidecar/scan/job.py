@@ -31,9 +31,9 @@ from typing import Any
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
 from dirtydiff.disk import is_nbd_uri
+from dirtydiff.owner import Actor, Route, StateOwner
 from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
 from dirtydiff.statefiles import open_file, read_file
-from dirtydiff.store import BitmapStore
 from sidecar.scan.engine import (
     DEFAULT_CHUNK,
     DEFAULT_IN_FLIGHT,
@@ -164,19 +164,6 @@ class ScanRecord:
             os.close(fd)
 
 
-class _Bitmaps:
-    """The bitmap operations a scan needs, online or offline."""
-
-    def __init__(self, state: StateDir, store: BitmapStore | None) -> None:
-        self.state = state
-        self.store = store
-
-    def call(self, op: str, **args: Any) -> Any:
-        if self.store is None:
-            return control.call(self.state.socket_path, op, **args)
-        return control.result_of(control.dispatch(self.store, control.request(op, **args)))
-
-
 def run_scan(
     state: StateDir,
     options: ScanOptions,
@@ -185,30 +172,28 @@ def run_scan(
     cancel: threading.Event | None = None,
     need_tracker: bool = False,
 ) -> dict[str, Any]:
+    """Run the scan ``options`` describes on the tracker (online) or on the
+    files, with the state lock held until it ends (offline); never through
+    a sidecar, which runs this itself. ``need_tracker``: refuse to run
+    offline."""
     if not (options.rebuild and options.name == OPEN_CHECKPOINT):  # @open can be rebuilt
         check_name(options.name)
     record = ScanRecord(state, options.name)
-    with record.exclusive():
-        lock = state.try_lock()
-        if lock is not None and need_tracker:
-            lock.release()
+    with record.exclusive(), StateOwner(state, ask_sidecar=False).acting() as bitmaps:
+        if bitmaps.route is Route.FILES and need_tracker:
             raise errors.Unavailable(
                 "tracker-down",
                 f"no tracker runs for {state.path}: a scan of {options.disk} needs it to "
                 "record the writes made meanwhile",
             )
-        try:
-            return _run(state, options, record, lock, on_progress, cancel)
-        finally:
-            if lock is not None:
-                lock.release()
+        return _run(state, options, record, bitmaps, on_progress, cancel)
 
 
 def _run(
     state: StateDir,
     options: ScanOptions,
     record: ScanRecord,
-    lock: Any,
+    bitmaps: Actor,
     on_progress: Callable[[Progress], None],
     cancel: threading.Event | None,
 ) -> dict[str, Any]:
@@ -218,7 +203,7 @@ def _run(
     except BaseException:
         disk.close()
         raise
-    store: BitmapStore | None = None
+    offline = bitmaps.route is Route.FILES  # no tracker; we own the files
     try:
         if backup.size != disk.size:
             raise errors.Conflict(
@@ -230,7 +215,7 @@ def _run(
             raise errors.Conflict(
                 "backup-is-disk", f"the backup {options.backup} is the disk itself"
             )
-        if lock is not None:  # offline: no tracker; we own the files
+        if offline:
             known = state.disk()
             if known is None:
                 state.prepare()
@@ -241,8 +226,7 @@ def _run(
                     "disk-size-mismatch",
                     f"the disk has {disk.size} bytes but {state.path} describes {known.size} bytes",
                 )
-            store = BitmapStore(state, disk.size, recording=False)
-        bitmaps = _Bitmaps(state, store)
+            bitmaps.open()
         previous = record.load()
         if previous is not None:
             current = bitmap_info(bitmaps.call, options.name)
@@ -277,7 +261,7 @@ def _run(
             rebuild=options.rebuild,
         )
         start = int(previous["position"]) if previous is not None and begun["resume"] else 0
-        offline_file = lock is not None and not is_nbd_uri(options.disk)
+        offline_file = offline and not is_nbd_uri(options.disk)
         mtime = file_mtime(options.disk) if offline_file else None
         base = {
             "backup": options.backup,
@@ -319,8 +303,6 @@ def _run(
         record.remove()
         return {"bitmap": info, "progress": progress.as_dict(), "resumed_from": start}
     finally:
-        if store is not None:
-            store.close()
         disk.close()
         backup.close()
 
@@ -380,33 +362,25 @@ def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
 
 def abort_scan(state: StateDir, name: str) -> bool:
     """Forget the unfinished scan of ``name``: its record, and the bitmap it
-    was filling. Whether a bitmap was removed: a record left for a bitmap no
-    scan is filling (its scan completed, or the bitmap was removed and added
-    again) is forgotten, and the bitmap stays."""
+    was filling, on the tracker or the files (a sidecar stops its job of
+    ``name`` first, then runs this). Whether a bitmap was removed: a record
+    left for a bitmap no scan is filling (its scan completed, or the bitmap
+    was removed and added again) is forgotten, and the bitmap stays."""
     record = ScanRecord(state, name)
-    with record.exclusive():
-        lock = state.try_lock()
+    never_tracked = f"no scan of {name!r} in {state.path}"
+    with (
+        record.exclusive(),
+        StateOwner(state, ask_sidecar=False).acting(never_tracked=never_tracked) as bitmaps,
+    ):
+        bitmaps.open()
+        removed = True
         try:
-            store = None
-            if lock is not None:
-                size = state.disk_size()
-                if size is None:
-                    raise errors.NotFound("never-tracked", f"no scan of {name!r} in {state.path}")
-                store = BitmapStore(state, size, recording=False)
-            removed = True
-            try:
-                _Bitmaps(state, store).call("scan.abort", name=name)
-            except (errors.NotFound, errors.Conflict):
-                # No scan is filling NAME: with no record either, there is
-                # nothing to abort.
-                if record.load() is None:
-                    raise
-                removed = False
-            finally:
-                if store is not None:
-                    store.close()
-            record.remove()
-            return removed
-        finally:
-            if lock is not None:
-                lock.release()
+            bitmaps.call("scan.abort", name=name)
+        except (errors.NotFound, errors.Conflict):
+            # No scan is filling NAME: with no record either, there is
+            # nothing to abort.
+            if record.load() is None:
+                raise
+            removed = False
+        record.remove()
+        return removed
