@@ -28,10 +28,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from dirtydiff import errors
-from dirtydiff.control import client
+from dirtydiff.control import client, replies
 from dirtydiff.control.handlers import dispatch
 from dirtydiff.control.wire import request, result_of
-from dirtydiff.state import StateDir, StateLock
+from dirtydiff.state import BitmapInfo, StateDir, StateLock
 from dirtydiff.store import BitmapStore
 
 
@@ -190,3 +190,23 @@ class StateOwner:
                     f"state directory {self.state.path} is locked by another process "
                     "(an offline scan, or a tracker starting); try again once it is done",
                 ) from None
+
+    # -- typed requests --------------------------------------------------------
+
+    def info(self, name: str) -> BitmapInfo:
+        return replies.bitmap_info(self.request("bitmap.info", name=name))
+
+    def find(self, name: str) -> BitmapInfo | None:
+        """``info``, or None if there is no such bitmap."""
+        try:
+            return self.info(name)
+        except errors.NotFound as e:
+            if e.code != "unknown-bitmap":
+                raise
+            return None
+
+    def bitmaps(self) -> list[BitmapInfo]:
+        return replies.bitmap_infos(self.request("bitmap.list"))
+
+    def status(self) -> replies.StoreStatus:
+        return replies.StoreStatus.from_wire(self.request("status"))

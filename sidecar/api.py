@@ -43,7 +43,7 @@ from sidecar.scan.job import (
     ScanOptions,
     ScanRecord,
     abort_scan,
-    bitmap_info,
+    find_bitmap,
     rebuild_backup,
     record_is_over,
 )
@@ -130,10 +130,10 @@ class SidecarApi:
         """Rebuild inconsistent NAME against the backup it refers to."""
         name = control.arg(args, "name", str)
         given = control.arg(args, "backup", str, "")
-        info = self.owner.request("bitmap.info", name=name)
+        info = self.owner.info(name)
         backup = rebuild_backup(info, given)
         options = self._options(
-            {**args, "backup": backup}, rebuild=True, granularity=info["granularity"]
+            {**args, "backup": backup}, rebuild=True, granularity=info.granularity
         )
         return self.jobs.start(options).as_dict()
 
@@ -160,16 +160,15 @@ class SidecarApi:
         (STATE/scans/NAME.json names its disk and backup) and, if asked,
         rebuild every inconsistent bitmap that knows its backup."""
         started: list[Job] = []
-        scanning = Reason.SCAN_IN_PROGRESS.describe()
         for name, record in ScanRecord.unfinished(self.state):
             try:
-                info = bitmap_info(self.owner.request, name)
+                info = find_bitmap(self.owner.request, name)
                 if info is None or record_is_over(record, info):
                     outlived = ScanRecord(self.state, name)
                     with outlived.exclusive():
                         outlived.remove()
                     continue
-                if info["reason"] != scanning:
+                if info.why is not Reason.SCAN_IN_PROGRESS:
                     continue  # aborted, or made inconsistent since: nothing to go on with
                 options = ScanOptions(
                     disk=str(record["disk"]),
@@ -189,19 +188,19 @@ class SidecarApi:
                 log.warning("unfinished scan of %s not resumed: %s", name, e)
         if not rebuild_inconsistent:
             return started
-        for info in self.owner.request("bitmap.list"):
-            name = info["name"]
-            if info["consistent"] or info["reason"] == scanning:
+        for info in self.owner.bitmaps():
+            name = info.name
+            if info.consistent or info.why is Reason.SCAN_IN_PROGRESS:
                 continue  # a scan being filled is resumed from its record, or not at all
             if name.startswith(SCAN_WRITES_PREFIX):
                 continue
-            if not info["backup"]:
+            if not info.backup:
                 log.warning("bitmap %s is inconsistent and names no backup: not rebuilt", name)
                 continue
             try:
                 started.append(self.jobs.start(self._options(
-                    {"name": name, "backup": info["backup"]},
-                    rebuild=True, granularity=info["granularity"],
+                    {"name": name, "backup": info.backup},
+                    rebuild=True, granularity=info.granularity,
                 )))  # fmt: skip
             except errors.DirtydiffError as e:
                 log.warning("bitmap %s not rebuilt: %s", name, e.message)

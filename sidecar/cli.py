@@ -29,10 +29,13 @@ from typing import Any, NoReturn
 
 from dirtydiff import errors, sockets
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, Header, check_granularity, inconsistency
+from dirtydiff.control import replies
+from dirtydiff.control.replies import StoreStatus
 from dirtydiff.disk import is_nbd_uri
+from dirtydiff.nbdproto import STATE_DIRTY
 from dirtydiff.owner import Actor, SidecarActor, StateOwner
-from dirtydiff.state import StateDir, check_name, record_first_disk
-from dirtydiff.store import DRAIN_TIMEOUT
+from dirtydiff.state import BitmapInfo, StateDir, check_name, record_first_disk
+from dirtydiff.store import DRAIN_TIMEOUT, CheckpointResult
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.nbdclient import context_extents
 from sidecar.scan.engine import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT, Progress
@@ -63,16 +66,16 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _print_table(bitmaps: list[dict[str, Any]]) -> None:
+def _print_table(bitmaps: list[BitmapInfo]) -> None:
     rows = [("NAME", "GRANULARITY", "RECORDING", "CONSISTENT", "DIRTY")]
     for b in bitmaps:
         rows.append(
             (
-                b["name"],
-                _human(b["granularity"]),
-                "yes" if b["recording"] else ("enabled" if b["enabled"] else "no"),
-                "yes" if b["consistent"] else f"NO: {b['reason']}",
-                _human(b["dirty_bytes"]),
+                b.name,
+                _human(b.granularity),
+                "yes" if b.recording else ("enabled" if b.enabled else "no"),
+                "yes" if b.consistent else f"NO: {b.reason}",
+                _human(b.dirty_bytes),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -86,6 +89,13 @@ def _emit(result: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         print()
     else:
         human(result)
+
+
+def _emit_bitmap(result: object, as_json: bool) -> None:
+    """A request's BitmapInfo, as one line of the table or as JSON (the map
+    it travels as)."""
+    info = replies.bitmap_info(result)
+    _emit(info.as_dict(), as_json, lambda _: _print_table([info]))
 
 
 # -- commands -------------------------------------------------------------
@@ -345,13 +355,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     state = StateDir(args.state)
     owner = StateOwner(state)
     sidecar = owner.sidecar()
-    info = owner.request("bitmap.info", name=args.name)
+    info = owner.info(args.name)
     backup = rebuild_backup(info, args.backup)
     options = ScanOptions(
         disk=args.disk or "",
         backup=backup,
         name=args.name,
-        granularity=info["granularity"],
+        granularity=info.granularity,
         max_rate=args.max_rate,
         rebuild=True,
     )
@@ -373,7 +383,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_bitmap_list(args: argparse.Namespace) -> int:
-    _emit(run_request(args.state, "bitmap.list"), args.json, _print_table)
+    bitmaps = StateOwner(StateDir(args.state)).bitmaps()
+    _emit([b.as_dict() for b in bitmaps], args.json, lambda _: _print_table(bitmaps))
     return 0
 
 
@@ -408,10 +419,6 @@ def _refuse_inconsistent(args: argparse.Namespace, header: Header) -> None:
         )
 
 
-def _info_line(info: dict[str, Any]) -> None:
-    _print_table([info])
-
-
 def cmd_bitmap_add(args: argparse.Namespace) -> int:
     info = run_request(
         args.state,
@@ -421,15 +428,15 @@ def cmd_bitmap_add(args: argparse.Namespace) -> int:
         enabled=not args.disabled,
         backup=args.backup or "",
     )
-    _emit(info, args.json, _info_line)
+    _emit_bitmap(info, args.json)
     return 0
 
 
 def _simple(op: str) -> Callable[[argparse.Namespace], int]:
     def command(args: argparse.Namespace) -> int:
         result = run_request(args.state, op, name=args.name)
-        if result is not None:
-            _emit(result, args.json, _info_line)
+        if result is not None:  # bitmap.remove answers nothing
+            _emit_bitmap(result, args.json)
         return 0
 
     return command
@@ -459,32 +466,32 @@ def cmd_bitmap_import(args: argparse.Namespace) -> int:
         check_granularity(args.granularity)
         record_first_disk(state, size, args.from_uri)
     with _TerminateAsInterrupt() as terminate:
-        begun = run_request(
+        begun = replies.bitmap_info(run_request(
             args.state, "bitmap.add", name=args.name, granularity=args.granularity,
             enabled=not args.disabled, importing=True,
-        )  # fmt: skip
+        ))  # fmt: skip
         try:
             terminate.arm()
             batch: list[tuple[int, int]] = []
             for offset, length, flags in found:
-                if flags & 1:  # NBD_STATE_DIRTY
+                if flags & STATE_DIRTY:
                     batch.append((offset, length))
                 if len(batch) >= IMPORT_BATCH:
                     run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
                     batch = []
             run_request(args.state, "bitmap.mark", name=args.name, ranges=batch)
             info = run_request(
-                args.state, "import.complete", name=args.name, created_ns=begun["created_ns"]
+                args.state, "import.complete", name=args.name, created_ns=begun.created_ns
             )
         except BaseException:
             # Half an import is worth nothing: it goes (it stays inconsistent,
             # and so never exported, if even this fails).
             with contextlib.suppress(errors.DirtydiffError):
                 run_request(
-                    args.state, "bitmap.remove", name=args.name, created_ns=begun["created_ns"]
+                    args.state, "bitmap.remove", name=args.name, created_ns=begun.created_ns
                 )
             raise
-    _emit(info, args.json, _info_line)
+    _emit_bitmap(info, args.json)
     return 0
 
 
@@ -518,35 +525,37 @@ class _TerminateAsInterrupt:
 
 def cmd_bitmap_clear(args: argparse.Namespace) -> int:
     info = run_request(args.state, "bitmap.clear", name=args.name, backup=args.backup or "")
-    _emit(info, args.json, _info_line)
+    _emit_bitmap(info, args.json)
     return 0
 
 
 def cmd_bitmap_merge(args: argparse.Namespace) -> int:
     info = run_request(args.state, "bitmap.merge", target=args.target, sources=args.sources)
-    _emit(info, args.json, _info_line)
+    _emit_bitmap(info, args.json)
     return 0
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    result = run_request(
-        args.state,
-        "checkpoint",
-        name=args.name,
-        timeout=float(args.timeout),
-        backup=args.backup or "",
+    result = replies.checkpoint_result(
+        run_request(
+            args.state,
+            "checkpoint",
+            name=args.name,
+            timeout=float(args.timeout),
+            backup=args.backup or "",
+        )
     )
 
-    def human(r: dict[str, Any]) -> None:
-        print(f"checkpoint {r['name']}: {_human(r['dirty_bytes'])} changed since the previous one")
-        if not r["drained"]:
+    def human(r: CheckpointResult) -> None:
+        print(f"checkpoint {r.name}: {_human(r.dirty_bytes)} changed since the previous one")
+        if not r.drained:
             print(
                 "warning: writes were still in flight when the drain timed out; they are "
                 "recorded in the next interval too",
                 file=sys.stderr,
             )
 
-    _emit(result, args.json, human)
+    _emit(dataclasses.asdict(result), args.json, lambda r: human(result))
     return 0
 
 
@@ -557,8 +566,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         "state": str(state.path),
         "tracker": {"running": running, "pid": state.holder_pid() if running else None},
     }
+    store: StoreStatus | None = None
     try:
-        status.update(run_request(args.state, "status"))
+        store = StateOwner(state).status()
+        status.update(store.as_dict())
     except errors.NotFound as e:
         if e.code != "never-tracked":
             raise
@@ -571,11 +582,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             "tracker:  "
             + (f"running (pid {tracker['pid']})" if tracker["running"] else "not running")
         )
-        if "disk_size" in s:
-            print(f"disk:     {_human(s['disk_size'])} ({s['disk_size']} bytes)")
+        bitmaps = store.bitmaps if store is not None else []
+        if store is not None:
+            print(f"disk:     {_human(store.disk_size)} ({store.disk_size} bytes)")
         print()
-        _print_table(s["bitmaps"])
-        bad = [b["name"] for b in s["bitmaps"] if not b["consistent"]]
+        _print_table(bitmaps)
+        bad = [b.name for b in bitmaps if not b.consistent]
         if bad:
             print(
                 f"\n{len(bad)} bitmap(s) inconsistent: {', '.join(bad)} — they may miss changes "

@@ -24,15 +24,16 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
+from dirtydiff.control import replies
 from dirtydiff.disk import is_nbd_uri
 from dirtydiff.owner import Actor, Route, StateOwner
-from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
+from dirtydiff.state import OPEN_CHECKPOINT, BitmapInfo, StateDir, check_name
 from dirtydiff.statefiles import open_file, read_file
 from sidecar.scan.engine import (
     DEFAULT_CHUNK,
@@ -229,7 +230,7 @@ def _run(
             bitmaps.open()
         previous = record.load()
         if previous is not None:
-            current = bitmap_info(bitmaps.call, options.name)
+            current = find_bitmap(bitmaps.call, options.name)
             if record_is_over(previous, current):
                 record.remove()
                 if (
@@ -241,7 +242,7 @@ def _run(
                     # compare, and the same command reports it done.
                     finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
                     done = {"progress": finished.as_dict(), "resumed_from": disk.size}
-                    return {"bitmap": current, **done}
+                    return {"bitmap": current.as_dict(), **done}
                 previous = None  # a fresh scan, or scan.begin finds the name in use
         if previous is not None and previous.get("backup") != options.backup:
             raise errors.Conflict(
@@ -251,24 +252,26 @@ def _run(
                 "or abort it (dirtydiff scan --abort)",
             )
         same_boot = previous is not None and previous.get("boot") == current_boot_id().hex()
-        begun = bitmaps.call(
-            "scan.begin",
-            name=options.name,
-            granularity=options.granularity,
-            disk=control.disk_seen(disk.seen),
-            restart=previous is None or not same_boot,
-            backup=options.backup,
-            rebuild=options.rebuild,
+        begun = replies.ScanBegun.from_wire(
+            bitmaps.call(
+                "scan.begin",
+                name=options.name,
+                granularity=options.granularity,
+                disk=control.disk_seen(disk.seen),
+                restart=previous is None or not same_boot,
+                backup=options.backup,
+                rebuild=options.rebuild,
+            )
         )
-        start = int(previous["position"]) if previous is not None and begun["resume"] else 0
+        start = int(previous["position"]) if previous is not None and begun.resume else 0
         offline_file = offline and not is_nbd_uri(options.disk)
         mtime = file_mtime(options.disk) if offline_file else None
         base = {
             "backup": options.backup,
             "disk": options.disk,
-            "granularity": begun["granularity"],
+            "granularity": begun.granularity,
             "rebuild": options.rebuild,
-            "created_ns": begun.get("created_ns"),
+            "created_ns": begun.created_ns,
         }
         record.save({**base, "position": start})
 
@@ -282,7 +285,7 @@ def _run(
         scan = Scan(
             disk,
             backup,
-            begun["granularity"],
+            begun.granularity,
             start=start,
             chunk=options.chunk,
             in_flight=options.in_flight,
@@ -299,31 +302,46 @@ def _run(
                 f"{options.disk} was modified during the scan and no tracker recorded the writes; "
                 f"scan again with the tracker running (bitmap {options.name!r} stays inconsistent)",
             )
-        info = bitmaps.call("scan.complete", name=options.name, created_ns=begun["created_ns"])
+        info = replies.bitmap_info(
+            bitmaps.call("scan.complete", name=options.name, created_ns=begun.created_ns)
+        )
         record.remove()
-        return {"bitmap": info, "progress": progress.as_dict(), "resumed_from": start}
+        return {"bitmap": info.as_dict(), "progress": progress.as_dict(), "resumed_from": start}
     finally:
         disk.close()
         backup.close()
 
 
-def fills(record: dict[str, Any], info: dict[str, Any]) -> bool:
+# What bitmap.info told: typed, or (from a test, or a tracker of before)
+# the map it travels as.
+Told = BitmapInfo | Mapping[str, Any]
+
+
+def _told(info: Told, key: str) -> Any:
+    return getattr(info, key) if isinstance(info, BitmapInfo) else info.get(key)
+
+
+def fills(record: dict[str, Any], info: Told) -> bool:
     """Whether the scan ``record`` describes was filling the bitmap ``info``
     describes, and not one removed since and added again under its name."""
-    # .get: a tracker started before bitmaps told their creation time (it
-    # may run on across an upgrade, under a running VM) tells none, and the
-    # records saved meanwhile name none: they match, as before.
-    return bool(record.get("created_ns") == info.get("created_ns"))
+    # A tracker started before bitmaps told their creation time (it may run
+    # on across an upgrade, under a running VM) tells none (0, or nothing),
+    # and the records saved meanwhile name none: they match, as before.
+    return (record.get("created_ns") or 0) == (_told(info, "created_ns") or 0)
 
 
-def finished_meanwhile(info: dict[str, Any], record: dict[str, Any]) -> bool:
+def finished_meanwhile(info: Told, record: dict[str, Any]) -> bool:
     """Whether the bitmap ``info`` describes is what the scan ``record``
     describes left when it completed: that very bitmap, consistent, and
     counting from the record's backup."""
-    return fills(record, info) and bool(info["consistent"]) and info["backup"] == record["backup"]
+    return (
+        fills(record, info)
+        and bool(_told(info, "consistent"))
+        and _told(info, "backup") == record["backup"]
+    )
 
 
-def record_is_over(record: dict[str, Any], info: dict[str, Any] | None) -> bool:
+def record_is_over(record: dict[str, Any], info: Told | None) -> bool:
     """Whether the scan ``record`` describes has nothing left to go on with:
     its bitmap (``info``, None if there is none) is gone, or is another one
     added under its name since, or the scan completed and its record
@@ -331,33 +349,33 @@ def record_is_over(record: dict[str, Any], info: dict[str, Any] | None) -> bool:
     return info is None or not fills(record, info) or finished_meanwhile(info, record)
 
 
-def bitmap_info(call: Callable[..., Any], name: str) -> dict[str, Any] | None:
-    """bitmap.info through ``call``, or None if there is no such bitmap."""
+def find_bitmap(call: Callable[..., Any], name: str) -> BitmapInfo | None:
+    """bitmap.info through ``call`` (an Actor's, or StateOwner.request), or
+    None if there is no such bitmap."""
     try:
-        info: dict[str, Any] = call("bitmap.info", name=name)
+        return replies.bitmap_info(call("bitmap.info", name=name))
     except errors.NotFound:
         return None
-    return info
 
 
-def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
+def rebuild_backup(info: BitmapInfo, backup: str | None) -> str:
     """The backup a rebuild of the bitmap ``info`` describes compares with,
     checked before any connection is made."""
-    name = info["name"]
-    if info["consistent"]:
+    name = info.name
+    if info.consistent:
         raise errors.Conflict(
             "consistent",
             f"bitmap {name!r} is consistent: nothing to rebuild "
             "(a scan into a new bitmap compares against another backup)",
         )
-    backup = backup or info["backup"]
+    backup = backup or info.backup
     if not backup:
         raise errors.Conflict(
             "no-backup",
             f"bitmap {name!r} does not know the backup it counts changes from "
             "(checkpoint --backup and bitmap add --backup record it); give --backup URI",
         )
-    return str(backup)
+    return backup
 
 
 def abort_scan(state: StateDir, name: str) -> bool:
