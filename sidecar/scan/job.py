@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dirtydiff import control, errors
+from dirtydiff import control, errors, scans
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
 from dirtydiff.control import replies
 from dirtydiff.disk import is_nbd_uri
@@ -360,22 +360,11 @@ def find_bitmap(call: Callable[..., Any], name: str) -> BitmapInfo | None:
 
 def rebuild_backup(info: BitmapInfo, backup: str | None) -> str:
     """The backup a rebuild of the bitmap ``info`` describes compares with,
-    checked before any connection is made."""
-    name = info.name
-    if info.consistent:
-        raise errors.Conflict(
-            "consistent",
-            f"bitmap {name!r} is consistent: nothing to rebuild "
-            "(a scan into a new bitmap compares against another backup)",
-        )
-    backup = backup or info.backup
-    if not backup:
-        raise errors.Conflict(
-            "no-backup",
-            f"bitmap {name!r} does not know the backup it counts changes from "
-            "(checkpoint --backup and bitmap add --backup record it); give --backup URI",
-        )
-    return backup
+    checked before any connection is made (the store checks it again when
+    the rebuild begins: ``dirtydiff.scans.rebuild_backup``)."""
+    return scans.rebuild_backup(
+        info.name, consistent=info.consistent, recorded=info.backup, given=backup
+    )
 
 
 def abort_scan(state: StateDir, name: str) -> bool:
