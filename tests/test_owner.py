@@ -21,6 +21,9 @@ from dirtydiff.control import replies
 from dirtydiff.owner import Route, StateOwner
 from dirtydiff.state import REASONS_BY_CODE, BitmapInfo, StateDir, reason_code
 from dirtydiff.store import BitmapStore
+from sidecar.scan.engine import Progress
+from sidecar.scan.job import ScanOptions
+from sidecar.scan.jobs import Job, JobStatus
 from tests.conftest import Processes, make_disk
 from tests.test_sidecar_api import start_sidecar
 
@@ -219,3 +222,24 @@ def test_bitmap_info_is_what_describe_makes(store: BitmapStore) -> None:
     info = store.info("@open")
     assert isinstance(info, BitmapInfo)
     assert info.why is Reason.NONE and info.reason_code == "consistent"
+
+
+# -- scan jobs ---------------------------------------------------------------------
+
+
+def test_a_scan_job_status_crosses_the_wire_unchanged() -> None:
+    options = ScanOptions(disk="disk.raw", backup="nbd://b", name="s")
+    job = Job(options)
+    job.progress = Progress(total=DISK, position=4096, compared=4096, differing_granules=1)
+    wire = job.as_dict()
+    assert list(wire) == ["bitmap", "backup", "rebuild", "state", "error", "progress"]
+    status = JobStatus.from_wire(wire)
+    assert status.as_dict() == wire and status.active
+    shown = status.seen_progress()
+    assert shown is not None and (shown.position, shown.differing_granules) == (4096, 1)
+    assert JobStatus.from_wire({**wire, "later": 1}) == status  # a newer sidecar's extra field
+    no_error = {k: v for k, v in wire.items() if k != "error"}
+    broken = [{**wire, "state": "lost"}, {**wire, "rebuild": 1}, {**wire, "progress": {}}]
+    for bad in [None, no_error, *broken]:
+        with pytest.raises(errors.ProtocolError):
+            JobStatus.from_wire(bad)

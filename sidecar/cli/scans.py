@@ -9,22 +9,21 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any
 
 from dirtydiff import errors
 from dirtydiff.disk import is_nbd_uri
 from dirtydiff.owner import Actor, SidecarActor, StateOwner
 from dirtydiff.state import StateDir
 from sidecar.cli.output import emit, progress_printer, scan_summary
-from sidecar.scan.engine import Progress
 from sidecar.scan.job import ScanOptions, abort_scan, rebuild_backup, run_scan
+from sidecar.scan.jobs import JobStatus
 
 # The sidecar's refusals of a disk or backup it may not open (sidecar.api):
 # the command can still run that scan itself, with the caller's own rights.
 NOT_FOR_THE_SIDECAR = ("disk-not-allowed", "backup-not-allowed")
 
 
-def _start_in_sidecar(sidecar: Actor, op: str, options: ScanOptions) -> dict[str, Any] | None:
+def _start_in_sidecar(sidecar: Actor, op: str, options: ScanOptions) -> JobStatus | None:
     """Start a scan job (``scan.start`` or ``rebuild``) in the sidecar; None
     if the sidecar may not open what it names, and the scan is to run here,
     in the foreground (a terminal is told so; a script's stderr keeps to one
@@ -35,8 +34,7 @@ def _start_in_sidecar(sidecar: Actor, op: str, options: ScanOptions) -> dict[str
     elif not is_nbd_uri(options.disk):
         fields["disk"] = os.path.abspath(options.disk)  # the sidecar's cwd is not ours
     try:
-        job: dict[str, Any] = sidecar.call(op, **fields)
-        return job
+        return JobStatus.from_wire(sidecar.call(op, **fields))
     except errors.PermissionDenied as e:
         if e.code not in NOT_FOR_THE_SIDECAR:
             raise
@@ -50,13 +48,13 @@ def _start_in_sidecar(sidecar: Actor, op: str, options: ScanOptions) -> dict[str
 
 
 def _scan_in_sidecar(
-    sidecar: Actor, job: dict[str, Any], options: ScanOptions, args: argparse.Namespace,
+    sidecar: Actor, job: JobStatus, options: ScanOptions, args: argparse.Namespace,
     interactive: bool,
 ) -> int:  # fmt: skip
     """The sidecar runs the scan; return at once, or follow it with --wait."""
     if not args.wait:
         if args.json:
-            emit(job, True, print)
+            emit(job.as_dict(), True, print)
         else:
             print(f"scan of {options.name} started in the sidecar; follow it with --wait")
         return 0
@@ -65,7 +63,7 @@ def _scan_in_sidecar(
 
 def _follow(
     sidecar: Actor,
-    job: dict[str, Any],
+    job: JobStatus,
     options: ScanOptions,
     args: argparse.Namespace,
     interactive: bool,
@@ -73,26 +71,23 @@ def _follow(
     """Show a sidecar's scan job until it ends."""
     show = progress_printer(interactive)
     waiting = None
-    while job["state"] in ("running", "waiting"):
+    while job.active:
         time.sleep(0.5)  # polling the sidecar's job for the progress display
-        job = sidecar.call("scan.status", name=options.name)
-        if job["state"] == "waiting" and job["error"] != waiting:
-            waiting = job["error"]
+        job = JobStatus.from_wire(sidecar.call("scan.status", name=options.name))
+        if job.state == "waiting" and job.error != waiting:
+            waiting = job.error
             print(f"\ndirtydiff: scan of {options.name} waiting: {waiting}", file=sys.stderr)
-        if job["progress"]:
-            p = Progress(total=job["progress"]["total"])
-            p.position = job["progress"]["position"]
-            p.compared = job["progress"]["compared"]
-            p.differing_granules = job["progress"]["differing_granules"]
-            show(p)
+        progress = job.seen_progress()
+        if progress is not None:
+            show(progress)
     if interactive:
         sys.stderr.write("\n")
-    if job["state"] != "done":
+    if job.state != "done":
         raise errors.DirtydiffError(
-            "scan-" + job["state"], f"scan of {options.name}: {job['state']}: {job['error']}"
+            "scan-" + job.state, f"scan of {options.name}: {job.state}: {job.error}"
         )
     if args.json:
-        emit(job, True, print)
+        emit(job.as_dict(), True, print)
     else:
         print(
             f"scan of {options.name} done in the sidecar; "
@@ -134,8 +129,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     )
     interactive = sys.stderr.isatty() and not args.json
     if args.cancel:  # with no sidecar, its socket's error says so
-        job = (sidecar or SidecarActor(state)).call("scan.cancel", name=args.bitmap)
-        print(f"scan of {args.bitmap}: {job['state']}, cancel requested")
+        cancelled = (sidecar or SidecarActor(state)).call("scan.cancel", name=args.bitmap)
+        print(f"scan of {args.bitmap}: {JobStatus.from_wire(cancelled).state}, cancel requested")
         return 0
     if sidecar is not None:
         job = _start_in_sidecar(sidecar, "scan.start", options)
@@ -167,7 +162,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     job = _start_in_sidecar(sidecar, "rebuild", options) if sidecar is not None else None
     if job is not None:
         if not args.wait:
-            emit(job, args.json, lambda j: print(f"rebuild of {args.name} started in the sidecar"))
+            emit(
+                job.as_dict(),
+                args.json,
+                lambda _: print(f"rebuild of {args.name} started in the sidecar"),
+            )
             return 0
         assert sidecar is not None
         return _follow(sidecar, job, options, args, interactive)
