@@ -11,6 +11,7 @@ from typing import Any
 from dirtydiff.control import replies
 from dirtydiff.state import BitmapInfo
 from sidecar.scan.engine import Progress
+from sidecar.scan.job import ScanResult
 
 
 def human_size(n: int) -> str:
@@ -74,11 +75,11 @@ def progress_printer(enabled: bool) -> Callable[[Progress], None]:
     return show
 
 
-def scan_summary(r: dict[str, Any]) -> str:
-    p, b = r["progress"], r["bitmap"]
+def scan_summary(result: ScanResult) -> str:
+    p, b = result.progress, result.bitmap
     return (
-        f"{human_size(p['compared'])} compared in {p['elapsed']:.1f}s "
-        f"({human_size(int(p['rate']))}/s), read {human_size(p['read_disk'])} of the disk and "
-        f"{human_size(p['read_backup'])} of the backup; {p['differing_granules']} granules "
-        f"differ; {b['name']} is consistent and recording ({human_size(b['dirty_bytes'])} dirty)"
+        f"{human_size(p.compared)} compared in {p.elapsed:.1f}s "
+        f"({human_size(int(p.rate))}/s), read {human_size(p.read_disk)} of the disk and "
+        f"{human_size(p.read_backup)} of the backup; {p.differing_granules} granules "
+        f"differ; {b.name} is consistent and recording ({human_size(b.dirty_bytes)} dirty)"
     )

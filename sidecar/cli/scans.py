@@ -139,7 +139,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     result = run_scan(state, options, on_progress=progress_printer(interactive))
     if interactive:
         sys.stderr.write("\n")
-    emit(result, args.json, lambda r: print(f"scan of {args.bitmap}: {scan_summary(r)}"))
+    emit(
+        result.as_dict(),
+        args.json,
+        lambda _: print(f"scan of {args.bitmap}: {scan_summary(result)}"),
+    )
     return 0
 
 
@@ -175,5 +179,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     result = run_scan(state, options, on_progress=progress_printer(interactive))
     if interactive:
         sys.stderr.write("\n")
-    emit(result, args.json, lambda r: print(f"{args.name} rebuilt: {scan_summary(r)}"))
+    emit(
+        result.as_dict(), args.json, lambda _: print(f"{args.name} rebuilt: {scan_summary(result)}")
+    )
     return 0

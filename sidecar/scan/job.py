@@ -85,6 +85,24 @@ class ScanOptions:
             raise errors.BadRequest("bad-rate", "the rate limit must be a positive finite number")
 
 
+@dataclass(frozen=True)
+class ScanResult:
+    """What a finished scan tells: the bitmap it filled, consistent and
+    recording, how it went, and where it began (0, or where it resumed)."""
+
+    bitmap: BitmapInfo
+    progress: Progress
+    resumed_from: int
+
+    def as_dict(self) -> dict[str, object]:
+        """What ``dirtydiff scan --json`` prints."""
+        return {
+            "bitmap": self.bitmap.as_dict(),
+            "progress": self.progress.as_dict(),
+            "resumed_from": self.resumed_from,
+        }
+
+
 class ScanRecord:
     """STATE/scans/NAME.json: what a scan compares and how far it got.
 
@@ -172,7 +190,7 @@ def run_scan(
     on_progress: Callable[[Progress], None] = lambda p: None,
     cancel: threading.Event | None = None,
     need_tracker: bool = False,
-) -> dict[str, Any]:
+) -> ScanResult:
     """Run the scan ``options`` describes on the tracker (online) or on the
     files, with the state lock held until it ends (offline); never through
     a sidecar, which runs this itself. ``need_tracker``: refuse to run
@@ -197,7 +215,7 @@ def _run(
     bitmaps: Actor,
     on_progress: Callable[[Progress], None],
     cancel: threading.Event | None,
-) -> dict[str, Any]:
+) -> ScanResult:
     disk = open_side("disk", options.disk, cancel)
     try:
         backup = open_side("backup", options.backup, cancel)
@@ -241,8 +259,7 @@ def _run(
                     # Killed right after scan.complete: nothing is left to
                     # compare, and the same command reports it done.
                     finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
-                    done = {"progress": finished.as_dict(), "resumed_from": disk.size}
-                    return {"bitmap": current.as_dict(), **done}
+                    return ScanResult(current, finished, resumed_from=disk.size)
                 previous = None  # a fresh scan, or scan.begin finds the name in use
         if previous is not None and previous.get("backup") != options.backup:
             raise errors.Conflict(
@@ -306,7 +323,7 @@ def _run(
             bitmaps.call("scan.complete", name=options.name, created_ns=begun.created_ns)
         )
         record.remove()
-        return {"bitmap": info.as_dict(), "progress": progress.as_dict(), "resumed_from": start}
+        return ScanResult(info, progress, resumed_from=start)
     finally:
         disk.close()
         backup.close()
