@@ -214,6 +214,12 @@ def check_name(name: str) -> None:
         )
 
 
+def is_user_name(name: str) -> bool:
+    """Whether bitmap ``name`` is a result users see (``StateDir.user_names``),
+    not a scan's scratch ``@scan:NAME``."""
+    return not name.startswith(SCAN_WRITES_PREFIX)
+
+
 @dataclass(frozen=True)
 class BitmapInfo:
     """What ``bitmap list`` and ``status`` tell about one bitmap."""
@@ -437,7 +443,7 @@ class StateDir:
     def user_names(self) -> list[str]:
         """The bitmaps that are results: not a scan's scratch ``@scan:NAME``,
         which the export, the metrics and the rebuild on start leave out."""
-        return [name for name in self.names() if not name.startswith(SCAN_WRITES_PREFIX)]
+        return [name for name in self.names() if is_user_name(name)]
 
     def open_bitmap(self, name: str, *, writable: bool = False) -> BitmapFile:
         try:

@@ -38,7 +38,7 @@ from dirtydiff import control, errors
 from dirtydiff.bitmapfile import Reason
 from dirtydiff.disk import NBD_SCHEMES, is_nbd_uri
 from dirtydiff.owner import StateOwner
-from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
+from dirtydiff.state import StateDir, is_user_name
 from sidecar.scan.job import (
     ScanOptions,
     ScanRecord,
@@ -192,7 +192,7 @@ class SidecarApi:
             name = info.name
             if info.consistent or info.why is Reason.SCAN_IN_PROGRESS:
                 continue  # a scan being filled is resumed from its record, or not at all
-            if name.startswith(SCAN_WRITES_PREFIX):
+            if not is_user_name(name):
                 continue
             if not info.backup:
                 log.warning("bitmap %s is inconsistent and names no backup: not rebuilt", name)
