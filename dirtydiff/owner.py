@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,7 +47,7 @@ class Route(enum.Enum):
     """This process, on the files, under the state lock."""
 
 
-class Actor:
+class Actor(ABC):
     """Sends requests to whoever ``route`` names."""
 
     route: Route
@@ -54,12 +55,12 @@ class Actor:
     def __init__(self, state: StateDir) -> None:
         self.state = state
 
+    @abstractmethod
     def call(self, op: str, **args: object) -> Any:
         """Run one request; its result as the wire carries it, or the error
         it carries raised."""
-        raise NotImplementedError
 
-    def open(self) -> None:
+    def open(self) -> None:  # noqa: B027 (a socket has nothing to open first)
         """Open now what the requests need (the files' store), so that what
         fails there fails before, not as, the first request."""
 
@@ -90,8 +91,7 @@ class FilesActor(Actor):
         self._never_tracked = never_tracked
         self._store: BitmapStore | None = None
 
-    @property
-    def store(self) -> BitmapStore:
+    def _opened(self) -> BitmapStore:
         if self._store is None:
             size = self.state.disk_size()
             if size is None:
@@ -100,10 +100,10 @@ class FilesActor(Actor):
         return self._store
 
     def open(self) -> None:
-        self.store  # noqa: B018 (opens it)
+        self._opened()
 
     def call(self, op: str, **args: object) -> Any:
-        return result_of(dispatch(self.store, request(op, **args)))
+        return result_of(dispatch(self._opened(), request(op, **args)))
 
     def close(self) -> None:
         if self._store is not None:
