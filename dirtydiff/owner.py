@@ -148,6 +148,34 @@ class StateOwner:
         (a scrape, or a tracker starting, must not be kept waiting by it)."""
         return client.listening(self.state.socket_path)
 
+    # -- becoming the tracker or the sidecar ---------------------------------
+
+    def become_tracker(self) -> StateLock:
+        """Take the state lock for a tracker's whole life: from then on it
+        is who the requests go to. Conflict if another process holds it."""
+        lock = self.state.try_lock()
+        if lock is None:
+            raise errors.Conflict(
+                "state-busy",
+                f"state directory {self.state.path} is in use by another tracker "
+                f"(pid {self.state.holder_pid()})",
+            )
+        return lock
+
+    def become_sidecar(self) -> StateLock:
+        """Take STATE/sidecar.lock for a sidecar's whole life: one sidecar
+        per state directory. Conflict if another sidecar holds it (which
+        must then find its sockets as it left them)."""
+        lock = self.state.try_lock_sidecar()
+        if lock is None:
+            pid = self.state.holder_pid(self.state.sidecar_lock_path)
+            raise errors.Conflict(
+                "sidecar-running",
+                f"state directory {self.state.path} is in use by another sidecar "
+                f"({f'pid {pid}' if pid else 'starting now'}); stop it first",
+            )
+        return lock
+
     @contextlib.contextmanager
     def acting(self, *, never_tracked: str | None = None) -> Iterator[Actor]:
         """The one who serves requests until the block ends: the sidecar,

@@ -9,6 +9,7 @@ a peer of another version (or a broken one) could send.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,24 @@ def test_the_tracker_then_the_sidecar_serve_while_they_run(
     assert itself.sidecar() is None
     with pytest.raises(errors.BadRequest):
         itself.request("scan.list")
+
+
+def test_one_tracker_and_one_sidecar_per_state(tracked: StateDir) -> None:
+    owner = StateOwner(tracked)
+    tracker, sidecar = owner.become_tracker(), owner.become_sidecar()
+    try:
+        with pytest.raises(errors.Conflict, match=f"another tracker \\(pid {os.getpid()}\\)"):
+            StateOwner(tracked).become_tracker()
+        with pytest.raises(errors.Conflict, match=f"another sidecar \\(pid {os.getpid()}\\)"):
+            StateOwner(tracked).become_sidecar()
+        assert owner.tracker_runs()
+        with owner.acting() as actor:
+            assert actor.route is Route.TRACKER  # the lock says who, not the socket
+    finally:
+        tracker.release()
+        sidecar.release()
+    assert not owner.tracker_runs()
+    owner.become_sidecar().release()
 
 
 # -- typed replies ---------------------------------------------------------------------
