@@ -2,11 +2,12 @@
 own operations that its parts (``dirtydiff.checkpoints``, ``dirtydiff.scans``)
 build on.
 
-Generations. The set of recording bitmaps is an immutable ``Generation``; an operation of
-the store that changes the set installs a new one under the store's lock. A
-write is counted in the generation it marked, and an operation that must
-*drain* (a checkpoint, a disable) waits until every write counted in the old
-generation has completed: ``retired`` is set when the last one ends.
+Generations. The set of recording bitmaps is an immutable ``Generation``; an
+operation of the store that changes the set installs a new one under the
+store's lock. A write is counted in the generation it marked, and an
+operation that must *drain* (a checkpoint, a disable) waits until every write
+counted in the old generation has completed: ``retired`` is set when the last
+one ends.
 """
 
 from __future__ import annotations
