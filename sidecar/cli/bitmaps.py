@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from dirtydiff import errors
@@ -20,7 +19,6 @@ from dirtydiff.owner import StateOwner
 from dirtydiff.state import StateDir, check_name, record_first_disk
 from dirtydiff.store import CheckpointResult
 from sidecar.cli.output import emit, emit_bitmap, human_size, print_table
-from sidecar.nbdclient import context_extents
 
 
 def run_request(state_dir: str, op: str, **args: object) -> Any:
@@ -79,14 +77,12 @@ def cmd_bitmap_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def simple_command(op: str) -> Callable[[argparse.Namespace], int]:
-    def command(args: argparse.Namespace) -> int:
-        result = run_request(args.state, op, name=args.name)
-        if result is not None:  # bitmap.remove answers nothing
-            emit_bitmap(result, args.json)
-        return 0
-
-    return command
+def cmd_simple(args: argparse.Namespace) -> int:
+    """remove, enable, disable: the op the parser set, on bitmap NAME."""
+    result = run_request(args.state, args.op, name=args.name)
+    if result is not None:  # bitmap.remove answers nothing
+        emit_bitmap(result, args.json)
+    return 0
 
 
 IMPORT_BATCH = 16384  # ranges per control message, well under its size limit
@@ -96,6 +92,8 @@ def cmd_bitmap_import(args: argparse.Namespace) -> int:
     """Made inconsistent ("an import is filling it"), filled, then declared
     consistent: killed half way, it is never taken for the bitmap it was to
     be."""
+    from sidecar.nbdclient import context_extents  # noqa: PLC0415 (libnbd, for this command only)
+
     state = StateDir(args.state)
     size, found = context_extents(args.from_uri, args.context)
     known = state.disk_size()

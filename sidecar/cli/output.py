@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dirtydiff.control import replies
 from dirtydiff.state import BitmapInfo
-from sidecar.scan.engine import Progress
-from sidecar.scan.job import ScanResult
+
+if TYPE_CHECKING:  # the scan engine loads libnbd: not for the bitmap commands
+    from sidecar.scan.engine import Progress
+    from sidecar.scan.job import ScanResult
 
 
 def human_size(n: int) -> str:

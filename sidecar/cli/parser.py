@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
 
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY
-from dirtydiff.store import DRAIN_TIMEOUT
-from sidecar.cli.bitmaps import (
-    cmd_bitmap_add,
-    cmd_bitmap_clear,
-    cmd_bitmap_import,
-    cmd_bitmap_list,
-    cmd_bitmap_merge,
-    cmd_bitmap_show,
-    cmd_checkpoint,
-    cmd_status,
-    simple_command,
-)
-from sidecar.cli.processes import cmd_serve, cmd_track
-from sidecar.cli.scans import cmd_rebuild, cmd_scan
+from dirtydiff.storebase import DRAIN_TIMEOUT
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
-from sidecar.scan.engine import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _command(name: str) -> Command:
+    """The command ``name`` of this package ("scans.cmd_scan"), imported
+    when it runs: a command pays for its own imports only (a checkpoint run
+    by a backup script loads neither libnbd nor the scan engine)."""
+    module, _, function = name.rpartition(".")
+
+    def run(args: argparse.Namespace) -> int:
+        command: Command = getattr(importlib.import_module(f"sidecar.cli.{module}"), function)
+        return command(args)
+
+    return run
 
 
 def _granularity(text: str) -> int:
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--readonly", action="store_true", help="serve read-only")
     p.add_argument("--threads", type=int, help="nbdkit worker threads per connection")
-    p.set_defaults(func=cmd_track)
+    p.set_defaults(func=_command("processes.cmd_track"))
 
     p = sub.add_parser("scan", help="rebuild a bitmap by diffing the disk against a backup")
     state_arg(p)
@@ -73,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bitmap", required=True, metavar="NAME", help="the bitmap to fill")
     p.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY)
     p.add_argument("--max-rate", type=float, metavar="BYTES/S", help="cap on bytes read per second")
-    p.add_argument("--chunk-size", type=_granularity, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
-    p.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT, help=argparse.SUPPRESS)
+    # Hidden tuning knobs; unset, the scan engine's defaults.
+    p.add_argument("--chunk-size", type=_granularity, help=argparse.SUPPRESS)
+    p.add_argument("--in-flight", type=int, help=argparse.SUPPRESS)
     p.add_argument(
         "--wait",
         action="store_true",
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cancel", action="store_true", help="stop the sidecar's scan (it can resume)")
     p.add_argument("--abort", action="store_true", help="forget an unfinished scan and its bitmap")
-    p.set_defaults(func=cmd_scan)
+    p.set_defaults(func=_command("scans.cmd_scan"))
 
     p = sub.add_parser("serve", help="export the disk and its bitmaps over NBD, read-only")
     state_arg(p)
@@ -134,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"close a client that has not finished its handshake in SECONDS "
         f"(default {HANDSHAKE_LIMIT:g}, as qemu-nbd)",
     )
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=_command("processes.cmd_serve"))
 
     p = sub.add_parser(
         "rebuild", help="refill an inconsistent bitmap by a diff scan against its backup"
@@ -150,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-rate", type=float, metavar="BYTES/S", help="cap on bytes read per second")
     p.add_argument("--wait", action="store_true", help="follow the sidecar's rebuild to its end")
-    p.set_defaults(func=cmd_rebuild)
+    p.set_defaults(func=_command("scans.cmd_rebuild"))
 
     bitmap = sub.add_parser(
         "bitmap", help="add, remove, clear, enable, disable, merge, list, show bitmaps"
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backup", metavar="URI", help="the backup it counts changes from (for rebuild)"
     )
-    p.set_defaults(func=cmd_bitmap_add)
+    p.set_defaults(func=_command("bitmaps.cmd_bitmap_add"))
 
     p = bsub.add_parser(
         "clear", help="empty a bitmap: it counts changes from now on, not from its backup"
@@ -177,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backup", metavar="URI", help="a backup taken just now, which it then counts from"
     )
-    p.set_defaults(func=cmd_bitmap_clear)
+    p.set_defaults(func=_command("bitmaps.cmd_bitmap_clear"))
 
     for action, op, text in (
         ("remove", "bitmap.remove", "delete a bitmap"),
@@ -188,14 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         state_arg(p)
         json_arg(p)
         p.add_argument("name")
-        p.set_defaults(func=simple_command(op))
+        p.set_defaults(func=_command("bitmaps.cmd_simple"), op=op)
 
     p = bsub.add_parser("merge", help="OR bitmaps into a target bitmap")
     state_arg(p)
     json_arg(p)
     p.add_argument("target")
     p.add_argument("sources", nargs="+")
-    p.set_defaults(func=cmd_bitmap_merge)
+    p.set_defaults(func=_command("bitmaps.cmd_bitmap_merge"))
 
     p = bsub.add_parser("import", help="import a dirty bitmap from any NBD server")
     state_arg(p)
@@ -207,19 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--granularity", type=_granularity, default=DEFAULT_GRANULARITY)
     p.add_argument("--disabled", action="store_true", help="import it not recording")
-    p.set_defaults(func=cmd_bitmap_import)
+    p.set_defaults(func=_command("bitmaps.cmd_bitmap_import"))
 
     p = bsub.add_parser("list", help="list bitmaps")
     state_arg(p)
     json_arg(p)
-    p.set_defaults(func=cmd_bitmap_list)
+    p.set_defaults(func=_command("bitmaps.cmd_bitmap_list"))
 
     p = bsub.add_parser("show", help="print a bitmap's extents as nbdinfo --map does")
     state_arg(p)
     json_arg(p)
     p.add_argument("name")
     p.add_argument("--allow-inconsistent", action="store_true", help="print an inconsistent bitmap")
-    p.set_defaults(func=cmd_bitmap_show)
+    p.set_defaults(func=_command("bitmaps.cmd_bitmap_show"))
 
     p = sub.add_parser("checkpoint", help="freeze the changes since the last checkpoint as NAME")
     state_arg(p)
@@ -232,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the backup taken at this checkpoint lives: the next interval counts "
         "changes from it, and `dirtydiff rebuild @open` scans against it after a crash",
     )
-    p.set_defaults(func=cmd_checkpoint)
+    p.set_defaults(func=_command("bitmaps.cmd_checkpoint"))
 
     p = sub.add_parser("status", help="tracker state and bitmaps")
     state_arg(p)
     json_arg(p)
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=_command("bitmaps.cmd_status"))
     return parser

@@ -15,6 +15,7 @@ from dirtydiff.disk import is_nbd_uri
 from dirtydiff.owner import Actor, SidecarActor, StateOwner
 from dirtydiff.state import StateDir
 from sidecar.cli.output import emit, progress_printer, scan_summary
+from sidecar.scan.engine import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
 from sidecar.scan.job import ScanOptions, abort_scan, rebuild_backup, run_scan
 from sidecar.scan.jobs import JobStatus
 
@@ -124,8 +125,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         name=args.bitmap,
         granularity=args.granularity,
         max_rate=args.max_rate,
-        chunk=args.chunk_size,
-        in_flight=args.in_flight,
+        chunk=DEFAULT_CHUNK if args.chunk_size is None else args.chunk_size,
+        in_flight=DEFAULT_IN_FLIGHT if args.in_flight is None else args.in_flight,
     )
     interactive = sys.stderr.isatty() and not args.json
     if args.cancel:  # with no sidecar, its socket's error says so
