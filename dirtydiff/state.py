@@ -214,6 +214,12 @@ def check_name(name: str) -> None:
         )
 
 
+def is_user_name(name: str) -> bool:
+    """Whether bitmap ``name`` is a result users see (``StateDir.user_names``),
+    not a scan's scratch ``@scan:NAME``."""
+    return not name.startswith(SCAN_WRITES_PREFIX)
+
+
 @dataclass(frozen=True)
 class BitmapInfo:
     """What ``bitmap list`` and ``status`` tell about one bitmap."""
@@ -224,7 +230,7 @@ class BitmapInfo:
     enabled: bool
     recording: bool
     consistent: bool
-    reason: str
+    reason: str  # for people: why it is inconsistent, or "consistent"
     dirty_bytes: int
     generation: int
     backup: str  # the backup it counts changes from, "" if not known
@@ -232,9 +238,24 @@ class BitmapInfo:
     # added again under the same name is another bitmap, and a scan record
     # left by the first must not answer for the second.
     created_ns: int
+    # For programs: ``reason_code(why)``, what code decides by (never ``reason``).
+    reason_code: str = "consistent"
+
+    @property
+    def why(self) -> Reason:
+        """Why it is inconsistent (Reason.NONE if it is not)."""
+        return REASONS_BY_CODE[self.reason_code]
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+def reason_code(reason: Reason) -> str:
+    """A Reason as the control protocol names it: ``scan-in-progress``."""
+    return "consistent" if reason is Reason.NONE else reason.name.lower().replace("_", "-")
+
+
+REASONS_BY_CODE = {reason_code(r): r for r in Reason}
 
 
 def describe(name: str, bitmap: BitmapFile, *, recording: bool) -> BitmapInfo:
@@ -252,6 +273,7 @@ def describe(name: str, bitmap: BitmapFile, *, recording: bool) -> BitmapInfo:
         generation=header.generation,
         backup=header.backup,
         created_ns=header.created_ns,
+        reason_code=reason_code(why),
     )
 
 
@@ -421,7 +443,7 @@ class StateDir:
     def user_names(self) -> list[str]:
         """The bitmaps that are results: not a scan's scratch ``@scan:NAME``,
         which the export, the metrics and the rebuild on start leave out."""
-        return [name for name in self.names() if not name.startswith(SCAN_WRITES_PREFIX)]
+        return [name for name in self.names() if is_user_name(name)]
 
     def open_bitmap(self, name: str, *, writable: bool = False) -> BitmapFile:
         try:

@@ -18,6 +18,7 @@ from typing import Any
 from dirtydiff import errors, sdnotify
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity
 from dirtydiff.disk import Backend, Connection, FileBackend, NbdBackend
+from dirtydiff.owner import StateOwner
 from dirtydiff.state import DiskSeen, StateDir, StateLock, file_identity, tracker_description
 from dirtydiff.store import BitmapStore
 from nbd_plugins.control_server import ControlServer
@@ -98,14 +99,7 @@ class Tracker:
         config.check()
         assert config.state is not None
         self.state = StateDir(config.state)
-        lock = self.state.try_lock()
-        if lock is None:
-            raise errors.Conflict(
-                "state-busy",
-                f"state directory {self.state.path} is in use by another tracker "
-                f"(pid {self.state.holder_pid()})",
-            )
-        self._lock: StateLock = lock
+        self._lock: StateLock = StateOwner(self.state).become_tracker()
         self.backend: Backend | None = None
         self.control: ControlServer | None = None
         try:

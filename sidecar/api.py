@@ -5,7 +5,7 @@ It is the one place a backup tool or the CLI needs to talk to while the
 sidecar runs:
 
 - bitmap lifecycle and checkpoints (``bitmap.*``, ``checkpoint``,
-  ``status``): run where they can run (``control.run``): by the tracker while
+  ``status``): run where they can run (``dirtydiff.owner``): by the tracker while
   it serves the VM, so they take effect between two writes with the drain
   semantics of its store, or on the files under the state lock when no
   tracker runs;
@@ -32,18 +32,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from functools import partial
 from typing import Any
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import Reason
 from dirtydiff.disk import NBD_SCHEMES, is_nbd_uri
-from dirtydiff.state import SCAN_WRITES_PREFIX, StateDir
+from dirtydiff.owner import StateOwner
+from dirtydiff.state import StateDir, is_user_name
 from sidecar.scan.job import (
     ScanOptions,
     ScanRecord,
     abort_scan,
-    bitmap_info,
+    find_bitmap,
     rebuild_backup,
     record_is_over,
 )
@@ -67,6 +67,8 @@ STOP_TIMEOUT = 30.0
 class SidecarApi:
     def __init__(self, state: StateDir, disk: str, jobs: ScanJobs) -> None:
         self.state = state
+        # The sidecar's own requests go to the tracker or the files, never to itself.
+        self.owner = StateOwner(state, ask_sidecar=False)
         self.disk = disk  # what scans read unless told otherwise: the export's disk
         self.jobs = jobs
 
@@ -75,7 +77,7 @@ class SidecarApi:
         try:
             op, args = control.parse_request(message, OPS)
             if op in ROUTED:
-                return control.reply_ok(control.run(self.state, op, **args))
+                return control.reply_ok(self.owner.request(op, **args))
             return control.reply_ok(getattr(self, "_" + op.replace(".", "_"))(args))
         except errors.DirtydiffError as e:
             return control.reply_error(e)
@@ -128,10 +130,10 @@ class SidecarApi:
         """Rebuild inconsistent NAME against the backup it refers to."""
         name = control.arg(args, "name", str)
         given = control.arg(args, "backup", str, "")
-        info = control.run(self.state, "bitmap.info", name=name)
+        info = self.owner.info(name)
         backup = rebuild_backup(info, given)
         options = self._options(
-            {**args, "backup": backup}, rebuild=True, granularity=info["granularity"]
+            {**args, "backup": backup}, rebuild=True, granularity=info.granularity
         )
         return self.jobs.start(options).as_dict()
 
@@ -158,16 +160,15 @@ class SidecarApi:
         (STATE/scans/NAME.json names its disk and backup) and, if asked,
         rebuild every inconsistent bitmap that knows its backup."""
         started: list[Job] = []
-        scanning = Reason.SCAN_IN_PROGRESS.describe()
         for name, record in ScanRecord.unfinished(self.state):
             try:
-                info = bitmap_info(partial(control.run, self.state), name)
+                info = find_bitmap(self.owner.request, name)
                 if info is None or record_is_over(record, info):
                     outlived = ScanRecord(self.state, name)
                     with outlived.exclusive():
                         outlived.remove()
                     continue
-                if info["reason"] != scanning:
+                if info.why is not Reason.SCAN_IN_PROGRESS:
                     continue  # aborted, or made inconsistent since: nothing to go on with
                 options = ScanOptions(
                     disk=str(record["disk"]),
@@ -187,19 +188,19 @@ class SidecarApi:
                 log.warning("unfinished scan of %s not resumed: %s", name, e)
         if not rebuild_inconsistent:
             return started
-        for info in control.run(self.state, "bitmap.list"):
-            name = info["name"]
-            if info["consistent"] or info["reason"] == scanning:
+        for info in self.owner.bitmaps():
+            name = info.name
+            if info.consistent or info.why is Reason.SCAN_IN_PROGRESS:
                 continue  # a scan being filled is resumed from its record, or not at all
-            if name.startswith(SCAN_WRITES_PREFIX):
+            if not is_user_name(name):
                 continue
-            if not info["backup"]:
+            if not info.backup:
                 log.warning("bitmap %s is inconsistent and names no backup: not rebuilt", name)
                 continue
             try:
                 started.append(self.jobs.start(self._options(
-                    {"name": name, "backup": info["backup"]},
-                    rebuild=True, granularity=info["granularity"],
+                    {"name": name, "backup": info.backup},
+                    rebuild=True, granularity=info.granularity,
                 )))  # fmt: skip
             except errors.DirtydiffError as e:
                 log.warning("bitmap %s not rebuilt: %s", name, e.message)

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BitmapFile, Flag
+from dirtydiff.owner import StateOwner
 from dirtydiff.state import StateDir, describe
 from sidecar.export import NbdServer
 from sidecar.scan.jobs import STATES, ScanJobs
@@ -112,7 +113,7 @@ class BitmapMetrics(Collector):
         granularity = GaugeMetricFamily(
             "dirtydiff_bitmap_granularity_bytes", "Bytes per bit", labels=labels
         )
-        tracking = control.listening(self.state.socket_path)
+        tracking = StateOwner(self.state).tracker_listening()
         for name in self.state.user_names():  # a scan's scratch has its scan's metrics
             try:
                 with BitmapFile(self.state.bitmap_path(name), writable=False) as bitmap:

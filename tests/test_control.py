@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BOOT_ID_ENV
+from dirtydiff.control import handlers, wire
 from dirtydiff.state import OPEN_CHECKPOINT, DiskSeen, StateDir
 from dirtydiff.store import BitmapStore
 
@@ -117,13 +118,13 @@ def test_oversize_length_is_refused_before_reading_or_allocating(
     length: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asked: list[int] = []
-    recv_exactly: Callable[[socket.socket, int], bytes | None] = control._recv_exactly
+    recv_exactly: Callable[[socket.socket, int], bytes | None] = wire._recv_exactly
 
     def spy(sock: socket.socket, size: int) -> bytes | None:
         asked.append(size)
         return recv_exactly(sock, size)
 
-    monkeypatch.setattr(control, "_recv_exactly", spy)
+    monkeypatch.setattr(wire, "_recv_exactly", spy)
     # The peer stays connected: waiting for the payload would time out.
     assert protocol_error(struct.pack("!I", length), close=False) == "too-large"
     assert asked == [4]
@@ -397,7 +398,7 @@ def check_import_complete(store: BitmapStore, result: Any) -> None:
 
 
 def scanning(store: BitmapStore) -> dict[str, Any]:
-    begun = store.scan_begin("s", disk=control._disk({"disk": SEEN}))
+    begun = store.scan_begin("s", disk=handlers._disk({"disk": SEEN}))
     store.mark_ranges("s", [(0, 1)])
     return {"created_ns": begun["created_ns"]}
 

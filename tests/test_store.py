@@ -929,7 +929,7 @@ def test_a_checkpoint_whose_directory_fsync_fails_marks_the_file_it_names(
     def fsync_fails(path: Path) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr("dirtydiff.store.fsync_dir", fsync_fails)
+    monkeypatch.setattr("dirtydiff.checkpoints.fsync_dir", fsync_fails)
     with pytest.raises(errors.StorageError, match="could not make it durable"):
         store.checkpoint("cp1")
     monkeypatch.undo()

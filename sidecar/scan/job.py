@@ -24,16 +24,17 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dirtydiff import control, errors
+from dirtydiff import control, errors, scans
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
+from dirtydiff.control import replies
 from dirtydiff.disk import is_nbd_uri
-from dirtydiff.state import OPEN_CHECKPOINT, StateDir, check_name
+from dirtydiff.owner import Actor, Route, StateOwner
+from dirtydiff.state import OPEN_CHECKPOINT, BitmapInfo, StateDir, check_name
 from dirtydiff.statefiles import open_file, read_file
-from dirtydiff.store import BitmapStore
 from sidecar.scan.engine import (
     DEFAULT_CHUNK,
     DEFAULT_IN_FLIGHT,
@@ -82,6 +83,24 @@ class ScanOptions:
         # NaN fails ``> 0``; an infinite rate would be no limit, which is None.
         if self.max_rate is not None and not 0 < self.max_rate < math.inf:
             raise errors.BadRequest("bad-rate", "the rate limit must be a positive finite number")
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What a finished scan tells: the bitmap it filled, consistent and
+    recording, how it went, and where it began (0, or where it resumed)."""
+
+    bitmap: BitmapInfo
+    progress: Progress
+    resumed_from: int
+
+    def as_dict(self) -> dict[str, object]:
+        """What ``dirtydiff scan --json`` prints."""
+        return {
+            "bitmap": self.bitmap.as_dict(),
+            "progress": self.progress.as_dict(),
+            "resumed_from": self.resumed_from,
+        }
 
 
 class ScanRecord:
@@ -164,19 +183,6 @@ class ScanRecord:
             os.close(fd)
 
 
-class _Bitmaps:
-    """The bitmap operations a scan needs, online or offline."""
-
-    def __init__(self, state: StateDir, store: BitmapStore | None) -> None:
-        self.state = state
-        self.store = store
-
-    def call(self, op: str, **args: Any) -> Any:
-        if self.store is None:
-            return control.call(self.state.socket_path, op, **args)
-        return control.result_of(control.dispatch(self.store, control.request(op, **args)))
-
-
 def run_scan(
     state: StateDir,
     options: ScanOptions,
@@ -184,41 +190,39 @@ def run_scan(
     on_progress: Callable[[Progress], None] = lambda p: None,
     cancel: threading.Event | None = None,
     need_tracker: bool = False,
-) -> dict[str, Any]:
+) -> ScanResult:
+    """Run the scan ``options`` describes on the tracker (online) or on the
+    files, with the state lock held until it ends (offline); never through
+    a sidecar, which runs this itself. ``need_tracker``: refuse to run
+    offline."""
     if not (options.rebuild and options.name == OPEN_CHECKPOINT):  # @open can be rebuilt
         check_name(options.name)
     record = ScanRecord(state, options.name)
-    with record.exclusive():
-        lock = state.try_lock()
-        if lock is not None and need_tracker:
-            lock.release()
+    with record.exclusive(), StateOwner(state, ask_sidecar=False).acting() as bitmaps:
+        if bitmaps.route is Route.FILES and need_tracker:
             raise errors.Unavailable(
                 "tracker-down",
                 f"no tracker runs for {state.path}: a scan of {options.disk} needs it to "
                 "record the writes made meanwhile",
             )
-        try:
-            return _run(state, options, record, lock, on_progress, cancel)
-        finally:
-            if lock is not None:
-                lock.release()
+        return _run(state, options, record, bitmaps, on_progress, cancel)
 
 
 def _run(
     state: StateDir,
     options: ScanOptions,
     record: ScanRecord,
-    lock: Any,
+    bitmaps: Actor,
     on_progress: Callable[[Progress], None],
     cancel: threading.Event | None,
-) -> dict[str, Any]:
+) -> ScanResult:
     disk = open_side("disk", options.disk, cancel)
     try:
         backup = open_side("backup", options.backup, cancel)
     except BaseException:
         disk.close()
         raise
-    store: BitmapStore | None = None
+    offline = bitmaps.route is Route.FILES  # no tracker; we own the files
     try:
         if backup.size != disk.size:
             raise errors.Conflict(
@@ -230,7 +234,7 @@ def _run(
             raise errors.Conflict(
                 "backup-is-disk", f"the backup {options.backup} is the disk itself"
             )
-        if lock is not None:  # offline: no tracker; we own the files
+        if offline:
             known = state.disk()
             if known is None:
                 state.prepare()
@@ -241,11 +245,10 @@ def _run(
                     "disk-size-mismatch",
                     f"the disk has {disk.size} bytes but {state.path} describes {known.size} bytes",
                 )
-            store = BitmapStore(state, disk.size, recording=False)
-        bitmaps = _Bitmaps(state, store)
+            bitmaps.open()
         previous = record.load()
         if previous is not None:
-            current = bitmap_info(bitmaps.call, options.name)
+            current = find_bitmap(bitmaps.call, options.name)
             if record_is_over(previous, current):
                 record.remove()
                 if (
@@ -256,8 +259,7 @@ def _run(
                     # Killed right after scan.complete: nothing is left to
                     # compare, and the same command reports it done.
                     finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
-                    done = {"progress": finished.as_dict(), "resumed_from": disk.size}
-                    return {"bitmap": current, **done}
+                    return ScanResult(current, finished, resumed_from=disk.size)
                 previous = None  # a fresh scan, or scan.begin finds the name in use
         if previous is not None and previous.get("backup") != options.backup:
             raise errors.Conflict(
@@ -267,24 +269,26 @@ def _run(
                 "or abort it (dirtydiff scan --abort)",
             )
         same_boot = previous is not None and previous.get("boot") == current_boot_id().hex()
-        begun = bitmaps.call(
-            "scan.begin",
-            name=options.name,
-            granularity=options.granularity,
-            disk=control.disk_seen(disk.seen),
-            restart=previous is None or not same_boot,
-            backup=options.backup,
-            rebuild=options.rebuild,
+        begun = replies.ScanBegun.from_wire(
+            bitmaps.call(
+                "scan.begin",
+                name=options.name,
+                granularity=options.granularity,
+                disk=control.disk_seen(disk.seen),
+                restart=previous is None or not same_boot,
+                backup=options.backup,
+                rebuild=options.rebuild,
+            )
         )
-        start = int(previous["position"]) if previous is not None and begun["resume"] else 0
-        offline_file = lock is not None and not is_nbd_uri(options.disk)
+        start = int(previous["position"]) if previous is not None and begun.resume else 0
+        offline_file = offline and not is_nbd_uri(options.disk)
         mtime = file_mtime(options.disk) if offline_file else None
         base = {
             "backup": options.backup,
             "disk": options.disk,
-            "granularity": begun["granularity"],
+            "granularity": begun.granularity,
             "rebuild": options.rebuild,
-            "created_ns": begun.get("created_ns"),
+            "created_ns": begun.created_ns,
         }
         record.save({**base, "position": start})
 
@@ -298,7 +302,7 @@ def _run(
         scan = Scan(
             disk,
             backup,
-            begun["granularity"],
+            begun.granularity,
             start=start,
             chunk=options.chunk,
             in_flight=options.in_flight,
@@ -315,33 +319,46 @@ def _run(
                 f"{options.disk} was modified during the scan and no tracker recorded the writes; "
                 f"scan again with the tracker running (bitmap {options.name!r} stays inconsistent)",
             )
-        info = bitmaps.call("scan.complete", name=options.name, created_ns=begun["created_ns"])
+        info = replies.bitmap_info(
+            bitmaps.call("scan.complete", name=options.name, created_ns=begun.created_ns)
+        )
         record.remove()
-        return {"bitmap": info, "progress": progress.as_dict(), "resumed_from": start}
+        return ScanResult(info, progress, resumed_from=start)
     finally:
-        if store is not None:
-            store.close()
         disk.close()
         backup.close()
 
 
-def fills(record: dict[str, Any], info: dict[str, Any]) -> bool:
+# What bitmap.info told: typed, or (from a test, or a tracker of before)
+# the map it travels as.
+Told = BitmapInfo | Mapping[str, Any]
+
+
+def _told(info: Told, key: str) -> Any:
+    return getattr(info, key) if isinstance(info, BitmapInfo) else info.get(key)
+
+
+def fills(record: dict[str, Any], info: Told) -> bool:
     """Whether the scan ``record`` describes was filling the bitmap ``info``
     describes, and not one removed since and added again under its name."""
-    # .get: a tracker started before bitmaps told their creation time (it
-    # may run on across an upgrade, under a running VM) tells none, and the
-    # records saved meanwhile name none: they match, as before.
-    return bool(record.get("created_ns") == info.get("created_ns"))
+    # A tracker started before bitmaps told their creation time (it may run
+    # on across an upgrade, under a running VM) tells none (0, or nothing),
+    # and the records saved meanwhile name none: they match, as before.
+    return (record.get("created_ns") or 0) == (_told(info, "created_ns") or 0)
 
 
-def finished_meanwhile(info: dict[str, Any], record: dict[str, Any]) -> bool:
+def finished_meanwhile(info: Told, record: dict[str, Any]) -> bool:
     """Whether the bitmap ``info`` describes is what the scan ``record``
     describes left when it completed: that very bitmap, consistent, and
     counting from the record's backup."""
-    return fills(record, info) and bool(info["consistent"]) and info["backup"] == record["backup"]
+    return (
+        fills(record, info)
+        and bool(_told(info, "consistent"))
+        and _told(info, "backup") == record["backup"]
+    )
 
 
-def record_is_over(record: dict[str, Any], info: dict[str, Any] | None) -> bool:
+def record_is_over(record: dict[str, Any], info: Told | None) -> bool:
     """Whether the scan ``record`` describes has nothing left to go on with:
     its bitmap (``info``, None if there is none) is gone, or is another one
     added under its name since, or the scan completed and its record
@@ -349,64 +366,45 @@ def record_is_over(record: dict[str, Any], info: dict[str, Any] | None) -> bool:
     return info is None or not fills(record, info) or finished_meanwhile(info, record)
 
 
-def bitmap_info(call: Callable[..., Any], name: str) -> dict[str, Any] | None:
-    """bitmap.info through ``call``, or None if there is no such bitmap."""
+def find_bitmap(call: Callable[..., Any], name: str) -> BitmapInfo | None:
+    """bitmap.info through ``call`` (an Actor's, or StateOwner.request), or
+    None if there is no such bitmap."""
     try:
-        info: dict[str, Any] = call("bitmap.info", name=name)
+        return replies.bitmap_info(call("bitmap.info", name=name))
     except errors.NotFound:
         return None
-    return info
 
 
-def rebuild_backup(info: dict[str, Any], backup: str | None) -> str:
+def rebuild_backup(info: BitmapInfo, backup: str | None) -> str:
     """The backup a rebuild of the bitmap ``info`` describes compares with,
-    checked before any connection is made."""
-    name = info["name"]
-    if info["consistent"]:
-        raise errors.Conflict(
-            "consistent",
-            f"bitmap {name!r} is consistent: nothing to rebuild "
-            "(a scan into a new bitmap compares against another backup)",
-        )
-    backup = backup or info["backup"]
-    if not backup:
-        raise errors.Conflict(
-            "no-backup",
-            f"bitmap {name!r} does not know the backup it counts changes from "
-            "(checkpoint --backup and bitmap add --backup record it); give --backup URI",
-        )
-    return str(backup)
+    checked before any connection is made (the store checks it again when
+    the rebuild begins: ``dirtydiff.scans.rebuild_backup``)."""
+    return scans.rebuild_backup(
+        info.name, consistent=info.consistent, recorded=info.backup, given=backup
+    )
 
 
 def abort_scan(state: StateDir, name: str) -> bool:
     """Forget the unfinished scan of ``name``: its record, and the bitmap it
-    was filling. Whether a bitmap was removed: a record left for a bitmap no
-    scan is filling (its scan completed, or the bitmap was removed and added
-    again) is forgotten, and the bitmap stays."""
+    was filling, on the tracker or the files (a sidecar stops its job of
+    ``name`` first, then runs this). Whether a bitmap was removed: a record
+    left for a bitmap no scan is filling (its scan completed, or the bitmap
+    was removed and added again) is forgotten, and the bitmap stays."""
     record = ScanRecord(state, name)
-    with record.exclusive():
-        lock = state.try_lock()
+    never_tracked = f"no scan of {name!r} in {state.path}"
+    with (
+        record.exclusive(),
+        StateOwner(state, ask_sidecar=False).acting(never_tracked=never_tracked) as bitmaps,
+    ):
+        bitmaps.open()
+        removed = True
         try:
-            store = None
-            if lock is not None:
-                size = state.disk_size()
-                if size is None:
-                    raise errors.NotFound("never-tracked", f"no scan of {name!r} in {state.path}")
-                store = BitmapStore(state, size, recording=False)
-            removed = True
-            try:
-                _Bitmaps(state, store).call("scan.abort", name=name)
-            except (errors.NotFound, errors.Conflict):
-                # No scan is filling NAME: with no record either, there is
-                # nothing to abort.
-                if record.load() is None:
-                    raise
-                removed = False
-            finally:
-                if store is not None:
-                    store.close()
-            record.remove()
-            return removed
-        finally:
-            if lock is not None:
-                lock.release()
+            bitmaps.call("scan.abort", name=name)
+        except (errors.NotFound, errors.Conflict):
+            # No scan is filling NAME: with no record either, there is
+            # nothing to abort.
+            if record.load() is None:
+                raise
+            removed = False
+        record.remove()
+        return removed

@@ -8,6 +8,7 @@ scan itself is the same job as in the foreground (``sidecar.scan.job``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -32,6 +33,72 @@ RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 RETRY_FOR = 600.0
 
 
+@dataclass(frozen=True)
+class JobStatus:
+    """What ``scan.start``, ``scan.status``, ``scan.cancel`` and ``rebuild``
+    answer of a job, and what ``--json`` prints of it."""
+
+    bitmap: str
+    backup: str
+    rebuild: bool
+    state: str  # one of STATES
+    error: str | None  # why it failed, or why it waits
+    progress: dict[str, Any] | None  # Progress.as_dict(), once it began
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def seen_progress(self) -> Progress | None:
+        """The progress as the job last told it (what a display shows)."""
+        if self.progress is None:
+            return None
+        p = Progress(total=self.progress["total"])
+        p.position = self.progress["position"]
+        p.compared = self.progress["compared"]
+        p.differing_granules = self.progress["differing_granules"]
+        return p
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, result: object) -> JobStatus:
+        """A JobStatus from a sidecar's reply; ProtocolError if it has not
+        the shape of one."""
+        # A field a newer sidecar adds is left out, not refused.
+        if not isinstance(result, dict) or not result.keys() >= _JOB_FIELDS:
+            raise _malformed(result)
+        status = cls(**{name: result[name] for name in _JOB_FIELDS})
+        progress = status.progress
+        if not (
+            isinstance(status.bitmap, str)
+            and isinstance(status.backup, str)
+            and type(status.rebuild) is bool
+            and status.state in STATES
+            and (status.error is None or isinstance(status.error, str))
+            and (
+                progress is None
+                or (
+                    isinstance(progress, dict)
+                    and all(type(progress.get(key)) is int for key in _PROGRESS_SHOWN)
+                )
+            )
+        ):
+            raise _malformed(result)
+        return status
+
+
+_JOB_FIELDS = {f.name for f in dataclasses.fields(JobStatus)}
+_PROGRESS_SHOWN = ("total", "position", "compared", "differing_granules")
+
+
+def _malformed(result: object) -> errors.ProtocolError:
+    return errors.ProtocolError(
+        "malformed-reply", f"a scan job reply has not its shape: {repr(result)[:200]}"
+    )
+
+
 @dataclass
 class Job:
     options: ScanOptions
@@ -43,15 +110,18 @@ class Job:
     finished: float | None = None
     stopped: threading.Event = field(default_factory=threading.Event)  # set once it ended
 
+    def status(self) -> JobStatus:
+        return JobStatus(
+            bitmap=self.options.name,
+            backup=self.options.backup,
+            rebuild=self.options.rebuild,
+            state=self.state,
+            error=self.error,
+            progress=self.progress.as_dict() if self.progress else None,
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "bitmap": self.options.name,
-            "backup": self.options.backup,
-            "rebuild": self.options.rebuild,
-            "state": self.state,
-            "error": self.error,
-            "progress": self.progress.as_dict() if self.progress else None,
-        }
+        return self.status().as_dict()
 
 
 class ScanJobs:

@@ -1,125 +1,22 @@
-"""The control protocol: msgpack messages over a unix stream socket.
-
-Framing: each message is a 4-byte big-endian length, then that many bytes of
-one msgpack map. Messages over MAX_MESSAGE bytes end the connection (the
-length is checked before anything is allocated).
-
-Request::  {"version": 1, "op": "bitmap.add", "args": {"name": "b0", ...}}
-Reply::    {"version": 1, "ok": true, "result": ...}
-           {"version": 1, "ok": false, "error": {"code": "...", "message": "..."}}
-
-A malformed message (bad length, not msgpack, not a map, wrong version, unknown
-op, wrong argument types) gets an error reply; framing errors also end the
-connection, because the stream cannot be resynchronised.
+"""The control requests: their arguments, checked, and the store operation
+each one runs.
 
 ``dispatch`` runs one request against a BitmapStore and is the same code
-whether the request came over the tracker's socket or from the CLI working on
-the state directory directly.
+whether the request came over the tracker's socket or from a command working
+on the state directory directly (``dirtydiff.owner``).
 """
 
 from __future__ import annotations
 
 import math
-import socket
-import struct
 from collections.abc import Callable, Collection
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-import msgpack
-
 from dirtydiff import errors
-from dirtydiff.state import DiskSeen, StateDir
+from dirtydiff.control.wire import API_VERSION, Message, reply_error, reply_ok
+from dirtydiff.state import DiskSeen
 from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
-
-API_VERSION = 1
-MAX_MESSAGE = 1 << 20
-_LENGTH = struct.Struct("!I")
-CALL_TIMEOUT = 120.0
-
-Message = dict[str, Any]
-
-
-def encode(message: Message) -> bytes:
-    payload: bytes = msgpack.packb(message, use_bin_type=True)
-    if len(payload) > MAX_MESSAGE:
-        raise errors.BadRequest("too-large", f"message of {len(payload)} bytes is over the limit")
-    return _LENGTH.pack(len(payload)) + payload
-
-
-def encode_reply(reply: Message) -> bytes:
-    """``encode`` for a server's reply: one too large to send (a result that
-    grew past the limit) becomes an error reply, so the client gets an answer
-    and the connection stays in step."""
-    try:
-        return encode(reply)
-    except errors.BadRequest as e:
-        return encode(reply_error(errors.DirtydiffError("reply-too-large", e.message)))
-
-
-def frame_length(prefix: bytes) -> int:
-    """Parse the length prefix; a length past the limit is a protocol error."""
-    length: int = _LENGTH.unpack(prefix)[0]
-    if length > MAX_MESSAGE:
-        raise errors.ProtocolError(
-            "too-large", f"message of {length} bytes is over the {MAX_MESSAGE}-byte limit"
-        )
-    return length
-
-
-def decode(payload: bytes) -> Message:
-    try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as e:
-        raise errors.ProtocolError("malformed", f"not a msgpack message: {e}") from None
-    if not isinstance(message, dict):
-        raise errors.ProtocolError("malformed", "a message must be a msgpack map")
-    return message
-
-
-def _recv_exactly(sock: socket.socket, length: int) -> bytes | None:
-    chunks = bytearray()
-    while len(chunks) < length:
-        chunk = sock.recv(length - len(chunks))
-        if not chunk:
-            if not chunks:
-                return None
-            raise errors.ProtocolError("truncated", "connection closed inside a message")
-        chunks += chunk
-    return bytes(chunks)
-
-
-def read_message(sock: socket.socket) -> Message | None:
-    """Read one message; None at a clean end of stream."""
-    prefix = _recv_exactly(sock, _LENGTH.size)
-    if prefix is None:
-        return None
-    payload = _recv_exactly(sock, frame_length(prefix))
-    if payload is None:
-        raise errors.ProtocolError("truncated", "connection closed inside a message")
-    return decode(payload)
-
-
-def reply_ok(result: object) -> Message:
-    return {"version": API_VERSION, "ok": True, "result": result}
-
-
-MAX_ERROR_MESSAGE = 2048  # characters: an error may quote the request it refuses
-
-
-def reply_error(error: errors.DirtydiffError) -> Message:
-    message = error.message
-    if len(message) > MAX_ERROR_MESSAGE:
-        message = message[: MAX_ERROR_MESSAGE - 16] + f"... ({len(message)} chars)"
-    return {
-        "version": API_VERSION,
-        "ok": False,
-        # "kind" is the class of error (bad-request, not-found, ...), "code"
-        # the precise reason scripts match on (unknown-bitmap, name-in-use, ...).
-        "error": {"kind": type(error).code, "code": error.code, "message": message},
-    }
-
 
 # -- requests ---------------------------------------------------------------
 
@@ -141,7 +38,7 @@ def arg(args: dict[str, Any], name: str, kind: type, default: object = ...) -> A
 MAX_TIMEOUT = 3600.0  # seconds a request may ask a drain to wait
 
 
-def _seconds(args: dict[str, Any]) -> float:
+def seconds(args: dict[str, Any]) -> float:
     value = arg(args, "timeout", object, DRAIN_TIMEOUT)
     # A comparison with NaN is false: NaN fails ``0 < value``.
     if not _is_number(value) or not 0 < value <= MAX_TIMEOUT:
@@ -224,7 +121,7 @@ def _rate(args: dict[str, Any], name: str) -> None:
 
 
 NUMBERS: dict[str, Callable[[dict[str, Any], str], object]] = {
-    "timeout": lambda args, name: _seconds(args),
+    "timeout": lambda args, name: seconds(args),
     "granularity": _count,
     "chunk": _count,
     "in_flight": _count,
@@ -311,7 +208,7 @@ HANDLERS: dict[str, _Handler] = {
     ).as_dict(),
     "bitmap.enable": lambda store, args: store.enable(arg(args, "name", str)).as_dict(),
     "bitmap.disable": lambda store, args: store.disable(
-        arg(args, "name", str), _seconds(args)
+        arg(args, "name", str), seconds(args)
     ).as_dict(),
     "bitmap.mark": lambda store, args: store.mark_ranges(
         arg(args, "name", str), _ranges(args)
@@ -335,7 +232,7 @@ HANDLERS: dict[str, _Handler] = {
         arg(args, "target", str), _names(args)
     ).as_dict(),
     "checkpoint": lambda store, args: asdict(
-        store.checkpoint(arg(args, "name", str), _seconds(args), arg(args, "backup", str, ""))
+        store.checkpoint(arg(args, "name", str), seconds(args), arg(args, "backup", str, ""))
     ),
 }
 
@@ -376,104 +273,3 @@ def dispatch(
         return reply_ok(HANDLERS[op](store, args))
     except errors.DirtydiffError as e:
         return reply_error(e)
-
-
-def run(state: StateDir, op: str, **args: object) -> Any:
-    """Run one store request where it can run: through the tracker's socket
-    while a tracker holds the state lock, else on the files under the lock
-    (which keeps a tracker from starting meanwhile). The same ``dispatch``
-    either way."""
-    lock = state.try_lock()
-    if lock is None:
-        try:
-            return call(state.socket_path, op, **args)
-        except errors.Unavailable:
-            if listening(state.socket_path):
-                raise
-            # Locked, and no tracker answers: an offline scan or another
-            # command holds the lock (or a tracker is starting right now).
-            raise errors.Unavailable(
-                "state-busy",
-                f"state directory {state.path} is locked by another process "
-                "(an offline scan, or a tracker starting); try again once it is done",
-            ) from None
-    try:
-        size = state.disk_size()
-        if size is None:
-            raise errors.NotFound(
-                "never-tracked",
-                f"state directory {state.path} has never been tracked; run `dirtydiff track` "
-                "on the disk once to create it",
-            )
-        store = BitmapStore(state, size, recording=False)
-        try:
-            return result_of(dispatch(store, request(op, **args)))
-        finally:
-            store.close()
-    finally:
-        lock.release()
-
-
-# -- client ---------------------------------------------------------------
-
-
-def request(op: str, **args: object) -> Message:
-    return {"version": API_VERSION, "op": op, "args": args}
-
-
-def listening(path: Path) -> bool:
-    """A server listens on the unix socket ``path``. Asked by connecting, not
-    by taking the state lock (a tracker starting at that moment needs it).
-    One we may not reach (permissions) counts: the call itself then fails
-    with a clear error."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-            return True
-        except PermissionError:
-            return True
-        except OSError:
-            return False
-
-
-def call(socket_path: Path, op: str, **args: object) -> Any:
-    """Send one request; return its result or raise the error it carries."""
-    # Wait long enough for any drain it asks for; a timeout that is not
-    # seconds is the server's bad-request to answer, not a socket timeout.
-    try:
-        drain = _seconds(args) if "timeout" in args else 0.0
-    except errors.BadRequest:
-        drain = 0.0
-    return call_within(socket_path, CALL_TIMEOUT + drain, op, **args)
-
-
-def call_within(socket_path: Path, wait: float, op: str, **args: object) -> Any:
-    """``call``, waiting at most ``wait`` seconds for the reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(wait)
-        try:
-            sock.connect(str(socket_path))
-            sock.sendall(encode(request(op, **args)))
-            reply = read_message(sock)
-        except PermissionError as e:
-            raise errors.PermissionDenied(
-                "permission-denied",
-                f"control socket {socket_path}: {e.strerror}; it is for its owner "
-                "(and the group given to dirtydiff serve --control-group)",
-            ) from None
-        except (ConnectionError, FileNotFoundError, TimeoutError) as e:
-            raise errors.Unavailable(
-                "unavailable", f"control socket {socket_path}: {e.strerror or e}"
-            ) from None
-    if reply is None:
-        raise errors.Unavailable("unavailable", f"{socket_path} closed without a reply")
-    return result_of(reply)
-
-
-def result_of(reply: Message) -> Any:
-    if reply.get("ok") is True:
-        return reply.get("result")
-    error = reply.get("error") or {}
-    code = str(error.get("code", "error"))
-    cls = errors.ERROR_CLASSES.get(str(error.get("kind")), errors.DirtydiffError)
-    raise cls(code, str(error.get("message", "request failed")))
