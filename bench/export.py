@@ -152,9 +152,9 @@ def prepare_sparse(work: Path) -> Path:
 
 def side_by_side(work: Path, disk: Path, name: str, rounds: int,
                  measure: Callable[[str], list[str]],
-                 *tracker_args: str) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
-    """Median seconds of the command ``measure(URI)`` from each of SIDE_BY_SIDE's servers
-    on ``disk``, and what each printed. The tracker and the deployed sidecar
+                 *tracker_args: str) -> tuple[dict[str, list[float]], dict[str, str]]:  # fmt: skip
+    """Seconds the command ``measure(URI)`` took in each round from each of
+    SIDE_BY_SIDE's servers on ``disk``, and what each printed. The tracker and the deployed sidecar
     share a state directory; ``serve --disk FILE`` has one of its own."""
     tracked, served = work / f"{name}-state", work / f"{name}-file-state"
     for state in (tracked, served):
@@ -186,14 +186,16 @@ def side_by_side(work: Path, disk: Path, name: str, rounds: int,
     for r in range(rounds):
         for step in order if r % 2 == 0 else order[::-1]:
             step()
-    return {who: statistics.median(t) for who, t in times.items()}, outputs
+    return times, outputs
 
 
-def print_side_by_side(title: str, med: dict[str, float], unit: str, amount: float,
-                       deployed_target: Target) -> None:  # fmt: skip
+def print_side_by_side(title: str, times: dict[str, list[float]], unit: str, amount: float,
+                       deployed_target: Target) -> dict[str, float]:  # fmt: skip
     """One row per server: its median time, its rate or time as a ratio
-    to qemu-nbd's, and the deployed server's target."""
+    to qemu-nbd's, and the deployed server's target; then the deployed
+    ratio of each round. Gives back the medians."""
     rate = unit != "s"
+    med = {who: statistics.median(t) for who, t in times.items()}
     print()
     print(title)
     print(f"{'server':40s} {'time (s)':>9s} {unit if rate else '':>8s} {'ratio':>7s} "
@@ -207,6 +209,10 @@ def print_side_by_side(title: str, med: dict[str, float], unit: str, amount: flo
         print(f"{label:40s} {med[who]:9.3f} {shown} {ratio:7.2f} {verdict}".rstrip())
     what = "rate ratio, qemu-nbd's time / its time" if rate else "time ratio, its / qemu-nbd's"
     print(f"({what})")
+    paired = zip(times["qemu"], times["deployed"], strict=True)
+    rounds = (f"{q / d if rate else d / q:.2f}" for q, d in paired)
+    print("per round (deployed ratio):", "  ".join(rounds))
+    return med
 
 
 def main(argv: Sequence[str]) -> int:
@@ -302,24 +308,24 @@ def run(argv: Sequence[str]) -> Outcome:
         print("per round (map ratio,copy ratio):", "  ".join(ratios))
 
         small = prepare_copy(work, small_size, "small")
-        reads, _ = side_by_side(work, small, "small", rounds, lambda uri: [
+        read_times, _ = side_by_side(work, small, "small", rounds, lambda uri: [
             "nbdcopy", "--connections=1", "--requests=1", "--request-size=4096", "--no-extents",
             uri, "null:",
         ])  # fmt: skip
         mib = small_size / MiB
         reads_target, map_target = Target(">=", 0.6), Target("<=", 1.5)
-        print_side_by_side(f"{mib:.0f} MiB in 4 KiB reads, one in flight (nbdcopy)", reads,
-                           "MiB/s", mib, reads_target)  # fmt: skip
+        reads = print_side_by_side(f"{mib:.0f} MiB in 4 KiB reads, one in flight (nbdcopy)",
+                                   read_times, "MiB/s", mib, reads_target)  # fmt: skip
         sparse = prepare_sparse(work)
         # A coarse granularity: the tracker's bitmaps of 15 TiB stay small.
-        maps, outputs = side_by_side(work, sparse, "sparse", rounds,
-                                     lambda uri: ["nbdinfo", "--map", uri],
-                                     "granularity=1048576")  # fmt: skip
+        map_times, outputs = side_by_side(work, sparse, "sparse", rounds,
+                                          lambda uri: ["nbdinfo", "--map", uri],
+                                          "granularity=1048576")  # fmt: skip
         if len(set(outputs.values())) != 1:
             print("bench export: the sparse maps differ!", file=sys.stderr)
             return Outcome(1)
-        print_side_by_side("nbdinfo --map, 15 TiB sparse, 20 MiB of data in 5 places", maps, "s",
-                           0.0, map_target)  # fmt: skip
+        maps = print_side_by_side("nbdinfo --map, 15 TiB sparse, 20 MiB of data in 5 places",
+                                  map_times, "s", 0.0, map_target)  # fmt: skip
         return Outcome(
             0,
             [
