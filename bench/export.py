@@ -8,10 +8,18 @@
     on a 1 TiB sparse raw file. The two outputs must be identical.
 (b) ``nbdcopy URI null:`` of a 2 GiB raw disk full of data: qemu-nbd -r
     against dirtydiff serve, on the same file.
+(c) Small requests: 32 MiB read in 4 KiB requests, one in flight
+    (``nbdcopy --connections=1 --requests=1 --request-size=4096
+    --no-extents``), from qemu-nbd -r on the file, the tracker alone, ``serve
+    --disk FILE``, and ``serve --disk TRACKER-URI`` as deployed.
+(d) ``nbdinfo --map`` (base:allocation) of a 15 TiB sparse disk with 20 MiB
+    of data in 5 places, from the same four servers.
 
-Runs alternate between the servers, the order flipping every round; the table
-shows medians and the ratio dirtydiff / qemu-nbd. Targets: the map at least as
-fast as qemu-nbd (time ratio <= 1.0); read throughput >= 0.8 of qemu-nbd's.
+Runs alternate between the servers, the order flipping every round; the
+tables show medians and the ratio dirtydiff / qemu-nbd. Targets: the bitmap
+map at least as fast as qemu-nbd (time ratio <= 1.0); read throughput >= 0.8
+of qemu-nbd's; deployed, small reads >= 0.6 of qemu-nbd's rate and the sparse
+map at most 1.5 times its time.
 """
 
 from __future__ import annotations
@@ -25,16 +33,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bench.report import Outcome, Ratio, Target
 
+MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 MAP_SIZE = TiB
 DIRTY_EXTENTS = 100_000
 COPY_SIZE = 2 * GiB
+SMALL_READS_SIZE = 32 * MiB
+SPARSE_SIZE = 15 * TiB
+SPARSE_DATA = [(i * 3 * TiB, 4 * MiB) for i in range(5)]  # (offset, length)
+# The four servers of (c) and (d), in the order their rows are printed.
+SIDE_BY_SIDE = {
+    "qemu": "qemu-nbd -r on the file",
+    "tracker": "the tracker alone",
+    "file": "serve --disk FILE",
+    "deployed": "serve --disk TRACKER-URI (deployed)",
+}
 
 
 def wait_for_socket(sock: Path, proc: subprocess.Popen[bytes], deadline: float = 60.0) -> None:
@@ -64,9 +83,17 @@ def server(argv: list[str], sock: Path) -> Iterator[str]:
             proc.wait()
 
 
-def ours(state: Path, disk: Path, sock: Path, *extra: str) -> list[str]:
+def ours(state: Path, disk: Path | str, sock: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state), "--disk",
             str(disk), "--socket", str(sock), *extra]  # fmt: skip
+
+
+def tracker(disk: Path, state: Path, sock: Path, *extra: str) -> list[str]:
+    return [
+        "nbdkit", "-f", "-U", str(sock), "python",
+        str(Path(__file__).resolve().parent.parent / "nbd_plugins" / "tracker.py"),
+        f"file={disk}", f"state={state}", *extra,
+    ]  # fmt: skip
 
 
 def timed(argv: list[str]) -> tuple[float, str]:
@@ -92,12 +119,7 @@ def prepare_map(work: Path, extents: int) -> tuple[Path, Path, Path]:
         f.truncate(MAP_SIZE)
     state.mkdir(mode=0o700)
     sock = work / "setup.sock"
-    tracker = [
-        "nbdkit", "-f", "-U", str(work / "t.sock"), "python",
-        str(Path(__file__).resolve().parent.parent / "nbd_plugins" / "tracker.py"),
-        f"file={raw}", f"state={state}",
-    ]  # fmt: skip
-    with server(tracker, work / "t.sock"):
+    with server(tracker(raw, state, work / "t.sock"), work / "t.sock"):
         pass  # once, so that the state directory knows its disk
     with server(
         ["qemu-nbd", "-r", "-t", "-f", "qcow2", "-B", "b0", "-k", str(sock), str(qcow2)], sock
@@ -108,13 +130,89 @@ def prepare_map(work: Path, extents: int) -> tuple[Path, Path, Path]:
     return qcow2, raw, state
 
 
-def prepare_copy(work: Path, size: int) -> Path:
-    disk = work / "copy.raw"
+def prepare_copy(work: Path, size: int, name: str = "copy") -> Path:
+    disk = work / f"{name}.raw"
     with disk.open("wb") as f:
         block = os.urandom(1 << 20)
         for _ in range(size // len(block)):
             f.write(block)
     return disk
+
+
+def prepare_sparse(work: Path) -> Path:
+    """SPARSE_SIZE bytes, holes but for SPARSE_DATA."""
+    disk = work / "sparse.raw"
+    with disk.open("wb") as f:
+        f.truncate(SPARSE_SIZE)
+        for offset, length in SPARSE_DATA:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return disk
+
+
+def side_by_side(work: Path, disk: Path, name: str, rounds: int,
+                 measure: Callable[[str], list[str]],
+                 *tracker_args: str) -> tuple[dict[str, list[float]], dict[str, str]]:  # fmt: skip
+    """Seconds the command ``measure(URI)`` took in each round from each of
+    SIDE_BY_SIDE's servers on ``disk``, and what each printed. The tracker and the deployed sidecar
+    share a state directory; ``serve --disk FILE`` has one of its own."""
+    tracked, served = work / f"{name}-state", work / f"{name}-file-state"
+    for state in (tracked, served):
+        state.mkdir(mode=0o700)
+    qsock, tsock, osock = work / "q.sock", work / "t.sock", work / "o.sock"
+    times: dict[str, list[float]] = {who: [] for who in SIDE_BY_SIDE}
+    outputs: dict[str, str] = {}
+
+    def run_on(who: str, uri: str) -> None:
+        took, outputs[who] = timed(measure(uri))
+        times[who].append(took)
+
+    def qemu() -> None:
+        with server(["qemu-nbd", "-r", "-t", "-f", "raw", "-k", str(qsock), str(disk)],
+                    qsock) as uri:  # fmt: skip
+            run_on("qemu", uri)
+
+    def file() -> None:
+        with server(ours(served, disk, osock), osock) as uri:
+            run_on("file", uri)
+
+    def through_tracker() -> None:
+        with server(tracker(disk, tracked, tsock, *tracker_args), tsock) as turi:
+            run_on("tracker", turi)
+            with server(ours(tracked, turi, osock), osock) as uri:
+                run_on("deployed", uri)
+
+    order = [qemu, through_tracker, file]
+    for r in range(rounds):
+        for step in order if r % 2 == 0 else order[::-1]:
+            step()
+    return times, outputs
+
+
+def print_side_by_side(title: str, times: dict[str, list[float]], unit: str, amount: float,
+                       deployed_target: Target) -> dict[str, float]:  # fmt: skip
+    """One row per server: its median time, its rate or time as a ratio
+    to qemu-nbd's, and the deployed server's target; then the deployed
+    ratio of each round. Gives back the medians."""
+    rate = unit != "s"
+    med = {who: statistics.median(t) for who, t in times.items()}
+    print()
+    print(title)
+    print(f"{'server':40s} {'time (s)':>9s} {unit if rate else '':>8s} {'ratio':>7s} "
+          f"{'target':>8s}")  # fmt: skip
+    for who, label in SIDE_BY_SIDE.items():
+        ratio = med["qemu"] / med[who] if rate else med[who] / med["qemu"]
+        shown = f"{amount / med[who]:8.1f}" if rate else f"{'':8s}"
+        verdict = ""
+        if who == "deployed":
+            verdict = f"{deployed_target!s:>8s} {'met' if deployed_target.met(ratio) else 'MISSED'}"
+        print(f"{label:40s} {med[who]:9.3f} {shown} {ratio:7.2f} {verdict}".rstrip())
+    what = "rate ratio, qemu-nbd's time / its time" if rate else "time ratio, its / qemu-nbd's"
+    print(f"({what})")
+    paired = zip(times["qemu"], times["deployed"], strict=True)
+    rounds = (f"{q / d if rate else d / q:.2f}" for q, d in paired)
+    print("per round (deployed ratio):", "  ".join(rounds))
+    return med
 
 
 def main(argv: Sequence[str]) -> int:
@@ -140,6 +238,7 @@ def run(argv: Sequence[str]) -> Outcome:
         parser.error("--extents: from 1 to one per 64 KiB granule of 1 TiB")
     extents = args.extents or (10_000 if args.quick else DIRTY_EXTENTS)
     copy_size = GiB // 4 if args.quick else COPY_SIZE
+    small_size = SMALL_READS_SIZE // 4 if args.quick else SMALL_READS_SIZE
     rounds = 1 if args.quick else args.rounds
     for tool in ("qemu-nbd", "nbdinfo", "nbdcopy", "qemu-io", "nbdkit"):
         if shutil.which(tool) is None:
@@ -207,6 +306,26 @@ def run(argv: Sequence[str]) -> Outcome:
             for (mo, mq), (cq, co) in zip(paired, paired_copy, strict=True)
         )
         print("per round (map ratio,copy ratio):", "  ".join(ratios))
+
+        small = prepare_copy(work, small_size, "small")
+        read_times, _ = side_by_side(work, small, "small", rounds, lambda uri: [
+            "nbdcopy", "--connections=1", "--requests=1", "--request-size=4096", "--no-extents",
+            uri, "null:",
+        ])  # fmt: skip
+        mib = small_size / MiB
+        reads_target, map_target = Target(">=", 0.6), Target("<=", 1.5)
+        reads = print_side_by_side(f"{mib:.0f} MiB in 4 KiB reads, one in flight (nbdcopy)",
+                                   read_times, "MiB/s", mib, reads_target)  # fmt: skip
+        sparse = prepare_sparse(work)
+        # A coarse granularity: the tracker's bitmaps of 15 TiB stay small.
+        map_times, outputs = side_by_side(work, sparse, "sparse", rounds,
+                                          lambda uri: ["nbdinfo", "--map", uri],
+                                          "granularity=1048576")  # fmt: skip
+        if len(set(outputs.values())) != 1:
+            print("bench export: the sparse maps differ!", file=sys.stderr)
+            return Outcome(1)
+        maps = print_side_by_side("nbdinfo --map, 15 TiB sparse, 20 MiB of data in 5 places",
+                                  map_times, "s", 0.0, map_target)  # fmt: skip
         return Outcome(
             0,
             [
@@ -214,6 +333,10 @@ def run(argv: Sequence[str]) -> Outcome:
                       med["map ours"], med["map qemu"], Target("<=", 1.0)),
                 Ratio("export", f"nbdcopy {gib:.2f} GiB dense vs qemu-nbd", "GiB/s",
                       gib / med["copy ours"], gib / med["copy qemu"], Target(">=", 0.8)),
+                Ratio("export", f"{mib:.0f} MiB 4 KiB reads QD1, deployed vs qemu-nbd", "MiB/s",
+                      mib / reads["deployed"], mib / reads["qemu"], reads_target),
+                Ratio("export", "15 TiB sparse map, deployed vs qemu-nbd", "s",
+                      maps["deployed"], maps["qemu"], map_target),
             ],
         )  # fmt: skip
     finally:

@@ -126,6 +126,17 @@ class DiskRecord:
             return True  # an identity from another boot (or none): the same path will do
         return None
 
+    def names_file(self, identity: FileIdentity) -> bool:
+        """Whether a tracker recorded the local file of ``identity`` as this
+        disk, in this boot: no path, and no identity from another boot (whose
+        device numbers may name something else now), counts."""
+        return (
+            self.tracked
+            and self.source.startswith("file:")
+            and self.file == identity
+            and self.boot == current_boot_id().hex()
+        )
+
     def same_source(self, source: str, seen: DiskSeen) -> bool:
         """Whether a tracker starting on ``source`` serves the disk recorded:
         only what proves it does counts (a disk moved elsewhere, or a record

@@ -2,6 +2,11 @@
 control socket (``STATE/sidecar.sock``, see ``sidecar.api``) and,
 with ``--metrics``, Prometheus ``/metrics``, until SIGTERM or SIGINT.
 
+The export's disk is ``--disk``: a local file, or an NBD URI, normally the
+tracker's. When that tracker tracks a local file, the export reads the file
+itself once it is proven to be the tracked one (``TrackedFile``), and keeps
+the NBD hop through the tracker otherwise.
+
 Descriptors: the soft RLIMIT_NOFILE is raised to the hard one at start, and
 the export's clients may use all of it but ``RESERVED_FDS``, which keep the
 control socket, /metrics, bitmap files and tracker connections working
@@ -12,19 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import grp
 import logging
 import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import start_http_server
 
 from dirtydiff import control, errors, sdnotify, sockets
-from dirtydiff.disk import Backend, FileBackend, NbdBackend, open_backend
-from dirtydiff.state import DiskSeen, StateDir, file_identity, record_first_disk, tracker_id
+from dirtydiff.disk import Backend, Connection, FileBackend, NbdBackend, open_backend
+from dirtydiff.state import (
+    DiskRecord,
+    DiskSeen,
+    StateDir,
+    file_identity,
+    record_first_disk,
+    tracker_id,
+)
 from sidecar import memory
 from sidecar.api import SidecarApi, start_in_background
 from sidecar.export import Export, NbdServer
@@ -97,6 +111,89 @@ def disk_seen(where: str, backend: Backend) -> DiskSeen:
         return DiskSeen(where, backend.size, file=file_identity(backend.fd))
     assert isinstance(backend, NbdBackend)
     return DiskSeen(where, backend.size, tracker=tracker_id(backend.description))
+
+
+class TrackedFile(FileBackend):
+    """The local file that this state's tracker tracks, read directly.
+
+    Through the tracker's URI every read and base:allocation query of the
+    export is an NBD round trip to the tracker (a sparse read makes two: its
+    allocation, then its data), each through a worker thread. Reading the
+    file itself takes the export's file path instead (sendfile, SEEK_DATA),
+    as ``serve --disk FILE`` does. The export is read-only, and tracking
+    does not depend on who reads.
+
+    Safe only while the file is the state's disk, so that is proven:
+
+    - when opened (``open_tracked_file``): ``--disk`` is this state's tracker
+      (its export description names the state's id), the record that
+      tracker wrote (STATE/disk.json) names a local file, and the file
+      opened has the device and inode recorded, in this boot;
+    - at every export connection (``connect``): the record still names it.
+      A tracker started since on another disk of this state has marked every
+      bitmap inconsistent, and a rebuild fills new ones from that disk: this
+      file's data must never go out beside them. The connection is refused,
+      and ``replaced`` moves the export back to the tracker's URI.
+
+    What a connection proven at its start keeps reading stays right: the
+    bitmaps it chose were bound before, and a bitmap of another disk is
+    inconsistent until rebuilt into a bitmap it never chose. The open fd
+    keeps the inode: a file renamed over the path while the tracker runs
+    changes neither what the tracker writes nor what is read here. If the
+    tracker stops, the record still names this file; whatever writes it
+    meanwhile goes untracked however the export reads.
+    """
+
+    def __init__(self, path: str, state: StateDir, replaced: Callable[[], None]) -> None:
+        super().__init__(path, readonly=True)
+        self.state = state
+        self.identity = file_identity(self.fd)
+        self._replaced = replaced
+
+    def is_the_disk(self) -> bool:
+        """Whether the state's record names this very file now."""
+        try:
+            record = self.state.disk()
+        except errors.Corrupt:
+            return False
+        return record is not None and record.names_file(self.identity)
+
+    def connect(self) -> Connection:
+        if not self.is_the_disk():
+            log.error("%s is no longer the disk of %s: the export reads through the tracker "
+                      "from the next connection", self.path, self.state.path)  # fmt: skip
+            self._replaced()
+            # A ConnectionError: the export ends this one client, quietly.
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, f"{self.path} is no longer the disk of {self.state.path}"
+            )
+        return super().connect()
+
+
+def open_tracked_file(
+    state: StateDir, record: DiskRecord, tracker: Backend, replaced: Callable[[], None]
+) -> TrackedFile | None:
+    """The file ``tracker`` (the backend of ``--disk``) tracks, opened
+    read-only if it is proven to be this state's disk (see ``TrackedFile``);
+    None to keep reading through the tracker: a tracker of an NBD disk, a
+    file this process may not open (a sandbox hides it), or one not proven."""
+    if not isinstance(tracker, NbdBackend) or tracker_id(tracker.description) != record.id:
+        return None
+    if record.file is None or not record.names_file(record.file):
+        return None
+    path = record.source.removeprefix("file:")
+    try:
+        found = TrackedFile(path, state, replaced)
+    except OSError as e:
+        log.info("reading the disk through the tracker: %s", e.strerror or e)
+        return None
+    # The record read anew: a tracker that started on another file since
+    # ``record`` was read has recorded that one.
+    if found.size == record.size and found.is_the_disk():
+        return found
+    log.info("reading the disk through the tracker: %s is not the file it tracks", path)
+    found.close()
+    return None
 
 
 async def _control_client(
@@ -226,12 +323,26 @@ async def serve(
             # would have a backup copy the wrong bytes.
             record.check(disk_seen(disk, backend), tracker_runs=False, state=state.path,
                          require_proof=False)  # fmt: skip
-        export = Export(
-            name=export_name,
-            backend=backend,
-            state=state,
-            bitmap_filter=frozenset(bitmaps) if bitmaps else None,
-        )
+
+        bitmap_filter = frozenset(bitmaps) if bitmaps else None
+
+        def export_of(source: Backend) -> Export:
+            return Export(export_name, source, state=state, bitmap_filter=bitmap_filter)
+
+        def through_tracker() -> None:
+            # Called in the event loop's thread, by the connection that found
+            # the file replaced: later ones find the export on the tracker.
+            if server.exports.get(export_name) is export:
+                server.exports[export_name] = export_of(backend)
+
+        tracked = None
+        if record is not None:
+            tracked = open_tracked_file(state, record, backend, through_tracker)
+        if tracked is not None:
+            # Closed after the server: a connection reads its fd until it ends.
+            cleanup.callback(tracked.close)
+            log.info("reading %s itself: the file the tracker at %s tracks", tracked.path, disk)
+        export = export_of(tracked or backend)
         server = NbdServer([export], max_connections=clients, handshake_limit=handshake_limit)
         # The export's socket may live anywhere (/run/dirtydiff): only a
         # stale socket is replaced, and at exit only ours is removed.
