@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 
 from dirtydiff import control, errors, sdnotify, sockets
 from dirtydiff.disk import Backend, Connection, FileBackend, NbdBackend, open_backend
+from dirtydiff.owner import StateOwner
 from dirtydiff.state import (
     DiskRecord,
     DiskSeen,
@@ -299,16 +300,18 @@ async def serve(
     clients = connection_limit(max_connections, raise_fd_limit())
     # Before anything else: a second sidecar on this state touches nothing
     # (when the first exited it would otherwise remove the second's sockets).
-    sidecar_lock = state.try_lock_sidecar()
-    if sidecar_lock is None:
-        pid = state.holder_pid(state.sidecar_lock_path)
-        raise errors.Conflict(
-            "sidecar-running",
-            f"state directory {state.path} is in use by another sidecar "
-            f"({f'pid {pid}' if pid else 'starting now'}); stop it first",
-        )
+    sidecar_lock = StateOwner(state).become_sidecar()
+    # A stop asked for while starting is kept, not fatal: whoever saw the
+    # export's socket and sent SIGTERM gets the same clean exit (our sockets
+    # removed, nobody else's) as one sent later.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as cleanup:  # undone in reverse, whatever fails
         cleanup.callback(sidecar_lock.release)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            cleanup.callback(loop.remove_signal_handler, sig)
         memory.one_arena()  # before the export's worker threads (sidecar.memory)
         backend = open_disk(disk)
         cleanup.callback(backend.close)
@@ -382,10 +385,6 @@ async def serve(
             host, port = parse_hostport(tcp)
             bound = await server.listen_tcp(host, port)
             print(f"dirtydiff serve: listening on tcp {host}:{bound}", file=sys.stderr, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
         sdnotify.ready(f"serving {disk} on {socket_path}")
