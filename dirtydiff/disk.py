@@ -124,6 +124,35 @@ class FileBackend:
             self.fd = -1
 
 
+def file_extents(
+    fd: int, size: int, count: int, offset: int, *, limit: int | None = None
+) -> list[Extent]:
+    """The holes and data of [offset, offset+count) of the file ``fd`` of
+    ``size`` bytes, by SEEK_DATA/SEEK_HOLE; with ``limit``, at most that many
+    extents, which may then end before offset+count."""
+    end = offset + count
+    found: list[Extent] = []
+    pos = offset
+    while pos < end and (limit is None or len(found) < limit):
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from pos to the end of the file
+                data = size
+            elif not found:
+                return [(offset, count, 0)]  # no SEEK_DATA here: all data
+            else:
+                break
+        if data > pos:
+            found.append((pos, min(data, end) - pos, EXTENT_HOLE | EXTENT_ZERO))
+        if data >= end or (limit is not None and len(found) >= limit):
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        found.append((data, min(hole, end) - data, 0))
+        pos = hole
+    return found
+
+
 class _FileConnection:
     def __init__(self, backend: FileBackend) -> None:
         self._b = backend
@@ -183,27 +212,7 @@ class _FileConnection:
         os.posix_fadvise(self._fd, offset, count, os.POSIX_FADV_WILLNEED)
 
     def extents(self, count: int, offset: int) -> list[Extent]:
-        end = offset + count
-        found: list[Extent] = []
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # only a hole from pos to the end of the file
-                    data = self._b.size
-                elif not found:
-                    return [(offset, count, 0)]  # no SEEK_DATA here: all data
-                else:
-                    break
-            if data > pos:
-                found.append((pos, min(data, end) - pos, EXTENT_HOLE | EXTENT_ZERO))
-            if data >= end:
-                break
-            hole = os.lseek(self._fd, data, os.SEEK_HOLE)
-            found.append((data, min(hole, end) - data, 0))
-            pos = hole
-        return found
+        return file_extents(self._fd, self._b.size, count, offset)
 
     def alive(self) -> bool:
         return self._b.fd >= 0

@@ -86,7 +86,8 @@ class Transmission:
         self.export: Export = session.export
         # The selection is final once the handshake is over.
         self._statuses: list[tuple[int, Status]] = [
-            (context.id, context.status(disk)) for context in session.contexts
+            (context.id, context.status(disk, file_fd, session.export.size))
+            for context in session.contexts
         ]
         self.disk = disk
         self._file_fd = file_fd  # the disk's fd when it is a local file: reads use sendfile
