@@ -6,7 +6,7 @@ at scrape time from what already exists: the scan jobs, the bitmap files'
 headers, the export's counters and the tracker's (its control request
 ``stats``); nothing is counted twice and no scrape takes the state lock.
 
-Families (README, "Metrics", lists them with their labels):
+Families (docs/metrics.md lists them with their labels):
 
 - scans: ``dirtydiff_scan_{progress_ratio, bytes_compared, bytes_total,
   bytes_read{side}, differing_granules, rate_bytes_per_second, eta_seconds,
