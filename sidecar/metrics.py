@@ -12,12 +12,16 @@ Families (docs/metrics.md lists them with their labels):
   bytes_read{side}, differing_granules, rate_bytes_per_second, eta_seconds,
   duration_seconds, state{state}}`` per ``bitmap``;
 - bitmaps: ``dirtydiff_bitmap_{dirty_bytes, consistent, recording,
-  granularity_bytes}`` per ``bitmap``;
+  granularity_bytes, generation, created_timestamp_seconds}`` per ``bitmap``;
 - tracker: ``dirtydiff_tracker_up``, ``dirtydiff_tracker_requests_total{kind}``,
   ``dirtydiff_tracker_marked_bytes_total{kind}``,
   ``dirtydiff_tracker_errors_total{kind}``;
-- export: ``dirtydiff_nbd_connections_open``, ``dirtydiff_nbd_connections_total``,
-  ``dirtydiff_nbd_requests_total{command}``, ``dirtydiff_nbd_errors_total{kind}``.
+- export: ``dirtydiff_nbd_connections_open``, ``dirtydiff_nbd_connections_max``,
+  ``dirtydiff_nbd_connections_total``, ``dirtydiff_nbd_requests_total{command}``,
+  ``dirtydiff_nbd_errors_total{kind}``;
+- the process: prometheus-client's ``process_*`` (``process_open_fds``,
+  ``process_max_fds``, ...), without a ``disk`` label: one sidecar is one
+  process, and the rules join them to the disk by ``instance``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -113,6 +118,19 @@ class BitmapMetrics(Collector):
         granularity = GaugeMetricFamily(
             "dirtydiff_bitmap_granularity_bytes", "Bytes per bit", labels=labels
         )
+        generation = GaugeMetricFamily(
+            "dirtydiff_bitmap_generation",
+            "The checkpoint interval it records, 0 if none",
+            labels=labels,
+        )
+        # For @open a checkpoint makes a new file, so this is the time of the
+        # last checkpoint (or of a later clear or rebuild): what an alert on
+        # a missed backup schedule needs.
+        created = GaugeMetricFamily(
+            "dirtydiff_bitmap_created_timestamp_seconds",
+            "When the file took its meaning (made, checkpointed, rebuilt), since the epoch",
+            labels=labels,
+        )
         tracking = StateOwner(self.state).tracker_listening()
         for name in self.state.user_names():  # a scan's scratch has its scan's metrics
             try:
@@ -127,7 +145,9 @@ class BitmapMetrics(Collector):
             consistent.add_metric(key, 1.0 if info.consistent else 0.0)
             recording.add_metric(key, 1.0 if tracking and enabled else 0.0)
             granularity.add_metric(key, info.granularity)
-        yield from (dirty, consistent, recording, granularity)
+            generation.add_metric(key, info.generation)
+            created.add_metric(key, info.created_ns / 1e9)
+        yield from (dirty, consistent, recording, granularity, generation, created)
 
 
 class TrackerMetrics(Collector):
@@ -179,6 +199,12 @@ class ExportMetrics(Collector):
             "dirtydiff_nbd_connections_open", "Clients connected to the export", labels=["disk"]
         )
         now.add_metric([self.disk], len(self.server.connections))
+        cap = GaugeMetricFamily(
+            "dirtydiff_nbd_connections_max",
+            "Clients the export allows at once (--max-connections, or what the fds allow)",
+            labels=["disk"],
+        )
+        cap.add_metric([self.disk], self.server.max_connections)
         total = CounterMetricFamily(
             "dirtydiff_nbd_connections", "Clients that connected to the export", labels=["disk"]
         )
@@ -198,7 +224,7 @@ class ExportMetrics(Collector):
         )
         for kind, value in sorted(dict(stats.errors).items()):
             failed.add_metric([self.disk, kind], value)
-        yield from (now, total, requests, failed)
+        yield from (now, cap, total, requests, failed)
 
 
 def registry(state: StateDir, jobs: ScanJobs, server: NbdServer, disk: str) -> CollectorRegistry:
@@ -210,4 +236,6 @@ def registry(state: StateDir, jobs: ScanJobs, server: NbdServer, disk: str) -> C
         ExportMetrics(server, disk),
     ):
         found.register(collector)
+    # Open fds against the limit (the export's cap is derived from it), CPU, memory.
+    ProcessCollector(registry=found)
     return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -24,11 +25,11 @@ MiB = 1 << 20
 Sample = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def scrape(port: int) -> Sample:
+def scrape(port: int, prefix: str = "dirtydiff_") -> Sample:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     found: Sample = {}
     for line in text.splitlines():
-        m = re.match(r"(dirtydiff_\w+)(?:\{([^}]*)\})? (\S+)$", line)
+        m = re.match(f"({prefix}" + r"\w+)(?:\{([^}]*)\})? (\S+)$", line)
         if m:
             labels = frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
             found[m.group(1), labels] = float(m.group(3))
@@ -92,6 +93,12 @@ def test_metrics_count_what_happened_with_a_disk_label(
     assert value(sample, "dirtydiff_nbd_requests_total", command="block_status") >= 1
     assert value(sample, "dirtydiff_nbd_requests_total", command="read") >= 2
     assert value(sample, "dirtydiff_nbd_errors_total", kind="EINVAL") == 1
+    assert value(sample, "dirtydiff_nbd_connections_max") >= 1
+    assert value(sample, "dirtydiff_bitmap_generation", bitmap="@open") == 1  # the first interval
+    created = value(sample, "dirtydiff_bitmap_created_timestamp_seconds", bitmap="@open")
+    assert 0 < created <= time.time()
+    process = scrape(port, "process_")  # the sidecar's own, for the fd alert
+    assert 0 < value(process, "process_open_fds") < value(process, "process_max_fds")
 
     # A scan's families appear once a scan ran (their progress is followed
     # in test_scan_sidecar.py); then every documented name is served.
