@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio \
-            python3-venv python3-msgpack
+            python3-venv python3-msgpack prometheus
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-slow test-torture test-fuzz lint bench install-units clean
@@ -34,12 +34,17 @@ $(STAMP): .deb-installed pyproject.toml
 demo: setup
 	$(PY) -m sidecar.demo
 
-# The linters, then the suite: a green `make test` means typed and clean too
-# (the suite last, so that its summary closes the output).
+ALERTS := contrib/prometheus/dirtydiff-alerts
+
+# The linters, the alert rules' checks and unit tests, then the suite: a green
+# `make test` means typed and clean too (the suite last, so that its summary
+# closes the output).
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	promtool check rules $(ALERTS).yml
+	promtool test rules $(ALERTS).test.yml
 	$(PY) -m pytest -q -m 'not slow'
 
 test-slow: setup

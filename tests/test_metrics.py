@@ -2,9 +2,9 @@
 counting what really happened (the scan families are watched rising during
 a scan in test_scan_sidecar.py).
 
-The names come from docs/metrics.md and from the Grafana dashboard in
-contrib/: each must be exposed, so neither document can drift from what the
-sidecar serves.
+The names come from docs/metrics.md, from the Grafana dashboard and from
+the alert rules in contrib/: each must be exposed, so none can drift from
+what the sidecar serves.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ def value(sample: Sample, name: str, **labels: str) -> float:
 
 
 def documented_names() -> set[str]:
-    """Metric names in docs/metrics.md and in the dashboard."""
+    """Metric names in docs/metrics.md, the dashboard and the alert rules."""
     page = (ROOT / "docs" / "metrics.md").read_text()
     names = set(re.findall(r"`(dirtydiff_[a-z_]+)", page))
+    rules = (ROOT / "contrib" / "prometheus" / "dirtydiff-alerts.yml").read_text()
+    names.update(re.findall(r"\b(dirtydiff_[a-z_]+)", rules))
     dashboard = json.loads((ROOT / "contrib" / "grafana-dashboard.json").read_text())
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
