@@ -1,7 +1,7 @@
 """Prometheus metrics of one sidecar: ``dirtydiff serve --metrics HOST:PORT``.
 
-Every family carries a ``disk`` label (the state directory's name, or
-``--metrics-disk``), so one Prometheus can watch many disks. Values are read
+Every ``dirtydiff_`` family carries a ``disk`` label (the state directory's
+name, or ``--metrics-disk``), so one Prometheus can watch many disks. Values are read
 at scrape time from what already exists: the scan jobs, the bitmap files'
 headers, the export's counters and the tracker's (its control request
 ``stats``); nothing is counted twice and no scrape takes the state lock.
