@@ -24,9 +24,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dirtydiff import errors
 from dirtydiff.bitmapfile import BitmapFile
 from dirtydiff.state import StateDir
-from sidecar.scan.engine import DEFAULT_CHUNK, differing_granules
+from sidecar.scan.engine import DEFAULT_CHUNK, differing_granules, open_side
 from sidecar.scan.job import ScanRecord, fills, finished_meanwhile
 from tests.conftest import ROOT, Processes, Server, dirtydiff, make_disk, stop
 
@@ -494,3 +495,19 @@ def test_a_scan_record_matches_its_bitmap_by_creation_time() -> None:
     assert not finished_meanwhile(
         {**info, "consistent": False}, {"created_ns": 5, "backup": "nbd://b"}
     )
+
+
+def test_a_side_of_another_scheme_is_refused_not_opened_as_a_path(tmp_path: Path) -> None:
+    """Where a side is, is decided by the one scheme table (dirtydiff.disk):
+    a URI that is not NBD is refused as such, not looked up as a file name."""
+    with pytest.raises(errors.Unavailable) as refused:
+        open_side("backup", "http://backup-host/vda.raw")
+    assert refused.value.code == "backup-unreachable"
+    assert "http:// is not a disk" in refused.value.message
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\0" * 4096)
+    side = open_side("disk", str(disk))
+    try:
+        assert side.size == 4096
+    finally:
+        side.close()

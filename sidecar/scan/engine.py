@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import nbd
 
 from dirtydiff import errors
-from dirtydiff.disk import EXTENT_ZERO, FileBackend, is_nbd_uri
+from dirtydiff.disk import EXTENT_ZERO, FileBackend, is_nbd_uri, open_backend
 from dirtydiff.state import DiskSeen, file_identity, tracker_id
 from sidecar.nbdclient import Cancelled, connect
 
@@ -297,11 +297,14 @@ class FileSide:
     def __init__(self, name: str, path: str) -> None:
         self.name = name
         try:
-            self.backend = FileBackend(path, readonly=True)
+            # The scheme table decides: a path opens, another scheme is refused.
+            backend = open_backend(path, readonly=True)
         except OSError as e:
             raise errors.Unavailable(
                 f"{name}-unreachable", f"the {name} {path}: {e.strerror}"
             ) from None
+        assert isinstance(backend, FileBackend)  # open_side gives NBD URIs to NbdSide
+        self.backend = backend
         self.conn = self.backend.connect()
         self.size = self.backend.size
         self.path = path
