@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import errno
 import grp
+import inspect
+import ipaddress
 import logging
 import resource
 import signal
@@ -43,6 +45,7 @@ from dirtydiff.state import (
 from sidecar import memory
 from sidecar.api import SidecarApi, start_in_background
 from sidecar.export import Export, NbdServer
+from sidecar.export.tls import TlsCreds, X509Dir
 from sidecar.limits import FDS_PER_CONNECTION, HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import BACKLOG, Listener, Throttle
 from sidecar.metrics import registry
@@ -280,6 +283,76 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def loopback_only(host: str) -> bool:
+    """Whether every address ``host`` names is on loopback (127.0.0.0/8,
+    ::1): only then can nobody but this host's users reach a listener."""
+    try:
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)  # fmt: skip
+    except socket.gaierror as e:
+        raise errors.BadRequest("bad-address", f"address {host!r}: {e.strerror}") from None
+    return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
+
+
+def export_tls(
+    tcp: str | None,
+    tls_creds: Path | None,
+    *,
+    verify_peer: bool = False,
+    authz: Path | None = None,
+    on_unix: bool = False,
+    insecure_tcp: bool = False,
+) -> TlsCreds | None:
+    """The export's TLS credentials, and the rule that the disk never goes
+    out in the clear beyond loopback: ``--tcp`` outside it needs
+    ``--tls-creds``, or ``--insecure-tcp`` (a warning at every start)."""
+    if tls_creds is None:
+        for given, flag in ((verify_peer, "--tls-verify-peer"), (authz, "--tls-authz"),
+                            (on_unix, "--tls-unix")):  # fmt: skip
+            if given:
+                raise errors.BadRequest("tls-creds", f"{flag} needs --tls-creds DIR")
+    if tcp is not None and tls_creds is None and not loopback_only(parse_hostport(tcp)[0]):
+        if not insecure_tcp:
+            raise errors.BadRequest(
+                "tcp-needs-tls",
+                f"--tcp {tcp} reaches beyond this host and would serve the whole disk in "
+                "the clear: add --tls-creds DIR (x509 certificates), or --insecure-tcp to "
+                "accept that",
+            )
+        log.warning("dirtydiff serve: --insecure-tcp: the export on %s has no TLS: anyone who "
+                    "can reach it reads the whole disk and its bitmaps", tcp)  # fmt: skip
+    if tls_creds is None:
+        return None
+    return TlsCreds(tls_creds, verify_peer=verify_peer, authz=authz)
+
+
+def start_metrics(
+    where: str, found: object, tls_creds: Path | None
+) -> tuple[str, Callable[[], None]]:
+    """/metrics on ``where``: over https with a client certificate signed
+    by ``tls_creds``'s CA when given; outside loopback without it, a warning
+    (it shows bitmap names, scans and clients, never a byte of the disk).
+    The URL served, and how to stop it."""
+    host, port = parse_hostport(where)
+    if tls_creds is None:
+        if not loopback_only(host):
+            log.warning("dirtydiff serve: /metrics on %s has no TLS: anyone who can reach it "
+                        "sees the disk's bitmaps, scans and clients (--metrics-tls-creds DIR "
+                        "serves it over https)", where)  # fmt: skip
+        http, _ = start_http_server(port, addr=host, registry=found)  # type: ignore[arg-type]
+        return f"http://{host}:{http.server_port}/metrics", http.shutdown
+    if "client_cafile" not in inspect.signature(start_http_server).parameters:
+        raise errors.BadRequest("metrics-tls", "--metrics-tls-creds needs prometheus-client 0.18+")
+    creds = X509Dir.find(tls_creds)
+    creds.check()
+    http, _ = start_http_server(
+        port, addr=host, registry=found,  # type: ignore[arg-type]
+        certfile=str(creds.server_cert), keyfile=str(creds.server_key),
+        client_cafile=str(creds.ca_cert), client_auth_required=True,
+    )  # fmt: skip
+    return f"https://{host}:{http.server_port}/metrics", http.shutdown
+
+
 async def serve(
     state: StateDir,
     disk: str,
@@ -295,8 +368,21 @@ async def serve(
     max_connections: int | None = None,
     handshake_limit: float = HANDSHAKE_LIMIT,
     ready: asyncio.Event | None = None,
+    tls_creds: Path | None = None,
+    tls_verify_peer: bool = False,
+    tls_authz: Path | None = None,
+    tls_unix: bool = False,
+    insecure_tcp: bool = False,
+    metrics_tls_creds: Path | None = None,
 ) -> None:
     mode, gid = control_socket_mode(control_group)  # a bad group fails before anything starts
+    # So do TLS credentials, and a network export that would have none.
+    tls = export_tls(tcp, tls_creds, verify_peer=tls_verify_peer, authz=tls_authz,
+                     on_unix=tls_unix, insecure_tcp=insecure_tcp)  # fmt: skip
+    if metrics_tls_creds is not None:
+        if metrics is None:
+            raise errors.BadRequest("metrics-tls", "--metrics-tls-creds needs --metrics HOST:PORT")
+        X509Dir.find(metrics_tls_creds).check()
     clients = connection_limit(max_connections, raise_fd_limit())
     # Before anything else: a second sidecar on this state touches nothing
     # (when the first exited it would otherwise remove the second's sockets).
@@ -350,7 +436,7 @@ async def serve(
         # The export's socket may live anywhere (/run/dirtydiff): only a
         # stale socket is replaced, and at exit only ours is removed.
         sockets.clear_path(socket_path)
-        await server.listen_unix(socket_path)
+        await server.listen_unix(socket_path, tls if tls_unix else None)
         export_file = sockets.SocketFile(socket_path)
         cleanup.callback(export_file.remove)
         cleanup.push_async_callback(server.close)
@@ -372,19 +458,16 @@ async def serve(
                 job.cancel.set()  # a scan saves its position and resumes next time
 
         if metrics is not None:
-            host, port = parse_hostport(metrics)
             found = registry(state, jobs, server, metrics_disk or state.path.name)
-            http, _ = start_http_server(port, addr=host, registry=found)
-            cleanup.callback(http.shutdown)
-            print(
-                f"dirtydiff serve: metrics on http://{host}:{http.server_port}/metrics",
-                file=sys.stderr,
-                flush=True,
-            )
+            url, shutdown = start_metrics(metrics, found, metrics_tls_creds)
+            cleanup.callback(shutdown)
+            print(f"dirtydiff serve: metrics on {url}", file=sys.stderr, flush=True)
         if tcp is not None:
             host, port = parse_hostport(tcp)
-            bound = await server.listen_tcp(host, port)
-            print(f"dirtydiff serve: listening on tcp {host}:{bound}", file=sys.stderr, flush=True)
+            bound = await server.listen_tcp(host, port, tls)
+            over = " (TLS)" if tls is not None else ""
+            print(f"dirtydiff serve: listening on tcp {host}:{bound}{over}", file=sys.stderr,
+                  flush=True)  # fmt: skip
         if ready is not None:
             ready.set()
         sdnotify.ready(f"serving {disk} on {socket_path}")

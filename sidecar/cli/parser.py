@@ -138,6 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"close a client that has not finished its handshake in SECONDS "
         f"(default {HANDSHAKE_LIMIT:g}, as qemu-nbd)",
     )
+    p.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="serve TCP clients only over TLS: QEMU's x509 directory (ca-cert.pem, "
+        "server-cert.pem, server-key.pem, optional ca-crl.pem)",
+    )
+    p.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="require a client certificate signed by the CA of --tls-creds",
+    )
+    p.add_argument(
+        "--tls-authz",
+        metavar="FILE",
+        help="admit only the client certificate DNs FILE lists, one a line "
+        "(CN=...,O=...), or a QEMU authz-list-file; implies --tls-verify-peer",
+    )
+    p.add_argument("--tls-unix", action="store_true", help="require TLS on the unix socket too")
+    p.add_argument(
+        "--insecure-tcp",
+        action="store_true",
+        help="allow --tcp beyond loopback without TLS (a warning at every start)",
+    )
+    p.add_argument(
+        "--metrics-tls-creds",
+        metavar="DIR",
+        help="serve /metrics over https, to clients with a certificate of DIR's CA "
+        "(same layout as --tls-creds)",
+    )
     p.set_defaults(func=_command("processes.cmd_serve"))
 
     p = sub.add_parser(

@@ -105,6 +105,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             auto_rebuild=args.auto_rebuild,
             max_connections=args.max_connections,
             handshake_limit=args.handshake_limit,
+            tls_creds=Path(args.tls_creds) if args.tls_creds else None,
+            tls_verify_peer=args.tls_verify_peer,
+            tls_authz=Path(args.tls_authz) if args.tls_authz else None,
+            tls_unix=args.tls_unix,
+            insecure_tcp=args.insecure_tcp,
+            metrics_tls_creds=Path(args.metrics_tls_creds) if args.metrics_tls_creds else None,
         )
     )
     return 0

@@ -17,7 +17,8 @@ from sidecar.export.budget import ByteBudget
 from sidecar.export.contexts import Export
 from sidecar.export.handshake import Handshake
 from sidecar.export.stats import ServerStats
-from sidecar.export.transmission import Transmission, peer
+from sidecar.export.tls import TlsCreds, TlsRefused
+from sidecar.export.transmission import StreamProtocol, Transmission, peer
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,10 @@ class Connection:
         stats: ServerStats,
         read_budget: ByteBudget,
         negotiated: Callable[[Connection], None],
+        tls: TlsCreds | None = None,
     ) -> None:
         self._exports = exports
+        self._tls = tls  # this listener's: the client must STARTTLS first
         self._stats = stats
         self._read_budget = read_budget
         self._negotiated = negotiated
@@ -75,7 +78,9 @@ class Connection:
             if self._aborted:  # ended before it had its transport
                 self.writer.transport.abort()
                 return
-            self._handshake = Handshake(self.reader, self.writer, self._exports)
+            self._handshake = Handshake(
+                self.reader, self.writer, self._exports, self._tls, self._upgraded
+            )
             session = await self._handshake.negotiate()
             if session is not None:
                 disk = await self._enter(session.export)
@@ -87,6 +92,8 @@ class Connection:
         except (asyncio.IncompleteReadError, ConnectionError, proto.ProtocolError) as e:
             if isinstance(e, proto.ProtocolError):
                 self._stats.error("protocol")
+            elif isinstance(e, TlsRefused):
+                self._stats.error("tls")
             log.info("client %s: connection ended: %s", peer(self.writer), e or type(e).__name__)
         finally:
             if self._transmission is not None:
@@ -101,6 +108,14 @@ class Connection:
             with contextlib.suppress(Exception):
                 self.writer.close()
                 await self.writer.wait_closed()
+
+    def _upgraded(self, writer: asyncio.StreamWriter) -> None:
+        """STARTTLS is done: the stream is the TLS transport's from now on
+        (an abort ends the TLS transport, and with it the socket)."""
+        self.writer = writer
+        stream = writer.transport.get_protocol()
+        assert isinstance(stream, StreamProtocol)
+        stream.over_tls = True
 
     async def _enter(self, export: Export) -> DiskConnection:
         """The handshake is over: no deadline, no eviction; connect to the disk."""

@@ -6,6 +6,14 @@ qemu-nbd; a broken frame (bad magic, unknown client flags, an unknown
 export named by EXPORT_NAME) ends the connection as a ``ProtocolError``.
 Nothing a client sends makes it hold more than ``MAX_OPTION`` bytes of one
 option: a larger payload is read and dropped as it comes.
+
+With TLS configured (``TlsCreds``), the spec's TLS rules: until
+NBD_OPT_STARTTLS has upgraded the connection, every option but STARTTLS and
+ABORT gets NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME ends the connection;
+so no export, name or size goes out in the clear. STARTTLS is acknowledged,
+the TLS handshake runs on the same connection (``loop.start_tls``), and the
+option haggling starts again on the TLS stream. The handshake limit counts
+the TLS handshake too: the server's watchdog ends a client that stalls in it.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,6 +30,7 @@ from dirtydiff import errors
 from dirtydiff import nbdproto as proto
 from dirtydiff.nbdproto import Info, Opt, Rep, RequestError
 from sidecar.export.contexts import Context, Export, select
+from sidecar.export.tls import TlsCreds, TlsRefused
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,7 @@ class Session:
     export: Export
     structured: bool
     contexts: list[Context] = field(default_factory=list)
+    tls: bool = False  # the stream is TLS: replies go through its transport
 
 
 class Handshake:
@@ -44,10 +55,16 @@ class Handshake:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         exports: Mapping[str, Export],
+        tls: TlsCreds | None = None,
+        upgraded: Callable[[asyncio.StreamWriter], None] | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.exports = exports
+        self.tls = tls
+        self.tls_required = tls is not None  # until STARTTLS has upgraded the stream
+        self.peer_dn: str | None = None  # the client certificate's, once admitted
+        self._upgraded = upgraded
         self.structured = False
         self.no_zeroes = False
         self.fixed = False
@@ -85,18 +102,27 @@ class Handshake:
             if magic != proto.IHAVEOPT:
                 raise proto.ProtocolError(f"bad option magic {magic:#x}")
             if option == Opt.EXPORT_NAME:
+                if self.tls_required:  # spec: no reply, the server closes
+                    raise proto.ProtocolError("EXPORT_NAME before STARTTLS: TLS is required")
                 return self._session(await self._opt_export_name(length))
             if not self.fixed:
                 raise proto.ProtocolError("option other than EXPORT_NAME without fixed newstyle")
+            tls_first = self.tls_required and option not in (Opt.STARTTLS, Opt.ABORT)
             if length > proto.MAX_OPTION:
                 await self._drain_bytes(length)
-                await self._reply(option, Rep.ERR_TOO_BIG, b"option payload too large")
+                if tls_first:
+                    await self._reply(option, Rep.ERR_TLS_REQD, b"TLS required: send STARTTLS")
+                else:
+                    await self._reply(option, Rep.ERR_TOO_BIG, b"option payload too large")
                 continue
             payload = await self._read(length)
             if option == Opt.ABORT:
                 with contextlib.suppress(ConnectionError):
                     await self._reply(option, Rep.ACK)
                 return None
+            if tls_first:
+                await self._reply(option, Rep.ERR_TLS_REQD, b"TLS required: send STARTTLS")
+                continue
             handler = self._options.get(option)
             if handler is None:
                 await self._reply(option, Rep.ERR_UNSUP, b"option not supported")
@@ -112,7 +138,7 @@ class Handshake:
     def _session(self, export: Export) -> Session:
         if self.contexts_export != export.name:
             self.contexts = []  # the selection belongs to the export named in it
-        return Session(export, self.structured, self.contexts)
+        return Session(export, self.structured, self.contexts, tls=self.tls is not None)
 
     async def _reply(self, option: int, reply: int, payload: bytes = b"") -> None:
         await self._send(proto.option_reply(option, reply, payload))
@@ -157,8 +183,41 @@ class Handshake:
     async def _opt_starttls(self, option: int, payload: bytes) -> None:
         if payload:
             await self._reply(option, Rep.ERR_INVALID, b"STARTTLS takes no payload")
-        else:
+        elif self.tls is None:
             await self._reply(option, Rep.ERR_POLICY, b"TLS not configured")
+        elif not self.tls_required:
+            await self._reply(option, Rep.ERR_INVALID, b"TLS already negotiated")
+        else:
+            await self._reply(option, Rep.ACK)
+            await self._start_tls(self.tls)
+
+    async def _start_tls(self, tls: TlsCreds) -> None:
+        """The TLS handshake on this connection, then the client's
+        certificate against the authz list; raise TlsRefused if either
+        fails (the connection then ends, having revealed nothing)."""
+        loop = asyncio.get_running_loop()
+        plain = self.writer.transport
+        protocol = plain.get_protocol()
+        assert isinstance(protocol, asyncio.StreamReaderProtocol)
+        try:
+            # No timeout of its own: the server's handshake limit covers it.
+            upgraded = await loop.start_tls(
+                plain, protocol, tls.context, server_side=True, ssl_handshake_timeout=3600
+            )
+        except ssl.SSLError as e:
+            raise TlsRefused(f"TLS handshake failed: {e.reason or e}") from None
+        if upgraded is None:  # the connection ended (or was ended) mid-handshake
+            raise ConnectionAbortedError("connection ended in its TLS handshake")
+        writer = asyncio.StreamWriter(upgraded, protocol, self.reader, loop)
+        self.writer = writer
+        if self._upgraded is not None:
+            self._upgraded(writer)
+        ssl_object = upgraded.get_extra_info("ssl_object")
+        assert isinstance(ssl_object, ssl.SSLObject)
+        self.peer_dn = tls.admit(ssl_object.getpeercert())
+        self.tls_required = False
+        log.info("client %s: TLS %s, certificate %s", upgraded.get_extra_info("peername") or "unix",
+                 ssl_object.version(), self.peer_dn or "none")  # fmt: skip
 
     async def _opt_structured_reply(self, option: int, payload: bytes) -> None:
         if payload:

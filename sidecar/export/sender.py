@@ -162,3 +162,119 @@ def resolve(future: asyncio.Future[None]) -> None:
     """A mark that wakes whoever waits for a reply to be sent."""
     if not future.done():
         future.set_result(None)
+
+
+# Bytes of the disk file read for one write to a TLS transport: large
+# writes keep Python's per-write work (and the TLS records' count per call)
+# small against the encryption itself.
+TLS_PIECE = 1 << 20
+# Buffers smaller than this are gathered with what follows (a reply's header
+# with its data) into one write, so that they share TLS records.
+_TLS_SMALL = 16 * 1024
+# What the TLS transport may hold, encrypted or not, before it asks us to
+# stop: a few pieces, so that the socket always has the next one ready.
+TLS_WRITE_HIGH = 4 * TLS_PIECE
+
+
+class TlsSender:
+    """The replies of a TLS connection, written through its transport in
+    queue order: the same queue of parts as ``Sender``, but sendfile(2) and
+    writev(2) cannot reach a TLS stream, so a file region is read (pread)
+    and handed to the transport, which encrypts at once. A mark runs when
+    what is before it is with the transport; the transport's flow control
+    (``writable``) stops the queue when it holds TLS_WRITE_HIGH, so a client
+    that reads nothing keeps its read buffers queued here, where the stall
+    watchdog sees them."""
+
+    def __init__(self, transport: asyncio.WriteTransport, on_error: Callable[[OSError], None]):
+        self._transport = transport
+        transport.set_write_buffer_limits(high=TLS_WRITE_HIGH)
+        self._queue: deque[Part] = deque()
+        self._on_error = on_error
+        self._paused = False
+        self._flushing = False
+        self._closed = False
+        self._progress = 0.0
+
+    def stalled(self, now: float) -> float:
+        return now - self._progress if self._queue else 0.0
+
+    def push(self, parts: Iterable[Part], done: Callable[[], None] | None = None) -> None:
+        if self._closed:
+            if done is not None:
+                done()
+            return
+        if not self._queue:
+            self._progress = time.monotonic()
+        self._queue.extend(parts)
+        if done is not None:
+            self._queue.append(done)
+        self._flush()
+
+    def flushed(self) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.push((), functools.partial(resolve, future))
+        return future
+
+    def writable(self, flowing: bool) -> None:
+        """The transport's flow control: it holds too much, or room again."""
+        self._paused = not flowing
+        if flowing:
+            self._progress = time.monotonic()
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._flushing:  # a write's flow control called back into us
+            return
+        self._flushing = True
+        try:
+            self._write_queued()
+        except OSError as e:
+            self.close()
+            self._on_error(e)
+        finally:
+            self._flushing = False
+
+    def _write_queued(self) -> None:
+        queue, write = self._queue, self._transport.write
+        batch = bytearray()  # small buffers, and what follows them
+        while queue and not self._paused and not self._closed:
+            head = queue.popleft()
+            if isinstance(head, Region):
+                piece = min(head.count, TLS_PIECE)
+                start = len(batch)
+                data = bytearray(start + piece)
+                data[:start] = batch
+                got = os.preadv(head.fd, [memoryview(data)[start:]], head.offset)
+                if got == 0:  # the file shrank under us; the header is out already
+                    raise OSError(errno.EIO, "the disk ended before the data did")
+                head.offset += got
+                head.count -= got
+                if head.count:
+                    queue.appendleft(head)
+                batch = bytearray()
+                write(data if got == piece else memoryview(data)[: start + got])
+            elif isinstance(head, _BUFFERS):
+                if len(head) < _TLS_SMALL:
+                    batch += head
+                    continue
+                if batch:
+                    write(batch)
+                    batch = bytearray()
+                write(head)
+            else:
+                if batch:
+                    write(batch)
+                    batch = bytearray()
+                head()
+            self._progress = time.monotonic()
+        if batch:
+            write(batch)
+
+    def close(self) -> None:
+        """Stop sending; run the marks of whatever was still queued."""
+        self._closed = True
+        queue, self._queue = self._queue, deque()
+        for part in queue:
+            if not isinstance(part, (*_BUFFERS, Region)):
+                part()

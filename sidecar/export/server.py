@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -19,6 +20,7 @@ from sidecar.export.budget import ByteBudget
 from sidecar.export.connection import Connection
 from sidecar.export.contexts import Export
 from sidecar.export.stats import ServerStats
+from sidecar.export.tls import TlsCreds
 from sidecar.export.transmission import StreamProtocol
 from sidecar.limits import HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import Listener, Throttle, tcp_sockets, unix_socket
@@ -93,7 +95,7 @@ class NbdServer:
 
     # -- connections -------------------------------------------------------
 
-    def _accepted(self, sock: socket.socket) -> None:
+    def _accepted(self, sock: socket.socket, tls: TlsCreds | None = None) -> None:
         if len(self.connections) >= self.max_connections and not self._make_room():
             sock.close()
             self.stats.error("refused")
@@ -102,7 +104,7 @@ class NbdServer:
                 len(self.connections),
             )
             return
-        connection = Connection(self.exports, self.stats, self.read_budget, self.negotiated)
+        connection = Connection(self.exports, self.stats, self.read_budget, self.negotiated, tls)
         self.connections.add(connection)
         self._negotiating[connection] = None
         task = asyncio.create_task(self._serve(connection, sock))
@@ -207,18 +209,20 @@ class NbdServer:
     def _trimmed(self, task: asyncio.Task[None]) -> None:
         self._trim = None
 
-    def _listen(self, sock: socket.socket) -> None:
-        self._listeners.append(Listener(sock, self._accepted, "export"))
+    def _listen(self, sock: socket.socket, tls: TlsCreds | None) -> None:
+        """Serve the clients of ``sock``; with ``tls``, only over TLS."""
+        accepted = functools.partial(self._accepted, tls=tls) if tls is not None else self._accepted
+        self._listeners.append(Listener(sock, accepted, "export"))
         if self._watch is None:
             self._watch = asyncio.create_task(self._watching())
 
-    async def listen_unix(self, path: Path) -> None:
-        self._listen(unix_socket(path))
+    async def listen_unix(self, path: Path, tls: TlsCreds | None = None) -> None:
+        self._listen(unix_socket(path), tls)
 
-    async def listen_tcp(self, host: str, port: int) -> int:
+    async def listen_tcp(self, host: str, port: int, tls: TlsCreds | None = None) -> int:
         sockets = tcp_sockets(host, port)
         for sock in sockets:
-            self._listen(sock)
+            self._listen(sock, tls)
         bound: int = sockets[0].getsockname()[1]
         return bound
 

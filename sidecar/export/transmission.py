@@ -31,7 +31,7 @@ from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, RequestError
 from sidecar.export.budget import ByteBudget
 from sidecar.export.contexts import Export, Status
 from sidecar.export.handshake import Session
-from sidecar.export.sender import Part, Region, Sender, resolve
+from sidecar.export.sender import Part, Region, Sender, TlsSender, resolve
 from sidecar.export.stats import ServerStats
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ class Transmission:
         self._budget = budget
         self.active = active  # when it last sent a byte or had a reply sent
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sender: Sender | None = None  # set when run() starts
+        self._tls = session.tls  # replies through the TLS transport, not the socket
+        self._sender: Sender | TlsSender | None = None  # set when run() starts
         self._pending = 0  # requests accepted whose replies are not all sent
         # The request parser (see run): bytes received are _input[_head:_tail].
         self._input = bytearray()
@@ -174,12 +175,15 @@ class Transmission:
         like nbdinfo --map wait for each reply before the next request, so
         this is their latency. This coroutine only waits for the end."""
         transport = self._transport()
-        if transport.get_write_buffer_size():
-            # Replies now bypass the transport: whatever it still holds of the
-            # handshake must go first.
-            transport.set_write_buffer_limits(high=0)
-            await self.writer.drain()
-        self._sender = Sender(transport.get_extra_info("socket").fileno(), self._broken)
+        if self._tls:
+            self._sender = TlsSender(transport, self._broken)
+        else:
+            if transport.get_write_buffer_size():
+                # Replies now bypass the transport: whatever it still holds of
+                # the handshake must go first.
+                transport.set_write_buffer_limits(high=0)
+                await self.writer.drain()
+            self._sender = Sender(transport.get_extra_info("socket").fileno(), self._broken)
         self._ended = asyncio.get_running_loop().create_future()
         stream = transport.get_protocol()
         assert isinstance(stream, StreamProtocol)
@@ -243,6 +247,11 @@ class Transmission:
     def stalled(self, now: float) -> float:
         """Seconds its socket has taken nothing of the replies queued."""
         return self._sender.stalled(now) if self._sender is not None else 0.0
+
+    def _writing(self, flowing: bool) -> None:
+        """The transport's flow control; only a TLS sender writes through it."""
+        if isinstance(self._sender, TlsSender):
+            self._sender.writable(flowing)
 
     def idle(self, now: float) -> float:
         """Seconds since it was last active, in transmission with nothing in
@@ -513,10 +522,13 @@ class StreamProtocol(asyncio.StreamReaderProtocol):
         super().__init__(reader)
         self.done = False
         self.error: Exception | None = None
+        self.over_tls = False  # set once STARTTLS put a TLS transport under it
 
     def eof_received(self) -> bool | None:
         self.done = True
-        return super().eof_received()
+        keep_open = super().eof_received()
+        # A TLS stream cannot stay half-open (asyncio warns if asked to).
+        return False if self.over_tls else keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
@@ -548,9 +560,11 @@ class _Intake(asyncio.BufferedProtocol):
         self._stream.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self._connection._writing(False)
         self._stream.pause_writing()
 
     def resume_writing(self) -> None:
+        self._connection._writing(True)
         self._stream.resume_writing()
 
 
