@@ -68,7 +68,9 @@ def _ca(work: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def _signed(work: Path, name: str, subject: str, ext: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+def _signed(
+    work: Path, name: str, subject: str, ext: str, ca: tuple[Path, Path]
+) -> tuple[Path, Path]:
     key, csr, cert = work / f"{name}-key.pem", work / f"{name}.csr", work / f"{name}-cert.pem"
     (work / f"{name}.ext").write_text(ext)
     _key(key)
