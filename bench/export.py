@@ -14,6 +14,12 @@
     --disk FILE``, and ``serve --disk TRACKER-URI`` as deployed.
 (d) ``nbdinfo --map`` (base:allocation) of a 15 TiB sparse disk with 20 MiB
     of data in 5 places, from the same four servers.
+(e) ``nbdcopy nbds://127.0.0.1:PORT/?tls-certificates=DIR null:`` of the
+    disk of (b), over TLS on loopback TCP: ``serve --tls-creds`` against
+    ``qemu-nbd --tls-creds`` (one connection, qemu-nbd's default) and
+    ``qemu-nbd -e 4 --tls-creds`` (multi-conn: nbdcopy's four connections,
+    as it opens to dirtydiff), with the CPU seconds of nbdcopy and of each
+    server. ``--tls-only`` runs just this part.
 
 Runs alternate between the servers, the order flipping every round; the
 tables show medians and the ratio dirtydiff / qemu-nbd. Targets: the bitmap
@@ -27,7 +33,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from bench.report import Outcome, Ratio, Target
+from tests.tlspki import make_pki
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -215,6 +224,110 @@ def print_side_by_side(title: str, times: dict[str, list[float]], unit: str, amo
     return med
 
 
+def free_port() -> int:
+    """A loopback port free now (qemu-nbd cannot take port 0 and say which)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def tcp_server(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        end = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv!r} exited with {proc.returncode}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > end:
+                raise TimeoutError(f"port {port} not ready")
+            time.sleep(0.02)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+TLS_PEERS = {
+    "ours": "serve --tls-creds",
+    "qemu": "qemu-nbd --tls-creds (1 connection)",
+    "qemu-e4": "qemu-nbd -e 4 --tls-creds (multi-conn)",
+}
+
+
+def tls_copy(work: Path, disk: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """(e): for each of TLS_PEERS, per round: seconds, nbdcopy's CPU
+    seconds, the server's CPU seconds."""
+    pki = make_pki(work / "pki")
+    state = work / "tls-state"
+    state.mkdir(mode=0o700)
+    tls_object = f"tls-creds-x509,id=tls0,dir={pki.server},endpoint=server"
+
+    def argv(who: str, port: int) -> list[str]:
+        if who == "ours":
+            return ours(state, disk, work / "tls.sock", "--tcp", f"127.0.0.1:{port}",
+                        "--tls-creds", str(pki.server))  # fmt: skip
+        shared = ["-e", "4"] if who == "qemu-e4" else []
+        return ["qemu-nbd", "-r", "-t", *shared, "-f", "raw", "--object", tls_object,
+                "--tls-creds", "tls0", "-b", "127.0.0.1", "-p", str(port), str(disk)]  # fmt: skip
+
+    found: dict[str, dict[str, list[float]]] = {
+        who: {"s": [], "client": [], "server": []} for who in TLS_PEERS
+    }
+    order = list(TLS_PEERS)
+    for r in range(rounds):
+        for who in order if r % 2 == 0 else order[::-1]:
+            port = free_port()
+            with tcp_server(argv(who, port), port) as proc:
+                uri = f"nbds://127.0.0.1:{port}/?tls-certificates={pki.client}"
+                client, server_cpu = children_cpu(), cpu_seconds(proc.pid)
+                took, _ = timed(["nbdcopy", uri, "null:"])
+                found[who]["server"].append(cpu_seconds(proc.pid) - server_cpu)
+                found[who]["client"].append(children_cpu() - client)
+                found[who]["s"].append(took)
+    return found
+
+
+def print_tls_copy(found: dict[str, dict[str, list[float]]], gib: float) -> Ratio:
+    """The table of (e); the ratio against the faster qemu-nbd."""
+    med = {who: {k: statistics.median(v) for k, v in m.items()} for who, m in found.items()}
+    peer = min(("qemu", "qemu-e4"), key=lambda who: med[who]["s"])
+    print()
+    print(f"nbdcopy to null: over TLS (loopback TCP), {gib:.2f} GiB dense")
+    print(f"{'server':40s} {'time (s)':>9s} {'GiB/s':>7s} {'ratio':>7s} {'client CPU':>11s} "
+          f"{'server CPU':>11s}")  # fmt: skip
+    for who, label in TLS_PEERS.items():
+        m = med[who]
+        ratio = med[peer]["s"] / m["s"]
+        print(f"{label:40s} {m['s']:9.3f} {gib / m['s']:7.2f} {ratio:7.2f} "
+              f"{m['client']:10.2f}s {m['server']:10.2f}s")  # fmt: skip
+    print(f"(ratio: throughput against {TLS_PEERS[peer]}, the faster; target >= 0.8)")
+    rounds = (f"{q / o:.2f}" for q, o in zip(found[peer]["s"], found["ours"]["s"], strict=True))
+    print("per round (ratio):", "  ".join(rounds))
+    return Ratio("export", f"nbdcopy {gib:.2f} GiB over TLS vs {TLS_PEERS[peer]}", "GiB/s",
+                 gib / med["ours"]["s"], gib / med[peer]["s"], Target(">=", 0.8))  # fmt: skip
+
+
 def main(argv: Sequence[str]) -> int:
     return run(argv).status
 
@@ -233,6 +346,7 @@ def run(argv: Sequence[str]) -> Outcome:
     parser.add_argument(
         "--extents", type=int, help=f"dirty extents in the bitmap (default {DIRTY_EXTENTS:,})"
     )
+    parser.add_argument("--tls-only", action="store_true", help="only (e), nbdcopy over TLS")
     args = parser.parse_args(argv)
     if args.extents is not None and not 1 <= args.extents <= MAP_SIZE // (64 << 10):
         parser.error("--extents: from 1 to one per 64 KiB granule of 1 TiB")
@@ -246,6 +360,10 @@ def run(argv: Sequence[str]) -> Outcome:
             return Outcome(2)
     work = Path(tempfile.mkdtemp(prefix="dirtydiff-bench-export."))
     try:
+        if args.tls_only:
+            print(f"preparing: {copy_size // (1 << 20)} MiB disk", flush=True)
+            disk = prepare_copy(work, copy_size)
+            return Outcome(0, [print_tls_copy(tls_copy(work, disk, rounds), copy_size / GiB)])
         print(
             f"preparing: 1 TiB bitmap with {extents} dirty extents, "
             f"{copy_size // (1 << 20)} MiB disk",
@@ -326,6 +444,7 @@ def run(argv: Sequence[str]) -> Outcome:
             return Outcome(1)
         maps = print_side_by_side("nbdinfo --map, 15 TiB sparse, 20 MiB of data in 5 places",
                                   map_times, "s", 0.0, map_target)  # fmt: skip
+        tls = print_tls_copy(tls_copy(work, disk, rounds), gib)
         return Outcome(
             0,
             [
@@ -337,6 +456,7 @@ def run(argv: Sequence[str]) -> Outcome:
                       mib / reads["deployed"], mib / reads["qemu"], reads_target),
                 Ratio("export", "15 TiB sparse map, deployed vs qemu-nbd", "s",
                       maps["deployed"], maps["qemu"], map_target),
+                tls,
             ],
         )  # fmt: skip
     finally:
