@@ -32,6 +32,7 @@ from dirtydiff.disk import FileBackend
 from dirtydiff.state import StateDir
 from dirtydiff.store import BitmapStore
 from sidecar.export import Export, NbdServer
+from sidecar.export.tls import TlsCreds
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 KiB, MiB = 1 << 10, 1 << 20
@@ -262,6 +263,8 @@ def nbd_client(uri: str) -> Any:
     h = nbd.NBD()
     h.add_meta_context(proto.BASE_ALLOCATION)
     h.add_meta_context(DIRTY_CONTEXT)
+    if "tls-certificates=" in uri:
+        h.set_uri_allow_local_file(True)  # the test's own certificates directory
     h.connect_uri(uri)
     return h
 
@@ -345,10 +348,20 @@ class Memory:
 
 
 class InProcessNbd:
-    """``NbdServer`` on a unix socket, its event loop in a thread of ours."""
+    """``NbdServer`` on a unix socket, its event loop in a thread of ours;
+    with ``tls``, the socket requires TLS (its clients use ``tls_client``,
+    a libnbd certificates directory)."""
 
-    def __init__(self, disk: Path, state: StateDir, sock: Path) -> None:
+    def __init__(
+        self,
+        disk: Path,
+        state: StateDir,
+        sock: Path,
+        tls: TlsCreds | None = None,
+        tls_client: Path | None = None,
+    ) -> None:
         self.sock = sock
+        self.tls_client = tls_client
         self.backend = FileBackend(str(disk), readonly=True)
         export = Export(
             name="",
@@ -361,10 +374,12 @@ class InProcessNbd:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="nbd", daemon=True)
         self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.listen_unix(sock), self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(self.server.listen_unix(sock, tls), self.loop).result(10)
 
     @property
     def uri(self) -> str:
+        if self.tls_client is not None:
+            return f"nbds+unix:///?socket={self.sock}&tls-certificates={self.tls_client}"
         return f"nbd+unix:///?socket={self.sock}"
 
     def close(self) -> None:

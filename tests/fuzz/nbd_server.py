@@ -8,7 +8,10 @@ Memory is sampled after every input.
 
 Under atheris the server runs in this process (``InProcessNbd``) so that
 libFuzzer sees its branches; tests/test_fuzz.py also runs the same check
-against ``dirtydiff serve``.
+against ``dirtydiff serve``. With ``DIRTYDIFF_FUZZ_TLS=1`` the server
+requires TLS (certificates made at start), so the inputs exercise the option
+phase before STARTTLS, and STARTTLS followed by whatever comes; the
+bystander reads over TLS (tests/test_fuzz_tls.py runs the same).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dirtydiff import nbdproto as proto
+from sidecar.export.tls import TlsCreds
 from tests.fuzz.harness import (
     SESSION_DEADLINE,
     Bystander,
@@ -61,7 +65,14 @@ _targets: list[NbdTarget] = []
 def _setup() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fuzz-nbd-"))
     disk = make_disk(tmp / "disk.raw")
-    server = InProcessNbd(disk, make_state(tmp / "state"), tmp / "nbd.sock")
+    if os.environ.get("DIRTYDIFF_FUZZ_TLS"):
+        from tests.tlspki import make_pki  # noqa: PLC0415
+
+        pki = make_pki(tmp / "pki")
+        server = InProcessNbd(disk, make_state(tmp / "state"), tmp / "nbd.sock",
+                              TlsCreds(pki.server), pki.client)  # fmt: skip
+    else:
+        server = InProcessNbd(disk, make_state(tmp / "state"), tmp / "nbd.sock")
     _targets.append(NbdTarget(server.sock, Bystander(server.uri), Memory(os.getpid())))
 
 
