@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import struct
@@ -584,3 +585,69 @@ def test_cli_help_names_the_tls_options() -> None:
     for flag in ("--tls-creds", "--tls-verify-peer", "--tls-authz", "--tls-unix",
                  "--insecure-tcp", "--metrics-tls-creds"):  # fmt: skip
         assert flag in out
+
+
+# -- the systemd drop-in -------------------------------------------------------------
+
+
+def start_notified(argv: list[str], tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
+    """tests/test_systemd.py's, but running this checkout's code: the
+    ``dirtydiff`` on PATH may be another checkout's editable install."""
+    notify = tmp / f"{name}.notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(notify))
+        listener.settimeout(30)
+        env = {
+            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+            "NOTIFY_SOCKET": str(notify),
+            "PYTHONPATH": str(ROOT),
+        }
+        log = (tmp / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+        log.close()
+        try:
+            message = listener.recv(4096).decode()
+        except BaseException:
+            stop(proc)
+            raise AssertionError((tmp / f"{name}.log").read_text()) from None
+    return proc, message
+
+
+def test_the_systemd_tls_drop_in_serves_tls(pki: Pki, tmp_path: Path) -> None:
+    """The sidecar unit's ExecStart with the TLS_ARGS of
+    systemd/dirtydiff-sidecar@.service.d/tls.conf (its directories moved
+    into the test's): only a listed client reads the export."""
+    from tests.test_systemd import UNITS, exec_start  # noqa: PLC0415
+
+    drop_in = (UNITS / "dirtydiff-sidecar@.service.d" / "tls.conf").read_text()
+    (tls_args,) = re.findall(r'^Environment="TLS_ARGS=(.*)"$', drop_in, flags=re.M)
+    clients = tmp_path / "etc" / "vm1-clients"
+    clients.parent.mkdir()
+    clients.write_text(f"{CLIENT_DN}\n")
+    tls_args = tls_args.replace("%i", "vm1").replace("/etc/pki/dirtydiff", str(pki.server))
+    tls_args = tls_args.replace("/etc/dirtydiff", str(clients.parent))
+    for d in ("lib/vm1", "run"):
+        (tmp_path / d).mkdir(parents=True, mode=0o700)
+    disk = tmp_path / "vm1.raw"
+    disk.write_bytes(b"\x42" * MiB)
+    # --tls-unix: the export's socket then wants TLS too, which needs no port here.
+    conf = {"DISK": str(disk), "SERVE_ARGS": "--tls-unix", "TLS_ARGS": tls_args}
+    tracker, _ = start_notified(
+        exec_start("dirtydiff-track@.service", "vm1", conf, tmp_path), tmp_path, "track"
+    )
+    try:
+        argv = exec_start("dirtydiff-sidecar@.service", "vm1", conf, tmp_path)
+        assert "--tls-authz" in argv
+        sidecar, message = start_notified(argv, tmp_path, "sidecar")
+        try:
+            assert message.startswith("READY=1")
+            sock = tmp_path / "run" / "vm1-backup.sock"
+            uri = f"nbds+unix:///?socket={sock}&tls-certificates="
+            assert run(["nbdinfo", "--size", uri + str(pki.client)]).stdout.strip() == str(MiB)
+            assert nbdinfo("--size", uri + str(pki.intruder), check=False).returncode != 0
+            assert nbdinfo("--size", f"nbd+unix:///?socket={sock}", check=False).returncode != 0
+        finally:
+            assert stop(sidecar) == 0
+    finally:
+        assert stop(tracker) == 0

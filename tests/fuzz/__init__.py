@@ -26,7 +26,8 @@ Coverage-guided, with atheris (libFuzzer), one target at a time::
     .venv/bin/python -m tests.fuzz.control_parsers -atheris_runs=100000 tests/fuzz/corpus/control
     .venv/bin/python -m tests.fuzz.nbd_server -atheris_runs=5000 tests/fuzz/corpus/nbd
     .venv/bin/python -m tests.fuzz.control_server -atheris_runs=5000 tests/fuzz/corpus/control
-    DIRTYDIFF_FUZZ_TLS=1 .venv/bin/python -m tests.fuzz.nbd_server -atheris_runs=5000 tests/fuzz/corpus/nbd
+    DIRTYDIFF_FUZZ_TLS=1 .venv/bin/python -m tests.fuzz.nbd_server -atheris_runs=5000 \
+        tests/fuzz/corpus/nbd
 
 The last is the NBD server with TLS required (``tests/test_fuzz_tls.py`` runs
 it under Hypothesis): the option phase before STARTTLS, and STARTTLS followed
