@@ -9,7 +9,9 @@ By role:
 - ``connection``: one client from accept to close;
 - ``handshake``: the options, up to NBD_OPT_GO, and the meta contexts;
 - ``transmission``: the request loop, the dispatch, reads and block status;
-- ``sender``: replies written whole, file data by sendfile(2);
+- ``sender``: replies written whole, file data by sendfile(2), or through
+  the TLS transport on a TLS stream;
+- ``tls``: x509 credentials, client certificate DNs (``TlsCreds``);
 - ``contexts``: what an export offers (its bitmap policy) and the block
   status of each context;
 - ``upstream``: a few connections to an NBD disk, shared by the clients;
