@@ -358,6 +358,38 @@ def test_a_second_starttls_is_invalid(served: Served) -> None:
         assert replies[-1][0] == Rep.ACK
 
 
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_tls_client_that_reads_no_replies_holds_little(served: Served) -> None:
+    """Reads of the local file over TLS are read into memory only as the TLS
+    transport takes them: a client that never reads its replies makes the
+    server hold a few MiB, not what it asked for, and others go on."""
+    context = ssl.create_default_context(cafile=str(served.pki.client / "ca-cert.pem"))
+    context.load_cert_chain(str(served.pki.client / "client-cert.pem"),
+                            str(served.pki.client / "client-key.pem"))  # fmt: skip
+    before = rss(served.tcp.proc.pid)
+    with TcpRawClient(served.port) as c:
+        starttls(c)
+        c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
+        c.go("", ())
+        for cookie in range(32):  # the whole disk each: 256 MiB in flight at a time
+            c.request(proto.Cmd.READ, 0, SIZE, flags=proto.CmdFlag.DF, cookie=cookie)
+        assert_serves(served)
+        assert_serves(served)
+        grown = rss(served.tcp.proc.pid) - before
+        assert grown < 64 * MiB, grown
+        # It is still served, when it reads again.
+        reply = c.structured_reply()
+        assert {kind for kind, _ in reply} <= {proto.ReplyType.OFFSET_DATA,
+                                                proto.ReplyType.OFFSET_HOLE}, reply  # fmt: skip
+    assert_serves(served)
+
+
 def test_a_client_stalling_in_the_tls_handshake_is_dropped_at_the_limit(
     served: Served,
 ) -> None:
