@@ -457,6 +457,7 @@ def test_verify_peer_is_implied_by_an_authz_list(pki: Pki, tmp_path: Path) -> No
 
 
 def serve_once(tmp_path: Path, *extra: str, timeout: float = 60) -> CompletedProcess[str]:
+    tmp_path.mkdir(exist_ok=True)
     state = tmp_path / "state"
     state.mkdir(mode=0o700, exist_ok=True)
     disk = tmp_path / "disk.raw"
@@ -543,6 +544,30 @@ def test_bad_credentials_are_refused_naming_the_file(
     break_file(creds, name, how)
     line = one_line_error(serve_once(tmp_path, "--tls-creds", str(creds), "--tcp", "127.0.0.1:0"))
     assert str(creds / name) in line
+
+
+def test_a_revoked_client_certificate_is_refused(
+    procs: Processes, pki: Pki, tmp_path: Path, state: Path
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for f in ("ca-cert.pem", "server-cert.pem", "server-key.pem"):
+        (creds / f).write_bytes((pki.server / f).read_bytes())
+    (creds / "ca-crl.pem").write_bytes(pki.crl.read_bytes())
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(MiB))
+    sock = tmp_path / "s.sock"
+    procs.start(serve_argv(state, disk, sock, "--tls-creds", str(creds), "--tls-unix",
+                           "--tls-verify-peer"), sock)  # fmt: skip
+    uri = f"nbds+unix:///?socket={sock}&tls-certificates="
+    assert nbdinfo("--size", uri + str(pki.client)).stdout.strip() == str(MiB)
+    revoked = nbdinfo("--size", uri + str(pki.intruder), check=False)
+    assert revoked.returncode != 0
+    assert str(MiB) not in revoked.stdout
+    # A CRL that is no CRL stops the start, naming the file.
+    (creds / "ca-crl.pem").write_text("-----BEGIN X509 CRL-----\nnope\n-----END X509 CRL-----\n")
+    line = one_line_error(serve_once(tmp_path / "again", "--tls-creds", str(creds)))
+    assert str(creds / "ca-crl.pem") in line
 
 
 def test_a_psk_directory_is_refused_clearly(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@
   ``endpoint=client`` read, both signed by the same CA;
 - ``nocert/``: the CA alone (a client with no certificate of its own);
 - ``otherca/``: a client of an unrelated CA, which trusts only that CA (so
-  it refuses the server) and whose certificate the server refuses.
+  it refuses the server) and whose certificate the server refuses;
+- ``crl``: a ``ca-crl.pem`` of the CA that revokes ``intruder``'s certificate.
 
 EC P-256 keys: made in milliseconds, and both OpenSSL and gnutls speak them.
 Key usages as QEMU's docs give them to certtool, so that QEMU's own checks of
@@ -47,6 +48,7 @@ class Pki:
     intruder: Path  # INTRUDER_DN, the same CA
     nocert: Path  # the CA, no client certificate
     otherca: Path  # another CA's client, trusting only it
+    crl: Path  # the CA's CRL, intruder revoked
 
 
 def _openssl(*args: str | Path, cwd: Path) -> None:
@@ -80,6 +82,20 @@ def _signed(
     return key, cert
 
 
+def _crl(work: Path, revoked: Path) -> Path:
+    """A CRL of ``work``'s CA revoking ``revoked``, by ``openssl ca``."""
+    (work / "index.txt").write_text("")
+    (work / "crlnumber").write_text("1000\n")
+    (work / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\ncrlnumber = crlnumber\n"
+        "certificate = ca-cert.pem\nprivate_key = ca-key.pem\ndefault_md = sha256\n"
+        "default_crl_days = 30\n"
+    )
+    _openssl("ca", "-config", "ca.cnf", "-revoke", revoked, cwd=work)
+    _openssl("ca", "-config", "ca.cnf", "-gencrl", "-out", "ca-crl.pem", cwd=work)
+    return work / "ca-crl.pem"
+
+
 def _lay(directory: Path, ca_cert: Path, role: str | None, pair: tuple[Path, Path] | None) -> Path:
     directory.mkdir(mode=0o700)
     shutil.copy(ca_cert, directory / "ca-cert.pem")
@@ -106,4 +122,5 @@ def make_pki(root: Path) -> Pki:
         intruder=_lay(root / "intruder", ca[1], "client", intruder),
         nocert=_lay(root / "nocert", ca[1], None, None),
         otherca=_lay(root / "otherca", other[1], "client", stranger),
+        crl=_crl(work, intruder[1]),
     )
