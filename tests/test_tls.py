@@ -342,14 +342,38 @@ def test_garbage_after_starttls_ends_the_connection(served: Served) -> None:
     assert_serves(served)
 
 
+def client_context(pki: Pki) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.client / "ca-cert.pem"))
+    context.load_cert_chain(str(pki.client / "client-cert.pem"),
+                            str(pki.client / "client-key.pem"))  # fmt: skip
+    return context
+
+
+def test_options_sent_in_the_clear_after_starttls_are_never_served(served: Served) -> None:
+    """STARTTLS and a GO in one packet, then a real TLS handshake: the GO
+    came in the clear (anyone on the path could have put it there), so it
+    must never be answered as if it had come inside TLS."""
+    with TcpRawClient(served.port) as c:
+        c.greet()
+        c.send(proto.OPTION_HEADER.pack(proto.IHAVEOPT, Opt.STARTTLS, 0)
+               + proto.OPTION_HEADER.pack(proto.IHAVEOPT, Opt.GO, len(info_payload("")))
+               + info_payload(""))  # fmt: skip
+        assert c.option_replies() == [(Rep.ACK, b"")]
+        try:
+            c.sock = client_context(served.pki).wrap_socket(c.sock, server_hostname="127.0.0.1")
+            c.sock.settimeout(5)
+            answered = c.recv(proto.OPTION_REPLY.size)
+        except (ssl.SSLError, OSError):
+            answered = None  # refused before or in the TLS handshake
+        assert answered is None
+    assert_serves(served)
+
+
 def test_a_second_starttls_is_invalid(served: Served) -> None:
     """Inside TLS, with Python's ssl on the client side."""
-    context = ssl.create_default_context(cafile=str(served.pki.client / "ca-cert.pem"))
-    context.load_cert_chain(str(served.pki.client / "client-cert.pem"),
-                            str(served.pki.client / "client-key.pem"))  # fmt: skip
     with TcpRawClient(served.port) as c:
         starttls(c)
-        c.sock = context.wrap_socket(c.sock, server_hostname="127.0.0.1")
+        c.sock = client_context(served.pki).wrap_socket(c.sock, server_hostname="127.0.0.1")
         assert c.option(Opt.STARTTLS)[0][0] == Rep.ERR_INVALID
         assert c.option(Opt.STRUCTURED_REPLY)[0][0] == Rep.ACK
         c.send_option(Opt.GO, info_payload("", ()))

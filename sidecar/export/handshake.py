@@ -189,6 +189,15 @@ class Handshake:
             await self._reply(option, Rep.ERR_INVALID, b"TLS already negotiated")
         else:
             await self._reply(option, Rep.ACK)
+            # Bytes the client sent after STARTTLS, before its TLS handshake,
+            # came in the clear: served as if from inside TLS, they would let
+            # whoever is on the path inject options (the STARTTLS injection
+            # of SMTP's CVE-2011-0411). No await between this look and
+            # start_tls taking the transport: nothing can come in between.
+            # asyncio has no public way to ask; without the attribute, refuse.
+            buffered = getattr(self.reader, "_buffer", None)
+            if buffered is None or buffered:
+                raise proto.ProtocolError("data in the clear after STARTTLS")
             await self._start_tls(self.tls)
 
     async def _start_tls(self, tls: TlsCreds) -> None:
