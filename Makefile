@@ -6,6 +6,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio \
             python3-venv python3-msgpack prometheus
+# openssl: the TLS tests and benchmark make their certificates with it.
+DEB_PKGS += openssl
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-slow test-torture test-fuzz lint bench install-units clean
