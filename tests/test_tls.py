@@ -109,6 +109,7 @@ def served(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         tcp = procs.start(serve_argv(
             state, raw, tmp / "tcp.sock", "--bitmap", "b0", "--tcp", "127.0.0.1:0",
             "--tls-creds", str(pki.server), "--tls-authz", str(authz),
+            "--metrics", "127.0.0.1:0",
         ), tmp / "tcp.sock")  # fmt: skip
         # A second sidecar on the same disk needs its own state: copy the bitmap.
         state2 = tmp / "state2"
@@ -255,6 +256,19 @@ def test_refused_clients_learn_nothing_and_others_are_served(served: Served, cli
         assert refused.returncode != 0, refused.stdout
         assert_reveals_nothing(refused.stdout + refused.stderr)
     assert_serves(served)
+
+
+def test_refusals_are_counted_in_metrics(served: Served) -> None:
+    def refused() -> float:
+        with urllib.request.urlopen(metrics_url(served.tcp), timeout=30) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith("dirtydiff_nbd_errors_total{") and 'kind="tls"' in line:
+                    return float(line.split()[-1])
+        return 0.0
+
+    before = refused()
+    assert nbdinfo("--size", served.nbds(served.pki.intruder), check=False).returncode != 0
+    assert refused() == before + 1
 
 
 class TcpRawClient(RawClient):
