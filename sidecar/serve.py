@@ -323,6 +323,9 @@ def export_tls(
                     "can reach it reads the whole disk and its bitmaps", tcp)  # fmt: skip
     if tls_creds is None:
         return None
+    if tcp is None and not on_unix:
+        log.warning("dirtydiff serve: --tls-creds, but nothing listens with TLS: "
+                    "add --tcp HOST:PORT, or --tls-unix")  # fmt: skip
     return TlsCreds(tls_creds, verify_peer=verify_peer, authz=authz)
 
 

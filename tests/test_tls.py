@@ -605,7 +605,7 @@ def test_a_revoked_client_certificate_is_refused(
     assert str(MiB) not in revoked.stdout
     # A CRL that is no CRL stops the start, naming the file.
     (creds / "ca-crl.pem").write_text("-----BEGIN X509 CRL-----\nnope\n-----END X509 CRL-----\n")
-    line = one_line_error(serve_once(tmp_path / "again", "--tls-creds", str(creds)))
+    line = one_line_error(serve_once(tmp_path / "again", "--tls-creds", str(creds), "--tls-unix"))
     assert str(creds / "ca-crl.pem") in line
 
 
