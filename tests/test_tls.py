@@ -585,7 +585,7 @@ def test_bad_credentials_are_refused_naming_the_file(
     assert str(creds / name) in line
 
 
-def test_a_revoked_client_certificate_is_refused(
+def test_verify_peer_refuses_a_revoked_certificate_or_none(
     procs: Processes, pki: Pki, tmp_path: Path, state: Path
 ) -> None:
     creds = tmp_path / "creds"
@@ -603,6 +603,10 @@ def test_a_revoked_client_certificate_is_refused(
     revoked = nbdinfo("--size", uri + str(pki.intruder), check=False)
     assert revoked.returncode != 0
     assert str(MiB) not in revoked.stdout
+    # --tls-verify-peer alone (no authz list): no certificate, no entry.
+    anonymous = nbdinfo("--size", uri + str(pki.nocert), check=False)
+    assert anonymous.returncode != 0
+    assert str(MiB) not in anonymous.stdout
     # A CRL that is no CRL stops the start, naming the file.
     (creds / "ca-crl.pem").write_text("-----BEGIN X509 CRL-----\nnope\n-----END X509 CRL-----\n")
     line = one_line_error(serve_once(tmp_path / "again", "--tls-creds", str(creds), "--tls-unix"))
