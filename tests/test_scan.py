@@ -679,3 +679,19 @@ def test_a_15_tib_sparse_pair_scans_exactly(procs: Processes, tmp_path: Path, st
     assert dirty_granules(state, "b") == expected
     assert result["progress"]["differing_granules"] == len(expected)
     assert result["progress"]["read_backup"] <= 64 * MiB  # the data only, not the holes
+
+
+def test_connections_a_multi_conn_server_does_not_accept_are_left_out(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """qemu-nbd -e 2 advertises multi-conn but serves 2 clients: the other
+    connections wait in its listen queue. The side goes on with 2, after a
+    bounded wait, and the scan is exact."""
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, 8 * MiB, 75, "dense")
+    d = procs.qemu_nbd(disk, "-r", "-e", "2")
+    b = procs.qemu_nbd(backup, "-r", "-e", "4")
+    started = time.monotonic()
+    marked, widths = engine_scan(d.uri, b.uri)
+    assert widths == [2, 4]
+    assert time.monotonic() - started < 5  # the extra connections' wait is bounded
+    assert marked == differing(backup_bytes, disk_bytes, 65536)

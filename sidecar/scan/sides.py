@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -42,8 +43,11 @@ MAX_REQUEST = 512 * KiB
 MAX_CONNECTIONS = 4
 # The connections past the first are a speed-up, not a need: a server that
 # advertises multi-conn but accepts no more clients (qemu-nbd -e N, N taken)
-# leaves them in its listen queue, and the scan goes on without them.
-EXTRA_CONNECT_TIMEOUT = 2.0
+# leaves them in its listen queue, and the scan goes on without them. They
+# get a few times what the first handshake took (at least a floor, at most a
+# ceiling): the wait for one that never comes is start-up cost.
+EXTRA_CONNECT_FACTOR = 4
+EXTRA_CONNECT_TIMEOUT = (0.25, 2.0)
 # The longest block status asked: its length is 32-bit on the wire.
 MAX_STATUS = (1 << 32) - 1
 
@@ -178,7 +182,9 @@ class NbdSide:
         self.name = name
         self.uri = uri
         # full_info: the description, where a dirtydiff tracker names its state.
+        started = time.monotonic()
         [h] = self._connect([uri], cancel, full_info=True)
+        handshake = time.monotonic() - started
         if isinstance(h, errors.Unavailable):
             raise errors.Unavailable(f"{name}-unreachable", h.message)
         self.size: int = h.get_size()
@@ -190,7 +196,9 @@ class NbdSide:
         self.connections = [NbdConnection(self, h)]
         self.multi_conn = bool(self._call(h.can_multi_conn))
         if self.multi_conn and connections > 1:
-            self._add_connections(connections - 1, cancel)
+            floor, ceiling = EXTRA_CONNECT_TIMEOUT
+            wait = min(ceiling, max(floor, EXTRA_CONNECT_FACTOR * handshake))
+            self._add_connections(connections - 1, cancel, wait)
         maximum = self._call(h.get_block_size, nbd.SIZE_MAXIMUM)  # 0: not advertised
         self.max_request = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
         # Reads of data between zero ranges start and end on this (libnbd's
@@ -205,8 +213,8 @@ class NbdSide:
             **kwargs,
         )  # fmt: skip
 
-    def _add_connections(self, n: int, cancel: threading.Event | None) -> None:
-        for h in self._connect([self.uri] * n, cancel, timeout=EXTRA_CONNECT_TIMEOUT):
+    def _add_connections(self, n: int, cancel: threading.Event | None, timeout: float) -> None:
+        for h in self._connect([self.uri] * n, cancel, timeout=timeout):
             if isinstance(h, errors.Unavailable):
                 # The scan is as correct on fewer connections, only slower.
                 log.info("%s: one connection fewer: %s", self.name, h.message)
