@@ -72,7 +72,7 @@ MiB = 1 << 20
 # is still in the CPU's cache when we compare it; 1 MiB per side in flight
 # still covers a LAN's latency, and a distant backup wants a larger in_flight.
 DEFAULT_CHUNK = 512 * KiB
-DEFAULT_IN_FLIGHT = 2  # per connection of the side with the most of them
+DEFAULT_IN_FLIGHT = 2  # and at least one per connection of a side
 # base:allocation is asked for this much of the disk at a time, as the scan
 # gets there: memory stays bounded on a huge fragmented disk, and the first
 # reads do not wait for the map of the whole disk.
@@ -178,10 +178,11 @@ class Scan:
         self.granularity = granularity
         self.chunk = max(granularity, chunk // granularity * granularity)
         self._nbd = [s for s in (disk, backup) if isinstance(s, NbdSide)]
-        # Each connection gets ``in_flight`` chunks' worth of reads: the
-        # connections are there to have more requests in flight.
+        # At least a chunk per connection, or a connection idles; not more by
+        # default: more bytes in flight than that fell out of the CPU's cache
+        # before they were compared, and cost more than they overlapped.
         width = max((len(s.connections) for s in self._nbd), default=1)
-        self.in_flight = max(1, min(in_flight * width, max(in_flight, MAX_BUFFERED // self.chunk)))
+        self.in_flight = max(1, in_flight, min(width, MAX_BUFFERED // self.chunk))
         self.max_rate = max_rate
         self.on_marks = on_marks
         self.on_position = on_position
