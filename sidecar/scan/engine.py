@@ -45,6 +45,7 @@ from sidecar.scan.sides import (
     MAX_REQUEST,
     MAX_STATUS,
     FileSide,
+    MapRequest,
     NbdSide,
     Side,
     ZeroMap,
@@ -289,8 +290,22 @@ class Scan:
         """Ask both sides which ranges of the window at ``start`` are zero,
         and size the next window from what that cost."""
         window_end = min(start + self._window, self.size)
-        self._disk_zero = self.disk.zero_map(start, window_end)
-        self._backup_zero = self.backup.zero_map(start, window_end)
+        # Over NBD both sides are asked at once, and answer while the reads
+        # in flight go on: a window costs one round trip, not one per side.
+        asked = {side: MapRequest(start, window_end) for side in self._nbd}
+        while not all(request.done for request in asked.values()):
+            if self.cancel.is_set():  # a server that never answers holds no cancel
+                self._save()
+                raise Cancelled("scan cancelled")
+            for side, request in asked.items():
+                if not request.done and not request.pending:
+                    side.ask_map(request)
+            self._wait()
+        zero = {
+            side: asked[side].zero_map() if side in asked else side.zero_map(start, window_end)
+            for side in (self.disk, self.backup)
+        }
+        self._disk_zero, self._backup_zero = zero[self.disk], zero[self.backup]
         if max(self._disk_zero.pieces, self._backup_zero.pieces) <= CHEAP_WINDOW:
             self._window = min(2 * self._window, self._longest_window)
         else:

@@ -110,6 +110,36 @@ class Side(Protocol):
     def close(self) -> None: ...
 
 
+class MapRequest:
+    """The zero ranges of [start, end) of one NBD side, asked without
+    waiting (``NbdSide.ask_map``): the scan asks both sides at once and polls
+    for the answers with its reads. A server may describe less than asked;
+    ``NbdSide.ask_map`` then asks again from where it stopped."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.offset = start  # described up to here
+        self.zeros: list[tuple[int, int]] = []
+        self.pending = False  # a block status is on the wire
+
+    @property
+    def done(self) -> bool:
+        return not self.pending and self.offset >= self.end
+
+    def answered(self, found: list[tuple[int, int]]) -> None:
+        """One reply's (length, flags) extents, from ``offset`` on."""
+        if not found:  # described nothing: the rest is not known to be zero
+            self.offset = self.end
+        for length, flags in found:
+            if flags & EXTENT_ZERO:
+                self.zeros.append((self.offset, min(self.offset + length, self.end)))
+            self.offset += length
+        self.pending = False
+
+    def zero_map(self) -> ZeroMap:
+        return ZeroMap(self.zeros, self.start, self.end)
+
+
 class NbdConnection:
     """One libnbd handle of a side, with its own reads in flight.
 
@@ -262,6 +292,36 @@ class NbdSide:
                     zeros.append((offset, min(offset + length, end)))
                 offset += length
         return ZeroMap(zeros, start, end)
+
+    def ask_map(self, request: MapRequest) -> None:
+        """Send the next block status of ``request`` (not done, not
+        pending) on the least busy connection; the answer comes in while the
+        scan polls, like a read's (it counts as one in flight)."""
+        if not self._has_map:
+            request.answered([])
+            return
+        connection = min(self.connections, key=lambda c: c.in_flight)
+        found: list[tuple[int, int]] = []
+
+        def collect(ctx: str, start: int, entries: list[int], err: Any) -> int:
+            if ctx == "base:allocation":
+                found.extend(zip(entries[::2], entries[1::2], strict=True))
+            return 0
+
+        def completed(err: Any) -> int:
+            connection.in_flight -= 1
+            if err.value:
+                connection.failed = (
+                    f"block status at offset {request.offset} failed: {os.strerror(err.value)}"
+                )
+            else:
+                request.answered(found)
+            return 1
+
+        length = min(self.max_status, request.end - request.offset)
+        self._call(connection.h.aio_block_status, length, request.offset, collect, completed)
+        connection.in_flight += 1
+        request.pending = True
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
