@@ -1,13 +1,24 @@
 """The diff scan: which granules of the disk differ from a backup.
 
-Both sides are read with libnbd (the disk may also be a local file), in
-chunks of 512 KiB with a few in flight, from one thread that polls both
-handles. ``base:allocation`` on both sides, asked for a window of the disk at
-a time, spares reads: a chunk that reads as zeroes on both sides is equal
-without a read, one that is zero on one side is read on the other only and
-tested for zeroes, and within a chunk only the data ranges are read (the zero
-ones are filled in here). Only a chunk that differs is compared granule by
-granule.
+Both sides are read with libnbd (the disk may also be a local file;
+``sidecar.scan.sides`` opens them), in chunks of 512 KiB, at least one in
+flight per connection, from one thread that polls every connection of both
+sides. ``base:allocation`` on both sides, asked of both at once for a window
+of the disk at a time, spares reads: a chunk that reads as zeroes on both
+sides is equal without a read, one that is zero on one side is read on the
+other only and tested for zeroes, and within a chunk only the data ranges are
+read (the zero ones are filled in here). Only a chunk that differs is
+compared granule by granule.
+
+The windows follow the map, not the disk's size::
+
+    disk:    [data|---- hole ----------------------------------|data|-- hole --]
+    windows: [256M][256M][512M][ 1G ][  2G  ][ 4G - chunk ][...][256M][512M]...
+
+A window whose map came back cheap (few zero ranges on each side: all hole,
+or all data) makes the next one twice as long, up to the longest block
+status; a fragmented one makes the next one short again, so the map held in
+memory stays small and the reads never wait long for it.
 
 The scan reports differing granules through ``on_marks`` (in batches) and
 saves its position through ``on_position`` only after the marks before that
