@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from dirtydiff import errors
 from dirtydiff.bitmapfile import BitmapFile
+from dirtydiff.disk import EXTENT_ZERO
 from dirtydiff.state import StateDir
 from sidecar.scan.engine import DEFAULT_CHUNK, differing_granules, open_side
 from sidecar.scan.job import ScanRecord, fills, finished_meanwhile
@@ -695,3 +696,45 @@ def test_connections_a_multi_conn_server_does_not_accept_are_left_out(
     assert widths == [2, 4]
     assert time.monotonic() - started < 5  # the extra connections' wait is bounded
     assert marked == differing(backup_bytes, disk_bytes, 65536)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 5000), st.booleans()), min_size=1, max_size=30),
+    st.integers(0, 3000),
+    st.integers(1, 20000),
+    st.lists(st.integers(1, 6), max_size=10),
+)
+def test_a_map_answered_in_pieces_describes_exactly_its_zero_ranges(
+    extents: list[tuple[int, bool]], start: int, length: int, pieces: list[int]
+) -> None:
+    """A side's map arrives in replies of any number of extents (a server
+    may describe less than asked, and its last extent may run past the
+    window): the window's zero ranges are exactly the zero bytes described,
+    and beyond what was described nothing is taken for zero."""
+    from sidecar.scan.sides import MapRequest  # noqa: PLC0415
+
+    end = start + length
+    # The server's view from ``start``: (length, zero?) runs.
+    zero_bytes: set[int] = set()
+    offset = start
+    for n, is_zero in extents:
+        if is_zero:
+            zero_bytes.update(range(offset, min(offset + n, end)))
+        offset += n
+    described = min(offset, end)
+    request = MapRequest(start, end)
+    replies, counts = list(extents), list(pieces)
+    asked = 0
+    while not request.done:  # as NbdSide.ask_map is called again
+        asked += 1
+        assert asked <= len(extents) + len(pieces) + 1  # each reply moves it on
+        count = counts.pop(0) if counts else len(replies)
+        batch, replies = replies[:count], replies[count:]
+        request.pending = True
+        request.answered([(n, EXTENT_ZERO if z else 0) for n, z in batch])  # none: gives up
+    zero_map = request.zero_map()
+    found = {b for s, e in zip(zero_map.starts, zero_map.ends, strict=True) for b in range(s, e)}
+    assert found == zero_bytes
+    assert all(start <= s < e <= end for s, e in zip(zero_map.starts, zero_map.ends, strict=True))
+    # What was never described is data to the scan: read, not assumed zero.
+    assert not any(b >= described for b in found)

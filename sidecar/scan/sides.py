@@ -131,6 +131,8 @@ class MapRequest:
         if not found:  # described nothing: the rest is not known to be zero
             self.offset = self.end
         for length, flags in found:
+            if self.offset >= self.end:  # described past the window: not ours
+                break
             if flags & EXTENT_ZERO:
                 self.zeros.append((self.offset, min(self.offset + length, self.end)))
             self.offset += length
