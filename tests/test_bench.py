@@ -79,7 +79,7 @@ def test_quick_scan_bench_ends_with_the_summary_table() -> None:
     sparse pair's time, numeric, each measured on fresh servers."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", "scan", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=250, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=100, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     rows = summary_of(done.stdout)
