@@ -738,3 +738,57 @@ def test_a_map_answered_in_pieces_describes_exactly_its_zero_ranges(
     assert all(start <= s < e <= end for s, e in zip(zero_map.starts, zero_map.ends, strict=True))
     # What was never described is data to the scan: read, not assumed zero.
     assert not any(b >= described for b in found)
+
+
+def test_extra_connections_a_server_refuses_at_once_are_left_out_at_once(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """nbdkit's limit filter closes the connections past its limit during
+    the handshake: the side reads on those it kept, without waiting."""
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, 8 * MiB, 76, "sparse")
+    d = procs.nbdkit("-r", "--filter=limit", "file", str(disk), "limit=3")
+    b = procs.nbdkit("-r", "file", str(backup))
+    started = time.monotonic()
+    marked, widths = engine_scan(d.uri, b.uri)
+    assert widths == [3, 4]
+    assert time.monotonic() - started < 5
+    assert marked == differing(backup_bytes, disk_bytes, 65536)
+
+
+def test_read_errors_on_one_of_several_connections_end_the_scan_cleanly(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """The backup's server fails some reads (nbdkit's error filter, EIO, 30%
+    of them: over 32 reads, none failing has a chance of 1e-5):
+    whichever connection it was, the scan ends with backup-lost naming the
+    error, and what it saved resumes to exact marks on a sound server."""
+    from sidecar.scan import engine  # noqa: PLC0415
+
+    size = 16 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 77, "dense")
+    d = procs.nbdkit("-r", "file", str(disk))
+    flaky = procs.nbdkit(*BACKUP[:2], "--filter=error", "file", str(backup),
+                         "error-pread=EIO", "error-pread-rate=30%")  # fmt: skip
+    marks: list[tuple[int, int]] = []
+    saved = [0]
+
+    def on_position(progress: engine.Progress) -> None:
+        saved.append(progress.position)
+
+    disk_side, backup_side = engine.open_side("disk", d.uri), engine.open_side("backup", flaky.uri)
+    try:
+        assert isinstance(backup_side, engine.NbdSide) and len(backup_side.connections) == 4
+        with pytest.raises(errors.Unavailable) as lost:
+            engine.Scan(disk_side, backup_side, 65536, on_marks=marks.extend,
+                        on_position=on_position).run()  # fmt: skip
+    finally:
+        disk_side.close()
+        backup_side.close()
+    assert lost.value.code == "backup-lost"
+    assert "Input/output error" in lost.value.message, lost.value.message
+    sound = procs.nbdkit("-r", "file", str(backup))
+    rest, _ = engine_scan(d.uri, sound.uri, start=saved[-1])
+    before = {g for o, n in marks for g in range(o // 65536, (o + n - 1) // 65536 + 1)}
+    expected = differing(backup_bytes, disk_bytes, 65536)
+    assert before | rest == expected
+    assert {g for g in expected if g * 65536 < saved[-1]} <= before
