@@ -80,9 +80,10 @@ __all__ = [  # the sides are opened through this module too, as before they had 
 KiB = 1 << 10
 MiB = 1 << 20
 # The unit compared and saved as position, and the bytes per side in flight:
-# DEFAULT_CHUNK x DEFAULT_IN_FLIGHT. Little, so that what the servers send us
-# is still in the CPU's cache when we compare it; 1 MiB per side in flight
-# still covers a LAN's latency, and a distant backup wants a larger in_flight.
+# DEFAULT_CHUNK x DEFAULT_IN_FLIGHT, or a chunk per connection if more. Little,
+# so that what the servers send us is still in the CPU's cache when we
+# compare it; 1-2 MiB per side in flight still covers a LAN's latency, and a
+# distant backup wants a larger in_flight.
 DEFAULT_CHUNK = 512 * KiB
 DEFAULT_IN_FLIGHT = 2  # and at least one per connection of a side
 # base:allocation is asked for this much of the disk at a time, as the scan
@@ -94,8 +95,8 @@ ZERO_WINDOW = 256 * MiB
 # block status can ask. So a huge sparse disk costs a round trip per 4 GiB,
 # not per 256 MiB, and a fragmented one keeps its windows short.
 CHEAP_WINDOW = 16
-# The chunk buffers in flight together, whatever the connections (about
-# job.MAX_BUFFERED, per side).
+# The most bytes of chunk buffers a chunk per connection may hold in flight
+# per side (job.MAX_BUFFERED bounds what --in-flight may ask).
 MAX_BUFFERED = 256 * MiB
 MARK_BATCH = 4096  # ranges per hand-over
 POSITION_EVERY = 1.0  # seconds between saved positions
