@@ -256,6 +256,12 @@ class NbdSide:
                 self.connections.append(NbdConnection(self, h))
 
     @property
+    def h(self) -> Any:
+        """The first connection's handle, for a synchronous request made
+        while no scan runs on this side (a sample read, say)."""
+        return self.connections[0].h
+
+    @property
     def in_flight(self) -> int:
         return sum(c.in_flight for c in self.connections)
 
