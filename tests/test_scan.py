@@ -792,3 +792,39 @@ def test_read_errors_on_one_of_several_connections_end_the_scan_cleanly(
     expected = differing(backup_bytes, disk_bytes, 65536)
     assert before | rest == expected
     assert {g for g in expected if g * 65536 < saved[-1]} <= before
+
+
+def test_a_cancel_is_heeded_while_a_side_sits_on_its_map(
+    procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backup's server holds every block status for 60 s (nbdkit's delay
+    filter): a cancel made once the map is asked ends the scan at once,
+    with its position saved, not after the server's answer."""
+    from sidecar.nbdclient import Cancelled  # noqa: PLC0415
+    from sidecar.scan import engine, sides  # noqa: PLC0415
+
+    _, _, backup, disk = pair_files(tmp_path, 8 * MiB, 78, "dense")
+    d = procs.nbdkit("-r", "file", str(disk))
+    slow = procs.nbdkit("-r", "--filter=delay", "file", str(backup), "delay-extents=60")
+    cancel = threading.Event()
+    ask_map = sides.NbdSide.ask_map
+
+    def asked_then_cancelled(self: Any, request: Any) -> None:
+        ask_map(self, request)
+        if self.name == "backup":
+            cancel.set()  # the operator gives up while the map is on the wire
+
+    monkeypatch.setattr(sides.NbdSide, "ask_map", asked_then_cancelled)
+    saved: list[int] = []
+    disk_side, backup_side = engine.open_side("disk", d.uri), engine.open_side("backup", slow.uri)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Cancelled):
+            engine.Scan(disk_side, backup_side, 65536, on_marks=lambda marks: None,
+                        on_position=lambda p: saved.append(p.position),
+                        cancel=cancel).run()  # fmt: skip
+    finally:
+        disk_side.close()
+        backup_side.close()
+    assert time.monotonic() - started < 30  # not held for the server's 60 s
+    assert saved == [0]  # saved on the way out; nothing was compared
