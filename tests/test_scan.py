@@ -828,3 +828,34 @@ def test_a_cancel_is_heeded_while_a_side_sits_on_its_map(
         backup_side.close()
     assert time.monotonic() - started < 30  # not held for the server's 60 s
     assert saved == [0]  # saved on the way out; nothing was compared
+
+
+def test_a_side_lost_while_its_map_is_asked_is_a_lost_side(
+    procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backup's server dies with a block status on the wire (the delay
+    filter holds it): backup-lost, at once, and not a hang or a traceback."""
+    from sidecar.scan import engine, sides  # noqa: PLC0415
+
+    _, _, backup, disk = pair_files(tmp_path, 8 * MiB, 79, "dense")
+    d = procs.nbdkit("-r", "file", str(disk))
+    slow = procs.nbdkit("-r", "--filter=delay", "file", str(backup), "delay-extents=60")
+    ask_map = sides.NbdSide.ask_map
+
+    def asked_then_killed(self: Any, request: Any) -> None:
+        ask_map(self, request)
+        if self.name == "backup" and slow.proc.poll() is None:
+            slow.proc.send_signal(signal.SIGKILL)
+            slow.proc.wait(10)
+
+    monkeypatch.setattr(sides.NbdSide, "ask_map", asked_then_killed)
+    disk_side, backup_side = engine.open_side("disk", d.uri), engine.open_side("backup", slow.uri)
+    started = time.monotonic()
+    try:
+        with pytest.raises(errors.Unavailable) as lost:
+            engine.Scan(disk_side, backup_side, 65536, on_marks=lambda marks: None).run()
+    finally:
+        disk_side.close()
+        backup_side.close()
+    assert lost.value.code == "backup-lost", lost.value.message
+    assert time.monotonic() - started < 30
