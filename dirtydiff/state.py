@@ -34,7 +34,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,7 +424,9 @@ class StateDir:
             known = self.disk()
         except errors.Corrupt:
             known = None
-        state_id = known.id if known is not None and known.id else secrets.token_hex(16)
+        # os.urandom is what secrets.token_hex reads; importing secrets loads
+        # OpenSSL (hmac), milliseconds of every command's start.
+        state_id = known.id if known is not None and known.id else os.urandom(16).hex()
         boot = current_boot_id().hex()
         record = DiskRecord(size, source, state_id, file, boot, tracked)
         body: dict[str, object] = {"size": size, "source": source, "id": state_id}

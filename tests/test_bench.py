@@ -73,3 +73,26 @@ def test_quick_export_bench_ends_with_the_summary_table() -> None:
         assert target in ("<= 1", ">= 0.8", ">= 0.6", "<= 1.5")
         assert met in ("yes", "no")
     assert re.match(r"[0-5] of 5 targets met", done.stdout.rstrip().splitlines()[-1])
+
+
+def test_quick_scan_bench_ends_with_the_summary_table() -> None:
+    """The scan bench at its smallest: every pair's ratios and the 15 TiB
+    sparse pair's time, numeric, each measured on fresh servers."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "scan", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=100, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = summary_of(done.stdout)
+    assert [row[:3] for row in rows[:5]] == [
+        ["scan", "dense 0.25 GiB vs nbdcopy x2 (limit)", "GiB/s"],
+        ["scan", "dense 0.25 GiB vs qemu-img compare", "GiB/s"],
+        ["scan", "50% sparse 0.25 GiB vs nbdcopy x2 (limit)", "GiB/s"],
+        ["scan", "50% sparse 0.25 GiB vs qemu-img compare", "GiB/s"],
+        ["scan", "15 TiB sparse, 20 MiB data vs nbdcopy x2 (time)", "s"],
+    ]
+    for _, _, _, ours, peer, ratio, _, met in rows[:5]:
+        assert float(ours) > 0 and float(peer) > 0
+        assert math.isclose(float(ratio), float(ours) / float(peer), rel_tol=0.01, abs_tol=0.006)
+        assert met in ("yes", "no")
+    assert "CPU s/GiB" in done.stdout and "load average" in done.stdout

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from dirtydiff import errors
 from dirtydiff.bitmapfile import BitmapFile
+from dirtydiff.disk import EXTENT_ZERO
 from dirtydiff.state import StateDir
 from sidecar.scan.engine import DEFAULT_CHUNK, differing_granules, open_side
 from sidecar.scan.job import ScanRecord, fills, finished_meanwhile
@@ -511,3 +512,350 @@ def test_a_side_of_another_scheme_is_refused_not_opened_as_a_path(tmp_path: Path
         assert side.size == 4096
     finally:
         side.close()
+
+
+# -- several connections per side, windows sized from the map ------------------
+
+TiB = 1 << 40
+
+
+def dirty_granules(state: Path, name: str) -> set[int]:
+    """The dirty granules of a bitmap too large to walk bit by bit."""
+    import re  # noqa: PLC0415
+
+    with BitmapFile(state / "bitmaps" / f"{name}.bitmap", writable=False) as bitmap:
+        bits = bytes(bitmap.bits)
+    return {
+        8 * m.start() + i
+        for m in re.finditer(rb"[^\x00]", bits)
+        for i in range(8)
+        if bits[m.start()] >> i & 1
+    }
+
+
+def count_reads_by_connection(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """Reads submitted per connection (by id), from now on."""
+    from sidecar.scan import sides  # noqa: PLC0415
+
+    counts: dict[int, int] = {}
+    submit = sides.NbdConnection.submit
+
+    def counting(self: Any, *args: Any) -> None:
+        counts[id(self)] = counts.get(id(self), 0) + 1
+        submit(self, *args)
+
+    monkeypatch.setattr(sides.NbdConnection, "submit", counting)
+    return counts
+
+
+def engine_scan(disk_uri: str, backup_uri: str, **kwargs: Any) -> tuple[set[int], list[int]]:
+    """Scan with the engine itself: the marked 64 KiB granules, and how many
+    connections each side (disk, backup) had."""
+    from sidecar.scan import engine  # noqa: PLC0415
+
+    marks: list[tuple[int, int]] = []
+    d, b = engine.open_side("disk", disk_uri), engine.open_side("backup", backup_uri)
+    try:
+        widths = [len(s.connections) for s in (d, b) if isinstance(s, engine.NbdSide)]
+        engine.Scan(d, b, 65536, on_marks=marks.extend, **kwargs).run()
+    finally:
+        d.close()
+        b.close()
+    return {g for o, n in marks for g in range(o // 65536, (o + n - 1) // 65536 + 1)}, widths
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_a_multi_conn_scan_marks_exactly_the_differing_granules(
+    procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """qemu-nbd -e 4 advertises multi-conn: each side reads on 4
+    connections, all of them used, and the marks are the same."""
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, 24 * MiB + 4097, 71, kind)
+    d = procs.qemu_nbd(disk, "-r", "-e", "4")
+    b = procs.qemu_nbd(backup, "-r", "-e", "4")
+    counts = count_reads_by_connection(monkeypatch)
+    marked, widths = engine_scan(d.uri, b.uri)
+    assert widths == [4, 4]
+    assert marked == differing(backup_bytes, disk_bytes, 65536)
+    assert len(counts) == 8 if kind == "dense" else len(counts) >= 2, counts
+
+
+def test_a_server_without_multi_conn_gets_one_connection(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """qemu-nbd without -e serves one client at a time and advertises no
+    multi-conn: that side keeps one connection (a second one would wait in
+    its listen queue), and the scan is as exact, from the command line too."""
+    size = 8 * MiB + 1536  # qemu-nbd serves a whole number of 512-byte sectors
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 72, "dense")
+    d = procs.qemu_nbd(disk, "-r", "-e", "4")
+    b = procs.qemu_nbd(backup, "-r")
+    marked, widths = engine_scan(d.uri, b.uri)
+    assert widths == [4, 1]
+    assert marked == differing(backup_bytes, disk_bytes, 65536)
+    started = time.monotonic()
+    result = scan(state, str(disk), b.uri, "b")
+    assert time.monotonic() - started < 10  # no connection waited for its timeout
+    assert dirty_set(state, "b") == differing(backup_bytes, disk_bytes, 65536)
+    assert result["progress"]["differing_granules"] == len(marked)
+
+
+def test_a_side_lost_mid_scan_on_several_connections_fails_cleanly_then_resumes_exactly(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """The backup's server dies with reads in flight on its 4 connections:
+    the scan raises backup-lost (no hang, no traceback of libnbd's), and the
+    position it saved covers only chunks compared on both sides: a scan
+    resumed from it, with the server back, completes the marks exactly."""
+    from sidecar.scan import engine  # noqa: PLC0415
+
+    size = 32 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 73, "dense")
+    d = procs.qemu_nbd(disk, "-r", "-e", "4")
+    b = procs.qemu_nbd(backup, "-r", "-e", "4")
+    marks: list[tuple[int, int]] = []
+    saved: list[int] = []
+    killed = threading.Event()
+
+    def on_position(progress: engine.Progress) -> None:
+        saved.append(progress.position)
+        if progress.position > 0 and not killed.is_set():
+            killed.set()
+            b.proc.send_signal(signal.SIGKILL)
+
+    disk_side, backup_side = engine.open_side("disk", d.uri), engine.open_side("backup", b.uri)
+    try:
+        assert isinstance(backup_side, engine.NbdSide) and len(backup_side.connections) == 4
+        with pytest.raises(errors.Unavailable) as lost:
+            engine.Scan(disk_side, backup_side, 65536, max_rate=16 * MiB,
+                        on_marks=marks.extend, on_position=on_position).run()  # fmt: skip
+    finally:
+        disk_side.close()
+        backup_side.close()
+    assert lost.value.code == "backup-lost", lost.value.message
+    assert killed.is_set() and 0 < saved[-1] < size
+    b.proc.wait(10)
+    b = procs.qemu_nbd(backup, "-r", "-e", "4")
+    rest, _ = engine_scan(d.uri, b.uri, start=saved[-1])
+    before = {g for o, n in marks for g in range(o // 65536, (o + n - 1) // 65536 + 1)}
+    expected = differing(backup_bytes, disk_bytes, 65536)
+    assert before | rest == expected
+    assert {g for g in expected if g * 65536 < saved[-1]} <= before  # nothing skipped
+
+
+def test_a_15_tib_sparse_pair_scans_exactly(procs: Processes, tmp_path: Path, state: Path) -> None:
+    """A huge sparse pair costs what its data costs: its windows grow while
+    they come back all hole. Differences at the edges of 4 GiB windows, and
+    in the last byte, are all found, and nothing else is marked (the time is
+    measured in bench scan, not here)."""
+    size = 15 * TiB
+    backup, disk = tmp_path / "backup.raw", tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(backup), str(size)], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(disk), str(size)], check=True)
+    rng = random.Random(74)
+    expected: set[int] = set()
+    places = [0, 4 * TiB - 2 * MiB, 4 * TiB, 7 * TiB + 12345, 11 * TiB - 1, size - 2 * MiB]
+    with backup.open("r+b") as fb, disk.open("r+b") as fd:
+        for at in places:
+            data = rng.randbytes(2 * MiB)
+            fb.seek(at)
+            fb.write(data)
+            fd.seek(at)
+            changed = bytearray(data)
+            for _ in range(3):
+                flip = rng.randrange(len(changed))
+                changed[flip] ^= 0xFF
+                expected.add((at + flip) // 65536)
+            fd.write(changed)
+        fd.seek(9 * TiB + 3)  # data on the disk only, where the backup is a hole
+        fd.write(b"only on the disk")
+        expected.add((9 * TiB + 3) // 65536)
+        fd.seek(size - 1)
+        fd.write(b"\1")
+        expected.add((size - 1) // 65536)
+    d = procs.qemu_nbd(disk, "-r", "-e", "4")
+    b = procs.qemu_nbd(backup, "-r", "-e", "4")
+    result = scan(state, d.uri, b.uri, "b")
+    assert result["bitmap"]["consistent"]
+    assert dirty_granules(state, "b") == expected
+    assert result["progress"]["differing_granules"] == len(expected)
+    assert result["progress"]["read_backup"] <= 64 * MiB  # the data only, not the holes
+
+
+def test_connections_a_multi_conn_server_does_not_accept_are_left_out(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """qemu-nbd -e 2 advertises multi-conn but serves 2 clients: the other
+    connections wait in its listen queue. The side goes on with 2, after a
+    bounded wait, and the scan is exact."""
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, 8 * MiB, 75, "dense")
+    d = procs.qemu_nbd(disk, "-r", "-e", "2")
+    b = procs.qemu_nbd(backup, "-r", "-e", "4")
+    started = time.monotonic()
+    marked, widths = engine_scan(d.uri, b.uri)
+    assert widths == [2, 4]
+    assert time.monotonic() - started < 5  # the extra connections' wait is bounded
+    assert marked == differing(backup_bytes, disk_bytes, 65536)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 5000), st.booleans()), min_size=1, max_size=30),
+    st.integers(0, 3000),
+    st.integers(1, 20000),
+    st.lists(st.integers(1, 6), max_size=10),
+)
+def test_a_map_answered_in_pieces_describes_exactly_its_zero_ranges(
+    extents: list[tuple[int, bool]], start: int, length: int, pieces: list[int]
+) -> None:
+    """A side's map arrives in replies of any number of extents (a server
+    may describe less than asked, and its last extent may run past the
+    window): the window's zero ranges are exactly the zero bytes described,
+    and beyond what was described nothing is taken for zero."""
+    from sidecar.scan.sides import MapRequest  # noqa: PLC0415
+
+    end = start + length
+    # The server's view from ``start``: (length, zero?) runs.
+    zero_bytes: set[int] = set()
+    offset = start
+    for n, is_zero in extents:
+        if is_zero:
+            zero_bytes.update(range(offset, min(offset + n, end)))
+        offset += n
+    described = min(offset, end)
+    request = MapRequest(start, end)
+    replies, counts = list(extents), list(pieces)
+    asked = 0
+    while not request.done:  # as NbdSide.ask_map is called again
+        asked += 1
+        assert asked <= len(extents) + len(pieces) + 1  # each reply moves it on
+        count = counts.pop(0) if counts else len(replies)
+        batch, replies = replies[:count], replies[count:]
+        request.pending = True
+        request.answered([(n, EXTENT_ZERO if z else 0) for n, z in batch])  # none: gives up
+    zero_map = request.zero_map()
+    found = {b for s, e in zip(zero_map.starts, zero_map.ends, strict=True) for b in range(s, e)}
+    assert found == zero_bytes
+    assert all(start <= s < e <= end for s, e in zip(zero_map.starts, zero_map.ends, strict=True))
+    # What was never described is data to the scan: read, not assumed zero.
+    assert not any(b >= described for b in found)
+
+
+def test_extra_connections_a_server_refuses_at_once_are_left_out_at_once(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """nbdkit's limit filter closes the connections past its limit during
+    the handshake: the side reads on those it kept, without waiting."""
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, 8 * MiB, 76, "sparse")
+    d = procs.nbdkit("-r", "--filter=limit", "file", str(disk), "limit=3")
+    b = procs.nbdkit("-r", "file", str(backup))
+    started = time.monotonic()
+    marked, widths = engine_scan(d.uri, b.uri)
+    assert widths == [3, 4]
+    assert time.monotonic() - started < 5
+    assert marked == differing(backup_bytes, disk_bytes, 65536)
+
+
+def test_read_errors_on_one_of_several_connections_end_the_scan_cleanly(
+    procs: Processes, tmp_path: Path
+) -> None:
+    """The backup's server fails some reads (nbdkit's error filter, EIO, 30%
+    of them: over 32 reads, none failing has a chance of 1e-5):
+    whichever connection it was, the scan ends with backup-lost naming the
+    error, and what it saved resumes to exact marks on a sound server."""
+    from sidecar.scan import engine  # noqa: PLC0415
+
+    size = 16 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 77, "dense")
+    d = procs.nbdkit("-r", "file", str(disk))
+    flaky = procs.nbdkit(*BACKUP[:2], "--filter=error", "file", str(backup),
+                         "error-pread=EIO", "error-pread-rate=30%")  # fmt: skip
+    marks: list[tuple[int, int]] = []
+    saved = [0]
+
+    def on_position(progress: engine.Progress) -> None:
+        saved.append(progress.position)
+
+    disk_side, backup_side = engine.open_side("disk", d.uri), engine.open_side("backup", flaky.uri)
+    try:
+        assert isinstance(backup_side, engine.NbdSide) and len(backup_side.connections) == 4
+        with pytest.raises(errors.Unavailable) as lost:
+            engine.Scan(disk_side, backup_side, 65536, on_marks=marks.extend,
+                        on_position=on_position).run()  # fmt: skip
+    finally:
+        disk_side.close()
+        backup_side.close()
+    assert lost.value.code == "backup-lost"
+    assert "Input/output error" in lost.value.message, lost.value.message
+    sound = procs.nbdkit("-r", "file", str(backup))
+    rest, _ = engine_scan(d.uri, sound.uri, start=saved[-1])
+    before = {g for o, n in marks for g in range(o // 65536, (o + n - 1) // 65536 + 1)}
+    expected = differing(backup_bytes, disk_bytes, 65536)
+    assert before | rest == expected
+    assert {g for g in expected if g * 65536 < saved[-1]} <= before
+
+
+def test_a_cancel_is_heeded_while_a_side_sits_on_its_map(
+    procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backup's server holds every block status for 60 s (nbdkit's delay
+    filter): a cancel made once the map is asked ends the scan at once,
+    with its position saved, not after the server's answer."""
+    from sidecar.nbdclient import Cancelled  # noqa: PLC0415
+    from sidecar.scan import engine, sides  # noqa: PLC0415
+
+    _, _, backup, disk = pair_files(tmp_path, 8 * MiB, 78, "dense")
+    d = procs.nbdkit("-r", "file", str(disk))
+    slow = procs.nbdkit("-r", "--filter=delay", "file", str(backup), "delay-extents=60")
+    cancel = threading.Event()
+    ask_map = sides.NbdSide.ask_map
+
+    def asked_then_cancelled(self: Any, request: Any) -> None:
+        ask_map(self, request)
+        if self.name == "backup":
+            cancel.set()  # the operator gives up while the map is on the wire
+
+    monkeypatch.setattr(sides.NbdSide, "ask_map", asked_then_cancelled)
+    saved: list[int] = []
+    disk_side, backup_side = engine.open_side("disk", d.uri), engine.open_side("backup", slow.uri)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Cancelled):
+            engine.Scan(disk_side, backup_side, 65536, on_marks=lambda marks: None,
+                        on_position=lambda p: saved.append(p.position),
+                        cancel=cancel).run()  # fmt: skip
+    finally:
+        disk_side.close()
+        backup_side.close()
+    assert time.monotonic() - started < 30  # not held for the server's 60 s
+    assert saved == [0]  # saved on the way out; nothing was compared
+
+
+def test_a_side_lost_while_its_map_is_asked_is_a_lost_side(
+    procs: Processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backup's server dies with a block status on the wire (the delay
+    filter holds it): backup-lost, at once, and not a hang or a traceback."""
+    from sidecar.scan import engine, sides  # noqa: PLC0415
+
+    _, _, backup, disk = pair_files(tmp_path, 8 * MiB, 79, "dense")
+    d = procs.nbdkit("-r", "file", str(disk))
+    slow = procs.nbdkit("-r", "--filter=delay", "file", str(backup), "delay-extents=60")
+    ask_map = sides.NbdSide.ask_map
+
+    def asked_then_killed(self: Any, request: Any) -> None:
+        ask_map(self, request)
+        if self.name == "backup" and slow.proc.poll() is None:
+            slow.proc.send_signal(signal.SIGKILL)
+            slow.proc.wait(10)
+
+    monkeypatch.setattr(sides.NbdSide, "ask_map", asked_then_killed)
+    disk_side, backup_side = engine.open_side("disk", d.uri), engine.open_side("backup", slow.uri)
+    started = time.monotonic()
+    try:
+        with pytest.raises(errors.Unavailable) as lost:
+            engine.Scan(disk_side, backup_side, 65536, on_marks=lambda marks: None).run()
+    finally:
+        disk_side.close()
+        backup_side.close()
+    assert lost.value.code == "backup-lost", lost.value.message
+    assert time.monotonic() - started < 30

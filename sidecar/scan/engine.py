@@ -1,13 +1,24 @@
 """The diff scan: which granules of the disk differ from a backup.
 
-Both sides are read with libnbd (the disk may also be a local file), in
-chunks of 512 KiB with a few in flight, from one thread that polls both
-handles. ``base:allocation`` on both sides, asked for a window of the disk at
-a time, spares reads: a chunk that reads as zeroes on both sides is equal
-without a read, one that is zero on one side is read on the other only and
-tested for zeroes, and within a chunk only the data ranges are read (the zero
-ones are filled in here). Only a chunk that differs is compared granule by
-granule.
+Both sides are read with libnbd (the disk may also be a local file;
+``sidecar.scan.sides`` opens them), in chunks of 512 KiB, at least one in
+flight per connection, from one thread that polls every connection of both
+sides. ``base:allocation`` on both sides, asked of both at once for a window
+of the disk at a time, spares reads: a chunk that reads as zeroes on both
+sides is equal without a read, one that is zero on one side is read on the
+other only and tested for zeroes, and within a chunk only the data ranges are
+read (the zero ones are filled in here). Only a chunk that differs is
+compared granule by granule.
+
+The windows follow the map, not the disk's size::
+
+    disk:    [data|---- hole ----------------------------------|data|-- hole --]
+    windows: [256M][256M][512M][ 1G ][  2G  ][ 4G - chunk ][...][256M][512M]...
+
+A window whose map came back cheap (few zero ranges on each side: all hole,
+or all data) makes the next one twice as long, up to the longest block
+status; a fragmented one makes the next one short again, so the map held in
+memory stays small and the reads never wait long for it.
 
 The scan reports differing granules through ``on_marks`` (in batches) and
 saves its position through ``on_position`` only after the marks before that
@@ -26,9 +37,7 @@ measurements behind each choice).
 
 from __future__ import annotations
 
-import bisect
 import collections
-import contextlib
 import errno
 import os
 import select
@@ -36,32 +45,59 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import nbd
 
 from dirtydiff import errors
-from dirtydiff.disk import EXTENT_ZERO, FileBackend, is_nbd_uri, open_backend
-from dirtydiff.state import DiskSeen, file_identity, tracker_id
-from sidecar.nbdclient import Cancelled, connect
+from sidecar.nbdclient import Cancelled
+from sidecar.scan.sides import (
+    MAX_CONNECTIONS,
+    MAX_REQUEST,
+    MAX_STATUS,
+    FileSide,
+    MapRequest,
+    NbdSide,
+    Side,
+    ZeroMap,
+    open_side,
+)
+
+__all__ = [  # the sides are opened through this module too, as before they had one
+    "MAX_CONNECTIONS",
+    "MAX_REQUEST",
+    "FileSide",
+    "NbdSide",
+    "Progress",
+    "Scan",
+    "Side",
+    "ZeroMap",
+    "differing_granules",
+    "file_mtime",
+    "open_side",
+]
 
 KiB = 1 << 10
 MiB = 1 << 20
 # The unit compared and saved as position, and the bytes per side in flight:
-# DEFAULT_CHUNK x DEFAULT_IN_FLIGHT. Little, so that what the servers send us
-# is still in the CPU's cache when we compare it; 1 MiB per side in flight
-# still covers a LAN's latency, and a distant backup wants a larger in_flight.
+# DEFAULT_CHUNK x DEFAULT_IN_FLIGHT, or a chunk per connection if more. Little,
+# so that what the servers send us is still in the CPU's cache when we
+# compare it; 1-2 MiB per side in flight still covers a LAN's latency, and a
+# distant backup wants a larger in_flight.
 DEFAULT_CHUNK = 512 * KiB
-DEFAULT_IN_FLIGHT = 2
-# The longest read sent: qemu-nbd allocates a read's buffer per request, and
-# until glibc's mmap threshold has grown past that size each buffer is fresh,
-# faulted-in pages. 512 KiB stays below that cliff; smaller requests cost
-# more Python per byte.
-MAX_REQUEST = 512 * KiB
+DEFAULT_IN_FLIGHT = 2  # and at least one per connection of a side
 # base:allocation is asked for this much of the disk at a time, as the scan
 # gets there: memory stays bounded on a huge fragmented disk, and the first
 # reads do not wait for the map of the whole disk.
 ZERO_WINDOW = 256 * MiB
+# A window described in at most this many zero ranges per side was cheap to
+# map (all hole, or all data): the next one is twice as long, up to what one
+# block status can ask. So a huge sparse disk costs a round trip per 4 GiB,
+# not per 256 MiB, and a fragmented one keeps its windows short.
+CHEAP_WINDOW = 16
+# The most bytes of chunk buffers a chunk per connection may hold in flight
+# per side (job.MAX_BUFFERED bounds what --in-flight may ask).
+MAX_BUFFERED = 256 * MiB
 MARK_BATCH = 4096  # ranges per hand-over
 POSITION_EVERY = 1.0  # seconds between saved positions
 POLL_TIMEOUT_MS = 1000  # wake up this often anyway, to notice a cancel
@@ -115,219 +151,6 @@ class Progress:
         }
 
 
-class ZeroMap:
-    """The ranges that read as zeroes on one side, merged, for bisecting.
-
-    It describes [``start``, ``end``) only (a window of the disk); beyond it,
-    nothing is known to be zero."""
-
-    def __init__(self, ranges: list[tuple[int, int]], start: int = 0, end: int = 0) -> None:
-        self.start, self.end = start, end
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        for s, e in sorted(ranges):
-            if self.ends and s <= self.ends[-1]:
-                self.ends[-1] = max(self.ends[-1], e)
-            else:
-                self.starts.append(s)
-                self.ends.append(e)
-
-    def zero_until(self, start: int) -> int:
-        """The end of the zero range holding ``start``, or ``start`` if it is data."""
-        i = bisect.bisect_right(self.starts, start) - 1
-        return self.ends[i] if i >= 0 and self.ends[i] > start else start
-
-    def covers(self, start: int, end: int) -> bool:
-        return self.zero_until(start) >= end
-
-    def data(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The ranges of [start, end) that are not known to be zero."""
-        found = []
-        i = bisect.bisect_right(self.starts, start) - 1
-        position = start
-        if i >= 0 and self.ends[i] > start:
-            position = self.ends[i]
-        i += 1
-        while position < end:
-            if i < len(self.starts) and self.starts[i] < end:
-                if self.starts[i] > position:
-                    found.append((position, self.starts[i]))
-                position = max(position, self.ends[i])
-                i += 1
-            else:
-                found.append((position, end))
-                break
-        return found
-
-
-class Side(Protocol):
-    name: str
-    size: int
-
-    def zero_map(self, start: int, end: int) -> ZeroMap: ...
-    def close(self) -> None: ...
-
-
-class NbdSide:
-    """One side read over NBD with libnbd's asynchronous API.
-
-    The scan loop owns the polling: it registers ``fd`` once, calls ``arm``
-    before each poll (the events only change when libnbd's direction does),
-    and ``notify`` with what poll reported. Completed reads run the ``done``
-    callback given to ``submit`` from inside ``notify``.
-    """
-
-    def __init__(self, name: str, uri: str, cancel: threading.Event | None = None) -> None:
-        self.name = name
-        self.uri = uri
-        # full_info: the description, where a dirtydiff tracker names its state.
-        try:
-            h = connect(
-                uri, ("base:allocation",), full_info=True, cancel=cancel, what=f"the {name}"
-            )
-        except errors.Unavailable as e:
-            raise errors.Unavailable(f"{name}-unreachable", e.message) from None
-        h.set_pread_initialize(False)  # we only read what the server wrote
-        self.h = h
-        self.size: int = h.get_size()
-        try:
-            description: str | None = h.get_export_description()
-        except nbd.Error:  # the server sent none
-            description = None
-        self.seen = DiskSeen(uri, self.size, tracker=tracker_id(description))
-        self.fd: int = self._call(h.aio_get_fd)
-        self.events = 0  # what ``fd`` is registered for
-        self.in_flight = 0
-        self.failed: str | None = None  # why a read failed, reported by the loop
-        maximum = self._call(h.get_block_size, nbd.SIZE_MAXIMUM)  # 0: not advertised
-        self.max_request = min(MAX_REQUEST, maximum) if maximum > 0 else MAX_REQUEST
-        # Reads of data between zero ranges start and end on this (libnbd's
-        # strict mode refuses unaligned requests when the server sets one).
-        self.align = max(1, self._call(h.get_block_size, nbd.SIZE_MINIMUM))
-
-    def zero_map(self, start: int, end: int) -> ZeroMap:
-        """The zero ranges of [start, end). Safe with reads in flight: libnbd
-        completes them (and runs their callbacks) while it waits."""
-        if not self.h.can_meta_context("base:allocation"):
-            return ZeroMap([], start, end)
-        zeros: list[tuple[int, int]] = []
-        offset = start
-        while offset < end:
-            found: list[tuple[int, int]] = []
-
-            def collect(
-                ctx: str,
-                start: int,
-                entries: list[int],
-                err: Any,
-                found: list[tuple[int, int]] = found,
-            ) -> int:
-                if ctx == "base:allocation":
-                    found.extend(zip(entries[::2], entries[1::2], strict=True))
-                return 0
-
-            self._call(self.h.block_status, min(1 << 31, end - offset), offset, collect)
-            if not found:
-                break
-            for length, flags in found:
-                if flags & EXTENT_ZERO:
-                    zeros.append((offset, min(offset + length, end)))
-                offset += length
-        return ZeroMap(zeros, start, end)
-
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except nbd.Error as e:
-            raise self.lost(e.string) from None
-
-    def lost(self, why: str) -> errors.Unavailable:
-        return errors.Unavailable(f"{self.name}-lost", f"the {self.name} {self.uri}: {why}")
-
-    def submit(self, offset: int, buf: Any, done: Callable[[], None]) -> None:
-        """Read ``len(buf)`` bytes at ``offset`` into ``buf``, an
-        ``nbd.Buffer`` sharing a chunk buffer's memory (not copied: the
-        comparison then runs on plain bytearrays at memcmp speed); ``done()``
-        runs inside ``notify`` once they are there."""
-
-        def completed(err: Any) -> int:
-            # Runs inside aio_notify_read, which cannot carry an exception out:
-            # a failure is noted and raised by the loop right after.
-            self.in_flight -= 1
-            if err.value:
-                self.failed = f"a read at offset {offset} failed: {os.strerror(err.value)}"
-            else:
-                done()
-            return 1  # retire the command: no aio_command_completed per read
-
-        self._call(self.h.aio_pread, buf, offset, completed)
-        self.in_flight += 1
-
-    def arm(self, poller: select.poll) -> None:
-        """Register ``fd`` for what libnbd waits for, if that changed."""
-        direction = self.h.aio_get_direction()
-        events = (select.POLLIN if direction & nbd.AIO_DIRECTION_READ else 0) | (
-            select.POLLOUT if direction & nbd.AIO_DIRECTION_WRITE else 0
-        )
-        if events != self.events:
-            poller.register(self.fd, events)  # registering again modifies
-            self.events = events
-
-    def notify(self, events: int) -> None:
-        """Let libnbd act on what poll reported; raises if the side is gone."""
-        if events & select.POLLNVAL:
-            raise self.lost("its connection was closed")
-        if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-            self._call(self.h.aio_notify_read)
-        if events & select.POLLOUT:
-            self._call(self.h.aio_notify_write)
-        if self.failed is not None:
-            raise self.lost(self.failed)
-        if self.h.aio_is_dead():
-            raise self.lost("went away")
-
-    def close(self) -> None:
-        with contextlib.suppress(nbd.Error):  # the server may be gone already
-            self.h.shutdown()
-
-
-class FileSide:
-    """The disk as a local file or block device, read synchronously."""
-
-    def __init__(self, name: str, path: str) -> None:
-        self.name = name
-        try:
-            # The scheme table decides: a path opens, another scheme is refused.
-            backend = open_backend(path, readonly=True)
-        except OSError as e:
-            raise errors.Unavailable(
-                f"{name}-unreachable", f"the {name} {path}: {e.strerror}"
-            ) from None
-        assert isinstance(backend, FileBackend)  # open_side gives NBD URIs to NbdSide
-        self.backend = backend
-        self.conn = self.backend.connect()
-        self.size = self.backend.size
-        self.path = path
-        self.seen = DiskSeen(path, self.size, file=file_identity(self.backend.fd))
-
-    def zero_map(self, start: int, end: int) -> ZeroMap:
-        extents = self.conn.extents(end - start, start)
-        return ZeroMap([(o, o + n) for o, n, t in extents if t & EXTENT_ZERO], start, end)
-
-    def read(self, offset: int, buf: bytearray) -> bytearray:
-        self.conn.pread(buf, offset)
-        return buf
-
-    def close(self) -> None:
-        self.backend.close()
-
-
-def open_side(name: str, where: str, cancel: threading.Event | None = None) -> NbdSide | FileSide:
-    if is_nbd_uri(where):
-        return NbdSide(name, where, cancel)
-    return FileSide(name, where)
-
-
 class _Chunk:
     """A range compared as one; its buffers are None where that side is zero."""
 
@@ -367,7 +190,12 @@ class Scan:
         self.size = disk.size
         self.granularity = granularity
         self.chunk = max(granularity, chunk // granularity * granularity)
-        self.in_flight = max(1, in_flight)
+        self._nbd = [s for s in (disk, backup) if isinstance(s, NbdSide)]
+        # At least a chunk per connection, or a connection idles; not more by
+        # default: more bytes in flight than that fell out of the CPU's cache
+        # before they were compared, and cost more than they overlapped.
+        width = max((len(s.connections) for s in self._nbd), default=1)
+        self.in_flight = max(1, in_flight, min(width, MAX_BUFFERED // self.chunk))
         self.max_rate = max_rate
         self.on_marks = on_marks
         self.on_position = on_position
@@ -389,13 +217,18 @@ class Scan:
         # a long-lived sidecar. Pieces start and end on READ_GRID, which
         # bounds how many there are.
         self._pieces: dict[int, dict[tuple[int, int], Any]] = {}
-        self._nbd = [s for s in (disk, backup) if isinstance(s, NbdSide)]
-        self._by_fd = {s.fd: s for s in self._nbd}
+        self._connections = [c for s in self._nbd for c in s.connections]
+        self._by_fd = {c.fd: c for c in self._connections}
         self._poller = select.poll()
         self._zero_chunk = bytes(self.chunk)
         self._zeroes = memoryview(self._zero_chunk)  # slices without copies
-        # The zero ranges of the window being scanned, a whole number of chunks.
-        self._window = max(1, ZERO_WINDOW // self.chunk) * self.chunk
+        # The zero ranges of the window being scanned, a whole number of
+        # chunks; it grows while the map is cheap (CHEAP_WINDOW) up to the
+        # longest block status both sides accept.
+        self._first_window = max(1, ZERO_WINDOW // self.chunk) * self.chunk
+        longest = min([MAX_STATUS, *(s.max_status for s in self._nbd)])
+        self._longest_window = max(self._first_window, longest // self.chunk * self.chunk)
+        self._window = self._first_window
         self._disk_zero = self._backup_zero = ZeroMap([])
 
     # -- the loop ------------------------------------------------------------
@@ -436,9 +269,7 @@ class Scan:
         start = self._next
         end = min(start + self.chunk, self.size)
         if start >= self._disk_zero.end:  # the next window; chunks never straddle two
-            window_end = min(start + self._window, self.size)
-            self._disk_zero = self.disk.zero_map(start, window_end)
-            self._backup_zero = self.backup.zero_map(start, window_end)
+            self._map_window(start)
         disk_zero, backup_zero = self._disk_zero, self._backup_zero
         zero_both = min(disk_zero.zero_until(start), backup_zero.zero_until(start))
         if zero_both >= end:
@@ -466,6 +297,31 @@ class Scan:
             self.progress.read_backup += self._read(self.backup, chunk, chunk.backup, backup_zero)
         if chunk.waiting == 0:  # nothing asynchronous: local file, zeroes
             self._ready.append(chunk)
+
+    def _map_window(self, start: int) -> None:
+        """Ask both sides which ranges of the window at ``start`` are zero,
+        and size the next window from what that cost."""
+        window_end = min(start + self._window, self.size)
+        # Over NBD both sides are asked at once, and answer while the reads
+        # in flight go on: a window costs one round trip, not one per side.
+        asked = {side: MapRequest(start, window_end) for side in self._nbd}
+        while not all(request.done for request in asked.values()):
+            if self.cancel.is_set():  # a server that never answers holds no cancel
+                self._save()
+                raise Cancelled("scan cancelled")
+            for side, request in asked.items():
+                if not request.done and not request.pending:
+                    side.ask_map(request)
+            self._wait()
+        zero = {
+            side: asked[side].zero_map() if side in asked else side.zero_map(start, window_end)
+            for side in (self.disk, self.backup)
+        }
+        self._disk_zero, self._backup_zero = zero[self.disk], zero[self.backup]
+        if max(self._disk_zero.pieces, self._backup_zero.pieces) <= CHEAP_WINDOW:
+            self._window = min(2 * self._window, self._longest_window)
+        else:
+            self._window = self._first_window
 
     def _read(self, side: NbdSide | FileSide, chunk: _Chunk, buf: bytearray, zero: ZeroMap) -> int:
         """Fill ``buf`` with the chunk's bytes on one side; how many are read."""
@@ -513,14 +369,14 @@ class Scan:
 
     def _wait(self) -> None:
         """Block until some read progressed, and let libnbd act on it."""
-        for side in self._nbd:  # a read may also complete inside zero_map
-            if side.failed is not None:
-                raise side.lost(side.failed)
-        sides = [s for s in self._nbd if s.in_flight]
-        if not sides:
+        for connection in self._connections:  # a read may also complete inside zero_map
+            if connection.failed is not None:
+                raise connection.side.lost(connection.failed)
+        busy = [c for c in self._connections if c.in_flight]
+        if not busy:
             return
-        for side in sides:
-            side.arm(self._poller)
+        for connection in busy:
+            connection.arm(self._poller)
         for fd, events in self._poller.poll(POLL_TIMEOUT_MS):
             self._by_fd[fd].notify(events)
 
