@@ -168,6 +168,19 @@ class Side(Protocol):
     def close(self) -> None: ...
 
 
+class DigestSide(Protocol):
+    """The backup known by its granules' digests alone (a manifest): never
+    read. ``differing`` compares a chunk of the disk with it; ``data`` None
+    means the disk reads as zeroes there."""
+
+    name: str
+    size: int
+
+    def zero_map(self, start: int, end: int) -> ZeroMap: ...
+    def differing(self, start: int, length: int, data: bytearray | None) -> list[int]: ...
+    def close(self) -> None: ...
+
+
 class NbdSide:
     """One side read over NBD with libnbd's asynchronous API.
 
@@ -346,7 +359,7 @@ class Scan:
     def __init__(
         self,
         disk: NbdSide | FileSide,
-        backup: NbdSide | FileSide,
+        backup: NbdSide | FileSide | DigestSide,
         granularity: int,
         *,
         start: int = 0,
@@ -356,6 +369,7 @@ class Scan:
         on_marks: Callable[[list[tuple[int, int]]], None],
         on_position: Callable[[Progress], None] = lambda p: None,
         cancel: threading.Event | None = None,
+        on_backup: Callable[[int, int, bytearray | None], None] | None = None,
     ) -> None:
         if disk.size != backup.size:
             raise errors.Conflict(
@@ -364,6 +378,10 @@ class Scan:
                 "a backup of another disk, or the disk was resized",
             )
         self.disk, self.backup = disk, backup
+        # One-sided: the backup is a manifest, compared by digest, never read.
+        self._digests = None if isinstance(backup, NbdSide | FileSide) else backup
+        # Two-sided, told each backup chunk read (--write-manifest).
+        self.on_backup = on_backup
         self.size = disk.size
         self.granularity = granularity
         self.chunk = max(granularity, chunk // granularity * granularity)
@@ -461,17 +479,20 @@ class Scan:
         if not disk_zero.covers(start, end):
             chunk.disk = self._buffer(chunk.length)
             self.progress.read_disk += self._read(self.disk, chunk, chunk.disk, disk_zero)
-        if not backup_zero.covers(start, end):
+        if not backup_zero.covers(start, end) and self._digests is None:
             chunk.backup = self._buffer(chunk.length)
             self.progress.read_backup += self._read(self.backup, chunk, chunk.backup, backup_zero)
         if chunk.waiting == 0:  # nothing asynchronous: local file, zeroes
             self._ready.append(chunk)
 
-    def _read(self, side: NbdSide | FileSide, chunk: _Chunk, buf: bytearray, zero: ZeroMap) -> int:
+    def _read(
+        self, side: NbdSide | FileSide | DigestSide, chunk: _Chunk, buf: bytearray, zero: ZeroMap
+    ) -> int:
         """Fill ``buf`` with the chunk's bytes on one side; how many are read."""
         if isinstance(side, FileSide):
             side.read(chunk.start, buf)
             return chunk.length
+        assert isinstance(side, NbdSide)
 
         def done() -> None:
             chunk.waiting -= 1
@@ -536,8 +557,13 @@ class Scan:
 
     def _compare(self, chunk: _Chunk) -> None:
         a, b = chunk.disk, chunk.backup
-        if a is None and b is None:  # zero on both sides: equal, never read
-            differs: list[int] = []
+        if self.on_backup is not None:
+            self.on_backup(chunk.start, chunk.length, b)
+        differs: list[int]
+        if self._digests is not None:  # one-sided: by digest, holes by flag
+            differs = self._digests.differing(chunk.start, chunk.length, a)
+        elif a is None and b is None:  # zero on both sides: equal, never read
+            differs = []
         elif a is None or b is None:  # zero on one side: the other must be zero
             data = b if a is None else a
             assert data is not None

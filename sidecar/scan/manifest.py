@@ -1,0 +1,163 @@
+"""The manifest side of a scan: the disk compared by digest, and manifests
+recorded as a two-sided scan reads the backup.
+
+``ManifestSide`` stands in for the backup in ``sidecar.scan.engine.Scan``:
+its zero map is the manifest's zero flags (so a hole on the disk against a
+flagged granule is equal without a read, and the disk's reads skip nothing
+the backup has), and a chunk of the disk is compared granule by granule with
+the manifest's digests. The bitmap's granule may hold several manifest
+granules: it is marked if any of them differs.
+
+Hashing runs in the C extension, which lets go of the GIL: a chunk's granules
+are split between the scan's thread and one helper, so that on two cores the
+hashing does not hold back the reads (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import numpy as np
+
+from dirtydiff import errors
+from dirtydiff.manifest import Manifest, ManifestWriter, granule_digests
+from sidecar.scan.engine import ZeroMap
+
+# Below this many bytes a chunk is hashed in one thread: handing half of it
+# over costs more than it saves.
+SPLIT_FROM = 256 << 10
+
+
+class Hasher:
+    """Granule digests of a buffer, on the calling thread and a helper."""
+
+    def __init__(self, granularity: int, digest: int) -> None:
+        self.granularity = granularity
+        self.digest = digest
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if (os.cpu_count() or 1) > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hash")
+
+    def digests(self, data: bytearray) -> tuple[list[bool], bytes]:
+        g = self.granularity
+        if self._pool is None or len(data) < SPLIT_FROM or len(data) < 2 * g:
+            return granule_digests(data, g, self.digest)
+        half = (len(data) // 2 + g - 1) // g * g
+        # The buffer is not written until both halves are done.
+        later = self._pool.submit(granule_digests, data, g, self.digest, half)
+        flags, digests = granule_digests(data, g, self.digest, 0, half)
+        more_flags, more_digests = later.result()
+        return flags + more_flags, digests + more_digests
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class ManifestSide:
+    """A backup known by its manifest (see the module's docstring)."""
+
+    def __init__(self, manifest: Manifest, granularity: int, where: str) -> None:
+        # The job checked the manifest against the disk (check_matches).
+        assert granularity % manifest.granularity == 0
+        self.name = "manifest"
+        self.where = where
+        self.manifest = manifest
+        self.size = manifest.size
+        self.granularity = granularity  # the bitmap's
+        self.per_granule = granularity // manifest.granularity
+        self._flags = np.unpackbits(np.frombuffer(manifest.flags, np.uint8), bitorder="little")[
+            : manifest.granules
+        ].astype(bool)
+        self._hasher = Hasher(manifest.granularity, manifest.digest)
+
+    def zero_map(self, start: int, end: int) -> ZeroMap:
+        """The runs of flagged-zero granules within [start, end)."""
+        m = self.manifest.granularity
+        first, last = start // m, -(-end // m)
+        flags = self._flags[first:last]
+        if not flags.size:
+            return ZeroMap([], start, end)
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], flags, [False])).astype(np.int8)))
+        ranges = [
+            (max(start, (first + int(a)) * m), min(end, (first + int(b)) * m))
+            for a, b in zip(edges[::2], edges[1::2], strict=True)
+        ]
+        return ZeroMap(ranges, start, end)
+
+    def differing(self, start: int, length: int, data: bytearray | None) -> list[int]:
+        """Offsets (from ``start``, in bitmap granules) of the granules of
+        [start, start + length) whose disk bytes ``data`` (None: zeroes) are
+        not what the manifest holds."""
+        m = self.manifest.granularity
+        first, count = start // m, -(-length // m)
+        flags = self._flags[first : first + count]
+        if data is None:  # zeroes on the disk: what the manifest does not flag differs
+            bad = np.flatnonzero(~flags)
+        else:
+            found, digests = self._hasher.digests(data)
+            d = self.manifest.digest
+            theirs = self.manifest.digests[first * d : (first + count) * d]
+            if digests == theirs and found == flags.tolist():
+                return []
+            ours_flags = np.array(found, dtype=bool)
+            rows = np.frombuffer(digests, np.uint8).reshape(count, d)
+            their_rows = np.frombuffer(theirs, np.uint8).reshape(count, d)
+            bad = np.flatnonzero((ours_flags != flags) | (rows != their_rows).any(axis=1))
+        if not bad.size:
+            return []
+        granules = np.unique(bad // self.per_granule)
+        return [int(g) * self.granularity for g in granules]
+
+    def close(self) -> None:
+        self._hasher.close()
+
+
+class ManifestRecorder:
+    """Records the backup's digests as a two-sided scan reads it
+    (``scan --write-manifest``): the scan's ``on_backup`` hook."""
+
+    def __init__(self, writer: ManifestWriter) -> None:
+        self.writer = writer
+        header = writer.header
+        self._hasher = Hasher(header.granularity, header.digest)
+
+    def on_backup(self, start: int, length: int, data: bytearray | None) -> None:
+        g = self.writer.header.granularity
+        if start % g or (length % g and start + length != self.writer.header.size):
+            raise errors.BadRequest(
+                "manifest-granularity", "the scan's chunks are not whole manifest granules"
+            )
+        first = start // g
+        if data is None:
+            self.writer.record_zero(first, first + -(-length // g))
+            return
+        flags, digests = self._hasher.digests(data)
+        self.writer.record(first, flags, digests)
+
+    def close(self) -> None:
+        self._hasher.close()
+
+
+class ManifestMaker:
+    """The other side of ``dirtydiff digest``: the scan engine reads the
+    backup as its disk, and this side records each chunk's digests instead
+    of comparing them. Its zero map calls everything zero, so the engine
+    reads only what the backup's own map calls data and hands the rest over
+    as zeroes (``data`` None)."""
+
+    def __init__(self, recorder: ManifestRecorder) -> None:
+        self.name = "manifest"
+        self.recorder = recorder
+        self.size = recorder.writer.header.size
+
+    def zero_map(self, start: int, end: int) -> ZeroMap:
+        return ZeroMap([(start, end)], start, end)
+
+    def differing(self, start: int, length: int, data: bytearray | None) -> list[int]:
+        self.recorder.on_backup(start, length, data)
+        return []
+
+    def close(self) -> None:
+        self.recorder.close()
