@@ -55,7 +55,7 @@ def write(tmp: Path, data: bytes, name: str = "m.ddm", source: str = "nbd://back
 
 
 settings_tmp = settings(
-    suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60
+    suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60, deadline=None
 )
 
 
@@ -172,6 +172,7 @@ def test_a_writer_killed_leaves_no_manifest_and_reopens_its_partial(tmp_path: Pa
     ).reopened
 
 
+@settings(deadline=None)
 @given(start=st.integers(0, 100), length=st.integers(0, 100), size=st.integers(1, 200))
 def test_record_zero_sets_exactly_its_flags(start: int, length: int, size: int) -> None:
     import tempfile  # noqa: PLC0415
