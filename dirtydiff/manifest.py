@@ -24,8 +24,10 @@ Layout, format version 1, every integer big-endian::
     H      F    zero flags: bit i set means granule i reads as zeroes; least
                 significant bit first in each byte, F = ceil(N / 8) with
                 N = ceil(size / G); bits past the last granule are 0
-    H+F    N*D  digests: BLAKE3 of each granule's bytes (the last one maybe
-                shorter), its first D bytes; D zero bytes for a zero granule
+    H+F    M*D  digests of the M granules not flagged zero, in granule order:
+                BLAKE3 of the granule's bytes (the last one maybe shorter),
+                its first D bytes. A zero granule has none, so that a huge
+                empty disk makes a small manifest: its size follows the data.
     end-32 32   BLAKE3 of every byte before it
 
 What a digest means. Two granules with the same digest are taken to be equal.
@@ -34,14 +36,15 @@ digest the chance is 2**-(8*D) per changed granule (2**-128 at D = 16).
 
 Trust. A manifest is an outside input. ``parse`` refuses anything that is not
 exactly this layout: a wrong magic, version, algorithm or length, a checksum
-that does not match, a flag past the last granule, a zero granule whose digest
-slot is not zero. Whether it describes *this* disk (size, granularity) is the
-scan's to check (``check_matches``).
+that does not match, a flag past the last granule. Whether it describes
+*this* disk (size, granularity) is the scan's to check (``check_matches``).
 
 ``parse`` does no I/O: it reads a buffer (bytes, or a file's mmap).
-``ManifestWriter`` fills a temporary file beside the target through a shared
-mapping and renames it into place only when complete and durable, so a
-manifest under its name is always whole.
+``ManifestWriter`` fills ``TARGET.partial`` through a shared mapping, in any
+order, with a slot for every granule's digest (a sparse file); ``commit``
+writes the manifest itself, without the zero granules' slots, to a temporary
+file and renames it into place only when complete and durable, so a manifest
+under its name is always whole.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import blake3
 import numpy as np
@@ -69,6 +72,7 @@ DEFAULT_DIGEST = 16  # 128 bits: the collision bound in the design note
 MIN_DIGEST, MAX_DIGEST = 16, 32
 CHECKSUM = 32
 MAX_SOURCE = 4096
+COMPACT_STEP = 1 << 20  # granules a commit copies at a time
 # C: magic, version, header length, size, granularity, created, digest length,
 # algorithm, source length, reserved
 # What a manifest is parsed from: bytes, or a file's mapping.
@@ -137,9 +141,14 @@ class ManifestHeader:
     def flags_length(self) -> int:
         return -(-self.granules // 8)
 
+    def file_length(self, data_granules: int) -> int:
+        """The manifest's length when ``data_granules`` granules are not zero."""
+        return self.length + self.flags_length + data_granules * self.digest + CHECKSUM
+
     @property
-    def file_length(self) -> int:
-        return self.length + self.flags_length + self.granules * self.digest + CHECKSUM
+    def slots_length(self) -> int:
+        """The writer's partial file: a digest slot for every granule."""
+        return self.length + self.flags_length + self.granules * self.digest
 
     def pack(self) -> bytes:
         source = self.source.encode()
@@ -196,9 +205,14 @@ def parse_header(buf: Buffer) -> ManifestHeader:
     return ManifestHeader(size, granularity, created, digest, ALGORITHM, source)
 
 
+# Granules per entry of a manifest's rank table.
+RANK_BLOCK = 4096
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
 class Manifest:
-    """A parsed manifest: its header, and each granule's flag and digest
-    (views into the buffer it was parsed from)."""
+    """A parsed manifest: its header, the zero flags and the digests of the
+    other granules (views into the buffer it was parsed from)."""
 
     def __init__(self, header: ManifestHeader, flags: memoryview, digests: memoryview) -> None:
         self.header = header
@@ -207,17 +221,76 @@ class Manifest:
         self.size = header.size
         self.granularity = header.granularity
         self.digest = header.digest
+        # ranks[i]: data granules before granule i * RANK_BLOCK (where the
+        # digests of a range start), so that a lookup unpacks one block only.
+        zeros = _zero_counts(flags)
+        per_block = RANK_BLOCK // 8
+        blocks = -(-len(zeros) // per_block)
+        padded = np.zeros(blocks * per_block, np.uint8)
+        padded[: len(zeros)] = zeros
+        per = padded.reshape(blocks, per_block).sum(axis=1, dtype=np.int64)
+        zero_before = np.concatenate(([0], np.cumsum(per)))
+        self._ranks = np.arange(blocks + 1, dtype=np.int64) * RANK_BLOCK - zero_before
 
     @property
     def granules(self) -> int:
         return self.header.granules
 
+    def zero_flags(self, first: int, count: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Whether each of granules [first, first + count) is flagged zero."""
+        count = max(0, min(count, self.granules - first))
+        packed = np.frombuffer(
+            self.flags, np.uint8, -(-(first + count) // 8) - first // 8, first // 8
+        )
+        bits = np.unpackbits(packed, bitorder="little")
+        return bits[first % 8 : first % 8 + count].astype(bool)
+
+    def zero_count(self, first: int, count: int) -> int:
+        """How many of granules [first, first + count) are flagged zero,
+        without unpacking the whole bytes between."""
+        count = max(0, min(count, self.granules - first))
+        end = first + count
+        a, b = -(-first // 8), end // 8  # the whole bytes: [a, b)
+        if a >= b:
+            return int(self.zero_flags(first, count).sum())
+        whole = int(_POPCOUNT[np.frombuffer(self.flags, np.uint8, b - a, a)].sum(dtype=np.int64))
+        edges = (
+            self.zero_flags(first, 8 * a - first).sum() + self.zero_flags(8 * b, end - 8 * b).sum()
+        )
+        return whole + int(edges)
+
+    def rank(self, granule: int) -> int:
+        """How many granules before ``granule`` have a digest."""
+        block = granule // RANK_BLOCK
+        start = block * RANK_BLOCK
+        return int(self._ranks[block]) + int((~self.zero_flags(start, granule - start)).sum())
+
+    def digest_rows(
+        self, first: int, count: int
+    ) -> tuple[np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, np.dtype[np.uint8]]]:
+        """Granules [first, first + count): their zero flags, and one row of
+        D bytes each, the digest (zeroes for a zero granule)."""
+        zero = self.zero_flags(first, count)
+        d = self.digest
+        rows = np.zeros((len(zero), d), np.uint8)
+        at = self.rank(first)
+        n = int((~zero).sum())
+        rows[~zero] = np.frombuffer(self.digests, np.uint8, n * d, at * d).reshape(n, d)
+        return zero, rows
+
     def is_zero(self, granule: int) -> bool:
         return bool(self.flags[granule >> 3] >> (granule & 7) & 1)
 
     def digest_at(self, granule: int) -> bytes:
-        d = self.digest
-        return bytes(self.digests[granule * d : (granule + 1) * d])
+        """A granule's digest; D zero bytes for a zero granule."""
+        found: bytes = self.digest_rows(granule, 1)[1][0].tobytes()
+        return found
+
+
+def _zero_counts(flags: Buffer) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    """Zero granules per byte of packed flags."""
+    counts: np.ndarray[Any, np.dtype[np.uint8]] = _POPCOUNT[np.frombuffer(flags, np.uint8)]
+    return counts
 
 
 def parse(buf: Buffer) -> tuple[Manifest, bytes]:
@@ -225,41 +298,25 @@ def parse(buf: Buffer) -> tuple[Manifest, bytes]:
     and exactly the layout of the design note."""
     view = memoryview(buf).cast("B")
     header = parse_header(view)
-    if len(view) != header.file_length:
+    start = header.length
+    if len(view) < start + header.flags_length + CHECKSUM:
+        raise _corrupt(f"{len(view)} bytes: truncated in its zero flags")
+    flags = view[start : start + header.flags_length]
+    tail = header.granules % 8
+    if tail and flags[-1] >> tail:
+        raise _corrupt("a zero flag past the last granule")
+    data = header.granules - int(_zero_counts(flags).sum(dtype=np.int64))
+    expected = header.file_length(data)
+    if len(view) != expected:
         raise _corrupt(
-            f"{len(view)} bytes where its header makes {header.file_length}: "
-            + ("truncated" if len(view) < header.file_length else "trailing bytes")
+            f"{len(view)} bytes where its header and flags make {expected}: "
+            + ("truncated" if len(view) < expected else "trailing bytes")
         )
     checksum = bytes(view[-CHECKSUM:])
     if blake3.blake3(view[:-CHECKSUM], max_threads=blake3.blake3.AUTO).digest() != checksum:
         raise _corrupt("its checksum does not match its contents")
-    start = header.length
-    flags = view[start : start + header.flags_length]
     digests = view[start + header.flags_length : -CHECKSUM]
-    tail = header.granules % 8
-    if tail and flags[-1] >> tail:
-        raise _corrupt("a zero flag past the last granule")
-    manifest = Manifest(header, flags, digests)
-    _check_zero_slots(manifest)
-    return manifest, checksum
-
-
-def _check_zero_slots(manifest: Manifest) -> None:
-    """Every zero granule's digest slot is zero (one canonical form: two
-    manifests of the same backup are the same bytes)."""
-    d, n = manifest.digest, manifest.granules
-    flags = np.unpackbits(np.frombuffer(manifest.flags, np.uint8), bitorder="little")
-    digests = np.frombuffer(manifest.digests, np.uint8)
-    step = 1 << 20  # granules at a time: bounded memory on a huge disk
-    for first in range(0, n, step):
-        last = min(n, first + step)
-        zero = flags[first:last].astype(bool)
-        if not zero.any():
-            continue
-        slots = digests[first * d : last * d].reshape(last - first, d)
-        bad = np.flatnonzero(zero & slots.any(axis=1))
-        if bad.size:
-            raise _corrupt(f"granule {first + int(bad[0])} is flagged zero but has a digest")
+    return Manifest(header, flags, digests), checksum
 
 
 def check_matches(manifest: ManifestHeader, size: int, granularity: int, what: str) -> None:
@@ -322,7 +379,7 @@ class ManifestWriter:
         self.header = header
         self.reopened = False  # went on with a partial file (``create(reopen=True)``)
         self._fd = fd
-        self._map = mmap.mmap(fd, header.file_length)
+        self._map = mmap.mmap(fd, header.slots_length)
         self._flags_at = header.length
         self._digests_at = header.length + header.flags_length
 
@@ -352,7 +409,7 @@ class ManifestWriter:
             fd = os.open(
                 partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
             )
-            os.ftruncate(fd, header.file_length)  # sparse: zero granules cost nothing
+            os.ftruncate(fd, header.slots_length)  # sparse: zero granules cost nothing
             os.pwrite(fd, header.pack(), 0)
         except OSError as e:
             raise errors.StorageError(
@@ -369,11 +426,8 @@ class ManifestWriter:
             self._set_flag(first + i, zero)
 
     def record_zero(self, start: int, end: int) -> None:
-        """Granules [start, end) read as zeroes."""
-        d = self.header.digest
-        self._map[self._digests_at + start * d : self._digests_at + end * d] = bytes(
-            (end - start) * d
-        )
+        """Granules [start, end) read as zeroes (their slots are left as
+        they are: ``commit`` leaves out the slots of zero granules)."""
         g = start
         while g < end and g & 7:
             self._set_flag(g, True)
@@ -394,28 +448,60 @@ class ManifestWriter:
         self._map[at] = (byte | bit) if zero else (byte & ~bit)
 
     def commit(self) -> bytes:
-        """Checksum, fsync, rename into place; the checksum."""
-        view = memoryview(self._map)
+        """Write the manifest (the digests of the granules not flagged zero,
+        then the checksum) beside the target, fsync it, rename it into
+        place, and forget the partial file; the checksum."""
+        temporary = self.target.with_name(self.target.name + ".tmp")
+        hasher = blake3.blake3()
         try:
-            checksum = blake3.blake3(view[:-CHECKSUM], max_threads=blake3.blake3.AUTO).digest()
-        finally:
-            view.release()
-        self._map[-CHECKSUM:] = checksum
-        try:
-            self._map.flush()
-            os.fsync(self._fd)
-            os.rename(self.partial, self.target)
+            fd = os.open(
+                temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )  # fmt: skip
+            try:
+                head = bytes(self._map[: self._digests_at])
+                _write_all(fd, head)
+                hasher.update(head)
+                for rows in self._data_digests():
+                    _write_all(fd, rows)
+                    hasher.update(rows)
+                checksum = hasher.digest()
+                _write_all(fd, checksum)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, self.target)
             directory = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(directory)
             finally:
                 os.close(directory)
         except OSError as e:
+            temporary.unlink(missing_ok=True)
             raise errors.StorageError(
                 "manifest-write", f"the manifest {self.target}: {e.strerror}"
             ) from None
-        self.close()
+        self.discard()
         return checksum
+
+    def _data_digests(self) -> Iterator[bytes]:
+        """The slots of the granules not flagged zero, in order, a part at a time."""
+        header = self.header
+        d, n = header.digest, header.granules
+        view = memoryview(self._map)
+        flags = np.frombuffer(view, np.uint8, header.flags_length, self._flags_at)
+        slots = np.frombuffer(view, np.uint8, n * d, self._digests_at).reshape(n, d)
+        try:
+            for first in range(0, n, COMPACT_STEP):
+                count = min(COMPACT_STEP, n - first)
+                packed = flags[first // 8 : -(-(first + count) // 8)]
+                bits = np.unpackbits(packed, bitorder="little")[:count]
+                data = np.flatnonzero(bits == 0) + first
+                if data.size:
+                    yield slots[data].tobytes()
+        finally:
+            del flags, slots  # no export of the mapping may outlive this
+            view.release()
 
     def close(self) -> None:
         if not self._map.closed:
@@ -427,6 +513,12 @@ class ManifestWriter:
     def discard(self) -> None:
         self.close()
         self.partial.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def partial_path(target: Path) -> Path:
@@ -450,7 +542,7 @@ def _open_partial(partial: Path, wanted: ManifestHeader) -> int | None:
         same = (found.size, found.granularity, found.digest, found.source) == (
             wanted.size, wanted.granularity, wanted.digest, wanted.source,
         )  # fmt: skip
-        if same and os.fstat(fd).st_size == found.file_length:
+        if same and os.fstat(fd).st_size == found.slots_length:
             return fd
     except errors.Corrupt:
         pass

@@ -96,8 +96,8 @@ def test_truncated_or_extended_is_refused(tmp_path: Path, data: bytes, cut: int)
 
 
 def test_a_valid_checksum_over_a_bad_layout_is_still_refused(tmp_path: Path) -> None:
-    """A manifest made by hand with a correct checksum: a flagged zero
-    granule with a digest, a flag past the last granule."""
+    """A manifest made by hand with a correct checksum: flags that do not
+    match the digests, a flag past the last granule, another algorithm."""
     data = bytes(G) + b"x" * G + b"y"
     raw = bytearray(write(tmp_path, data).read_bytes())
     flags_at = HEADER.size + len(b"nbd://backup/x")
@@ -106,10 +106,15 @@ def test_a_valid_checksum_over_a_bad_layout_is_still_refused(tmp_path: Path) -> 
         body = bytes(edit[:-CHECKSUM])
         return body + blake3.blake3(body).digest()
 
-    slot = bytearray(raw)
-    slot[flags_at + 1] = 0xAB  # granule 0 is flagged zero; put a digest byte in its slot
-    with pytest.raises(errors.Corrupt, match="flagged zero but has a digest"):
-        parse(resealed(slot))
+    # Flags that do not match the digests' count: one digest too many, or too few.
+    more = bytearray(raw)
+    more[flags_at] |= 1 << 1  # granule 1 (data) said to be zero
+    with pytest.raises(errors.Corrupt, match="trailing"):
+        parse(resealed(more))
+    fewer = bytearray(raw)
+    fewer[flags_at] &= ~1  # granule 0 (zero) said to hold data
+    with pytest.raises(errors.Corrupt, match="truncated"):
+        parse(resealed(fewer))
     past = bytearray(raw)
     past[flags_at] |= 1 << 5  # three granules; bit 5 is past them
     with pytest.raises(errors.Corrupt, match="past the last granule"):

@@ -16,7 +16,7 @@ from dirtydiff.owner import Actor, SidecarActor, StateOwner
 from dirtydiff.state import StateDir
 from sidecar.cli.output import emit, progress_printer, scan_summary
 from sidecar.scan.engine import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
-from sidecar.scan.estimate import Estimate
+from sidecar.scan.estimate import Estimate, describe_estimate
 from sidecar.scan.job import ScanOptions, abort_scan, rebuild_backup, run_scan
 from sidecar.scan.jobs import JobStatus
 
@@ -73,9 +73,13 @@ def _follow(
     """Show a sidecar's scan job until it ends."""
     show = progress_printer(interactive)
     waiting = None
+    estimated = False
     while job.active:
         time.sleep(0.5)  # polling the sidecar's job for the progress display
         job = JobStatus.from_wire(sidecar.call("scan.status", name=options.name))
+        if job.estimate is not None and not estimated:
+            estimated = True
+            print(f"dirtydiff: {describe_estimate(job.estimate)}", file=sys.stderr)
         if job.state == "waiting" and job.error != waiting:
             waiting = job.error
             print(f"\ndirtydiff: scan of {options.name} waiting: {waiting}", file=sys.stderr)

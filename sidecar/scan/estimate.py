@@ -74,12 +74,7 @@ class Estimate:
         return {**asdict(self), "fraction": self.fraction}
 
     def describe(self) -> str:
-        return (
-            f"estimated changed: {100 * self.fraction:.1f}% "
-            f"(95% interval {100 * self.low:.1f}% to {100 * self.high:.1f}%, "
-            f"{self.changed} of {self.sampled} granules sampled); "
-            f"a full scan would take about {self.full_scan_seconds:.0f} s"
-        )
+        return describe_estimate(self.as_dict())
 
     def refuse_above(self, max_changed: float | None) -> None:
         """Conflict if the disk surely changed more than ``max_changed`` percent."""
@@ -90,6 +85,16 @@ class Estimate:
                 f"--max-changed {max_changed:g}%; a full backup would read less than a "
                 "scan (nothing was marked)",
             )
+
+
+def describe_estimate(told: dict[str, Any]) -> str:
+    """An estimate in one line, from its ``as_dict`` (a sidecar job's, too)."""
+    return (
+        f"estimated changed: {100 * told['fraction']:.1f}% "
+        f"(95% interval {100 * told['low']:.1f}% to {100 * told['high']:.1f}%, "
+        f"{told['changed']} of {told['sampled']} granules sampled); "
+        f"a full scan would take about {told['full_scan_seconds']:.0f} s"
+    )
 
 
 def _read(side: NbdSide | FileSide, offset: int, length: int) -> bytes:

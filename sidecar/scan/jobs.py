@@ -75,7 +75,7 @@ class JobStatus:
             raise _malformed(result)
         status = cls(
             **{name: result[name] for name in _JOB_FIELDS},
-            estimate=result.get("estimate") if isinstance(result.get("estimate"), dict) else None,
+            estimate=_estimate(result.get("estimate")),
         )
         progress = status.progress
         if not (
@@ -98,6 +98,19 @@ class JobStatus:
 
 _JOB_FIELDS = {f.name for f in dataclasses.fields(JobStatus)} - {"estimate"}
 _PROGRESS_SHOWN = ("total", "position", "compared", "differing_granules")
+
+
+_ESTIMATE_SHOWN = ("fraction", "low", "high", "changed", "sampled", "full_scan_seconds")
+
+
+def _estimate(told: object) -> dict[str, Any] | None:
+    """A job's estimate as a sidecar told it, if it has its shape (else none)."""
+    if isinstance(told, dict) and all(
+        isinstance(told.get(key), int | float) and not isinstance(told.get(key), bool)
+        for key in _ESTIMATE_SHOWN
+    ):
+        return told
+    return None
 
 
 def _malformed(result: object) -> errors.ProtocolError:

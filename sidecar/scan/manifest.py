@@ -8,15 +8,16 @@ the backup has), and a chunk of the disk is compared granule by granule with
 the manifest's digests. The bitmap's granule may hold several manifest
 granules: it is marked if any of them differs.
 
-Hashing runs in the C extension, which lets go of the GIL: a chunk's granules
-are split between the scan's thread and one helper, so that on two cores the
-hashing does not hold back the reads (docs/performance.md).
+Hashing runs on one worker thread of the side, in the C extension, which
+lets go of the GIL: the scan's thread goes on reading meanwhile, so that on
+two cores the hashing does not hold back the reads (docs/performance.md).
+One hashing thread, not more: on two cores the disk's server needs the
+other.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -25,35 +26,7 @@ from dirtydiff import errors
 from dirtydiff.manifest import Manifest, ManifestWriter, granule_digests
 from sidecar.scan.engine import Hashed, ZeroMap
 
-# Below this many bytes a chunk is hashed in one thread: handing half of it
-# over costs more than it saves.
-SPLIT_FROM = 256 << 10
-
-
-class Hasher:
-    """Granule digests of a buffer, on the calling thread and a helper."""
-
-    def __init__(self, granularity: int, digest: int) -> None:
-        self.granularity = granularity
-        self.digest = digest
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        if (os.cpu_count() or 1) > 1:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hash")
-
-    def digests(self, data: bytearray) -> tuple[list[bool], bytes]:
-        g = self.granularity
-        if self._pool is None or len(data) < SPLIT_FROM or len(data) < 2 * g:
-            return granule_digests(data, g, self.digest)
-        half = (len(data) // 2 + g - 1) // g * g
-        # The buffer is not written until both halves are done.
-        later = self._pool.submit(granule_digests, data, g, self.digest, half)
-        flags, digests = granule_digests(data, g, self.digest, 0, half)
-        more_flags, more_digests = later.result()
-        return flags + more_flags, digests + more_digests
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+PART = 1 << 20  # granules of a merged run of holes looked at a time
 
 
 class ManifestSide:
@@ -68,10 +41,6 @@ class ManifestSide:
         self.size = manifest.size
         self.granularity = granularity  # the bitmap's
         self.per_granule = granularity // manifest.granularity
-        self._flags = np.unpackbits(np.frombuffer(manifest.flags, np.uint8), bitorder="little")[
-            : manifest.granules
-        ].astype(bool)
-        self._hasher = Hasher(manifest.granularity, manifest.digest)
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compare")
 
     def differing_later(
@@ -83,7 +52,9 @@ class ManifestSide:
         """The runs of flagged-zero granules within [start, end)."""
         m = self.manifest.granularity
         first, last = start // m, -(-end // m)
-        flags = self._flags[first:last]
+        if self.manifest.zero_count(first, last - first) == last - first:  # all holes
+            return ZeroMap([(start, end)], start, end)
+        flags = self.manifest.zero_flags(first, last - first)
         if not flags.size:
             return ZeroMap([], start, end)
         edges = np.flatnonzero(np.diff(np.concatenate(([False], flags, [False])).astype(np.int8)))
@@ -99,20 +70,25 @@ class ManifestSide:
         not what the manifest holds."""
         m = self.manifest.granularity
         first, count = start // m, -(-length // m)
-        flags = self._flags[first : first + count]
+        if data is None and self.manifest.zero_count(first, count) == min(
+            count, self.manifest.granules - first
+        ):
+            return []  # zeroes on the disk, all flagged zero
         if data is None:  # zeroes on the disk: what the manifest does not flag differs
-            bad = np.flatnonzero(~flags)
+            # A part at a time: a merged run of holes may span a huge disk.
+            parts = [
+                np.flatnonzero(~self.manifest.zero_flags(g, min(PART, first + count - g)))
+                + (g - first)
+                for g in range(first, first + count, PART)
+            ]
+            bad = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         else:
-            found, digests = self._hasher.digests(data)
-            d = self.manifest.digest
-            # Copied: comparing a memoryview is a hundred times slower than bytes.
-            theirs = bytes(self.manifest.digests[first * d : (first + count) * d])
-            if digests == theirs and found == flags.tolist():
+            found, digests = granule_digests(data, m, self.manifest.digest)
+            zero, rows = self.manifest.digest_rows(first, count)
+            if digests == rows.tobytes() and found == zero.tolist():
                 return []
-            ours_flags = np.array(found, dtype=bool)
-            rows = np.frombuffer(digests, np.uint8).reshape(count, d)
-            their_rows = np.frombuffer(theirs, np.uint8).reshape(count, d)
-            bad = np.flatnonzero((ours_flags != flags) | (rows != their_rows).any(axis=1))
+            ours = np.frombuffer(digests, np.uint8).reshape(count, self.manifest.digest)
+            bad = np.flatnonzero((np.array(found, bool) != zero) | (ours != rows).any(axis=1))
         if not bad.size:
             return []
         granules = np.unique(bad // self.per_granule)
@@ -120,7 +96,6 @@ class ManifestSide:
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
-        self._hasher.close()
 
 
 def _answer(
@@ -145,8 +120,6 @@ class ManifestRecorder:
 
     def __init__(self, writer: ManifestWriter) -> None:
         self.writer = writer
-        header = writer.header
-        self._hasher = Hasher(header.granularity, header.digest)
 
     def on_backup(self, start: int, length: int, data: bytearray | None) -> None:
         g = self.writer.header.granularity
@@ -158,11 +131,11 @@ class ManifestRecorder:
         if data is None:
             self.writer.record_zero(first, first + -(-length // g))
             return
-        flags, digests = self._hasher.digests(data)
+        flags, digests = granule_digests(data, g, self.writer.header.digest)
         self.writer.record(first, flags, digests)
 
     def close(self) -> None:
-        self._hasher.close()
+        pass  # nothing of its own: the writer is its caller's
 
 
 class ManifestMaker:
