@@ -239,3 +239,67 @@ def test_rebuild_with_a_manifest(procs: Processes, tmp_path: Path, state: Path) 
     b = bitmaps(state)["b"]
     assert b["consistent"] and b["backup"] == "nbd://backup-host/x"
     assert dirty_set(state, "b") == differing(backup_bytes, disk_bytes, 65536)
+
+
+def test_with_a_sidecar_a_manifest_scan_runs_in_the_foreground(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """The sidecar opens no path a request names: it refuses the manifest,
+    and the command scans in the foreground, through the tracker."""
+    from dirtydiff import errors  # noqa: PLC0415
+    from dirtydiff.owner import SidecarActor  # noqa: PLC0415
+    from dirtydiff.state import StateDir  # noqa: PLC0415
+    from tests.test_scan_sidecar import sidecar  # noqa: PLC0415
+
+    size = 8 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 141, "sparse")
+    manifest = tmp_path / "m.ddm"
+    digest(str(backup), manifest)
+    tracker = procs.tracker(state, disk=disk)
+    sidecar(procs, tmp_path, state, tracker.uri)
+    with pytest.raises(errors.PermissionDenied, match="opens no manifest"):
+        SidecarActor(StateDir(state)).call(
+            "scan.start", name="x", backup="", manifest=str(manifest)
+        )
+    result = manifest_scan(state, tracker.uri, manifest, "b", "--estimate")
+    assert result["bitmap"]["consistent"] and "estimate" in result
+    assert dirty_set(state, "b") == differing(backup_bytes, disk_bytes, 65536)
+
+
+def test_a_two_sided_scan_killed_while_writing_a_manifest_finishes_it(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    """--write-manifest survives kill -9: the resumed scan goes on with the
+    partial file, and the manifest is the one digest makes of the backup."""
+    from dirtydiff.manifest import open_manifest, partial_path  # noqa: PLC0415
+
+    size = 64 * MiB
+    backup_bytes, disk_bytes, backup, disk = pair_files(tmp_path, size, 151, "dense")
+    server = procs.nbdkit(*BACKUP, str(backup))
+    written = tmp_path / "w.ddm"
+    argv = [sys.executable, "-m", "sidecar.cli", "scan", "--state", str(state), "--disk",
+            str(disk), "--backup", server.uri, "--bitmap", "b", "--json",
+            "--write-manifest", str(written), "--max-rate", "30000000"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_position(state, "b", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert partial_path(written).exists() and not written.exists()
+    result = scan(state, str(disk), server.uri, "b", "--write-manifest", str(written))
+    assert result["resumed_from"] > 0
+    assert not partial_path(written).exists()
+    made = tmp_path / "made.ddm"
+    digest(server.uri, made)
+    with open_manifest(written) as (ours, _), open_manifest(made) as (theirs, _):
+        assert bytes(ours.flags) == bytes(theirs.flags)
+        assert bytes(ours.digests) == bytes(theirs.digests)
+        assert ours.header.source == theirs.header.source == server.uri
+    stop(server.proc)
+    manifest_scan(state, str(disk), written, "one")
+    assert (
+        dirty_set(state, "one")
+        == dirty_set(state, "b")
+        == differing(backup_bytes, disk_bytes, 65536)
+    )
