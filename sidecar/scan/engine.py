@@ -34,7 +34,6 @@ import os
 import select
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +44,7 @@ from dirtydiff import errors
 from dirtydiff.disk import EXTENT_ZERO, FileBackend, is_nbd_uri, open_backend
 from dirtydiff.state import DiskSeen, file_identity, tracker_id
 from sidecar.nbdclient import Cancelled, connect
+from sidecar.scan.pending import HASH_AHEAD, Handed, Hashed
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -66,9 +66,6 @@ ZERO_WINDOW = 256 * MiB
 MARK_BATCH = 4096  # ranges per hand-over
 POSITION_EVERY = 1.0  # seconds between saved positions
 POLL_TIMEOUT_MS = 1000  # wake up this often anyway, to notice a cancel
-# One-sided: chunks read and waiting for their digests, beyond ``in_flight``
-# (the reads go on while the manifest side hashes).
-HASH_AHEAD = 2
 # Reads of data between zero ranges start and end on this grid (or the
 # server's minimum block size if larger): qcow2's cluster size, and the bound
 # on how many distinct pieces a chunk buffer is read in (see Scan._pieces).
@@ -172,25 +169,14 @@ class Side(Protocol):
     def close(self) -> None: ...
 
 
-Hashed = list[int] | BaseException  # what a DigestSide found in a chunk
+class DigestSide(Side, Protocol):
+    """The backup known by its digests alone (a manifest), never read: a chunk
+    of the disk (None: zeroes) is compared with it now, or on its thread."""
 
-
-class DigestSide(Protocol):
-    """The backup known by its granules' digests alone (a manifest): never
-    read. ``differing`` compares a chunk of the disk with it; ``data`` None
-    means the disk reads as zeroes there."""
-
-    name: str
-    size: int
-
-    def zero_map(self, start: int, end: int) -> ZeroMap: ...
     def differing(self, start: int, length: int, data: bytearray | None) -> list[int]: ...
     def differing_later(
         self, start: int, length: int, data: bytearray, done: Callable[[Hashed], None]
-    ) -> None:
-        """``differing`` on another thread; ``done`` gets its answer or its error."""
-
-    def close(self) -> None: ...
+    ) -> None: ...
 
 
 class NbdSide:
@@ -422,17 +408,9 @@ class Scan:
         self._nbd = [s for s in (disk, backup) if isinstance(s, NbdSide)]
         self._by_fd = {s.fd: s for s in self._nbd}
         self._poller = select.poll()
-        # One-sided: chunks are hashed on the manifest side's thread while the
-        # reads go on; each answer comes back through ``_hashed``, and ``_wake``
-        # (an eventfd in the poll set) ends the poll it may be waiting in.
-        self._hashed: collections.deque[tuple[_Chunk, Hashed]] = collections.deque()
-        self._hashing = 0
-        self._wake = -1
-        if self._digests is not None:
-            self.in_flight += HASH_AHEAD
-            self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            weakref.finalize(self, os.close, self._wake)
-            self._poller.register(self._wake, select.POLLIN)
+        # One-sided: chunks are hashed on the manifest side's thread meanwhile.
+        self._handed = None if self._digests is None else Handed[_Chunk](self._poller)
+        self.in_flight += 0 if self._digests is None else HASH_AHEAD
         self._zero_chunk = bytes(self.chunk)
         self._zeroes = memoryview(self._zero_chunk)  # slices without copies
         # The zero ranges of the window being scanned, a whole number of chunks.
@@ -457,7 +435,8 @@ class Scan:
                 ready.sort(key=lambda c: c.start)  # marks mostly in order: fewer ranges
                 for chunk in ready:
                     self._compare(chunk)
-            self._collect()
+            for chunk, differs in self._handed.collect() if self._handed else ():
+                self._finish(chunk, differs)
             self._advance()
             if time.monotonic() - last_saved > POSITION_EVERY:
                 self._save()
@@ -562,16 +541,15 @@ class Scan:
             if side.failed is not None:
                 raise side.lost(side.failed)
         sides = [s for s in self._nbd if s.in_flight]
-        if not sides and not self._hashing:
+        if not sides and not (self._handed and self._handed.count):
             return
         for side in sides:
             side.arm(self._poller)
         for fd, events in self._poller.poll(POLL_TIMEOUT_MS):
-            if fd == self._wake:
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(fd)
-                continue
-            self._by_fd[fd].notify(events)
+            if self._handed is not None and fd == self._handed.fd:
+                self._handed.woken()
+            else:
+                self._by_fd[fd].notify(events)
 
     def _buffer(self, length: int) -> bytearray:
         if length == self.chunk and self._free:
@@ -587,10 +565,9 @@ class Scan:
         a, b = chunk.disk, chunk.backup
         if self.on_backup is not None:
             self.on_backup(chunk.start, chunk.length, b)
-        if self._digests is not None and a is not None:  # hashed while reads go on
-            self._hashing += 1
+        if self._handed is not None and self._digests is not None and a is not None:
             self._digests.differing_later(
-                chunk.start, chunk.length, a, self._hashed_callback(chunk)
+                chunk.start, chunk.length, a, self._handed.callback(chunk)
             )
             return
         differs: list[int]
@@ -606,23 +583,6 @@ class Scan:
         else:
             differs = [] if a == b else differing_granules(a, b, self.granularity)
         self._finish(chunk, differs)
-
-    def _hashed_callback(self, chunk: _Chunk) -> Callable[[Hashed], None]:
-        def done(found: Hashed) -> None:  # on the manifest side's thread
-            self._hashed.append((chunk, found))
-            with contextlib.suppress(OSError):  # the scan ended meanwhile
-                os.eventfd_write(self._wake, 1)
-
-        return done
-
-    def _collect(self) -> None:
-        """Finish the chunks whose digests came back."""
-        while self._hashed:
-            chunk, found = self._hashed.popleft()
-            self._hashing -= 1
-            if isinstance(found, BaseException):
-                raise found
-            self._finish(chunk, found)
 
     def _finish(self, chunk: _Chunk, differs: list[int]) -> None:
         """Hand a compared chunk's differing granules (offsets in it) over."""

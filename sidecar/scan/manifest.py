@@ -24,7 +24,8 @@ import numpy as np
 
 from dirtydiff import errors
 from dirtydiff.manifest import Manifest, ManifestWriter, granule_digests
-from sidecar.scan.engine import Hashed, ZeroMap
+from sidecar.scan.engine import ZeroMap
+from sidecar.scan.pending import Hashed
 
 PART = 1 << 20  # granules of a merged run of holes looked at a time
 
