@@ -27,11 +27,13 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dirtydiff import errors
 from sidecar.scan.engine import FileSide, NbdSide
-from sidecar.scan.manifest import ManifestSide
+
+if TYPE_CHECKING:  # imported by a manifest scan only: numpy and blake3 cost start-up
+    from sidecar.scan.manifest import ManifestSide
 
 SAMPLE = 1024  # granules: +-3 points at 30% changed
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -128,7 +130,7 @@ def sample_changed(
         ours = _read(disk, offset, length)
         read += length
         zero = ours.count(0) == length
-        if isinstance(backup, ManifestSide):
+        if not isinstance(backup, NbdSide | FileSide):  # the manifest
             differs = bool(backup.differing(offset, length, None if zero else bytearray(ours)))
             theirs_zero = all(backup.manifest.is_zero(i) for i in _manifest_granules(backup, g))
         else:
@@ -143,7 +145,7 @@ def sample_changed(
     low, high = wilson(changed, sampled)
     data_fraction = data / sampled if sampled else 0.0
     rate = read / seconds if seconds > 0 else math.inf
-    sides = 1 if isinstance(backup, ManifestSide) else 2
+    sides = 2 if isinstance(backup, NbdSide | FileSide) else 1
     full = sides * size * data_fraction / rate if rate > 0 else 0.0
     return Estimate(sampled, changed, low, high, data_fraction, seconds, full)
 

@@ -26,13 +26,12 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dirtydiff import control, errors, scans
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
 from dirtydiff.control import replies
 from dirtydiff.disk import is_nbd_uri
-from dirtydiff.manifest import ManifestWriter, check_matches, open_manifest
 from dirtydiff.owner import Actor, Route, StateOwner
 from dirtydiff.state import OPEN_CHECKPOINT, BitmapInfo, StateDir, check_name
 from dirtydiff.statefiles import open_file, read_file
@@ -47,7 +46,9 @@ from sidecar.scan.engine import (
     open_side,
 )
 from sidecar.scan.estimate import Estimate, sample_changed
-from sidecar.scan.manifest import ManifestRecorder, ManifestSide
+
+if TYPE_CHECKING:  # a manifest scan imports them: numpy and blake3 cost start-up
+    from sidecar.scan.manifest import ManifestSide
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +247,16 @@ def _run(
     cancel: threading.Event | None,
     on_estimate: Callable[[Estimate], None],
 ) -> ScanResult:
-    with contextlib.ExitStack() as stack:
+    stack = contextlib.ExitStack()
+    try:
         disk = open_side("disk", options.disk, cancel)
         stack.callback(disk.close)
         backup: NbdSide | FileSide | ManifestSide
         checksum = ""
         if options.manifest:
+            from dirtydiff.manifest import check_matches, open_manifest  # noqa: PLC0415
+            from sidecar.scan.manifest import ManifestSide  # noqa: PLC0415
+
             manifest, digest = stack.enter_context(open_manifest(options.manifest))
             check_matches(manifest.header, disk.size, options.granularity, options.manifest)
             checksum = digest.hex()
@@ -263,7 +268,8 @@ def _run(
         stack.callback(backup.close)
         return _scan(state, options, record, bitmaps, on_progress, cancel, on_estimate,
                      Sides(disk, backup, reference, checksum))  # fmt: skip
-    raise AssertionError("unreachable")  # ExitStack may swallow; it does not here
+    finally:
+        stack.close()
 
 
 @dataclass
@@ -295,11 +301,18 @@ def _scan(
             f"{disk.size} bytes: a backup of another disk, or the disk was resized",
         )
     if (
-        not isinstance(backup, ManifestSide)
+        isinstance(backup, NbdSide | FileSide)
         and disk.seen.tracker is not None
         and disk.seen.tracker == backup.seen.tracker
     ):
         raise errors.Conflict("backup-is-disk", f"the backup {options.backup} is the disk itself")
+    estimate = None
+    if options.estimate or options.max_changed is not None:  # before anything is made
+        estimate = sample_changed(
+            disk, backup, options.granularity, seed=options.estimate_seed, cancel=cancel
+        )
+        on_estimate(estimate)
+        estimate.refuse_above(options.max_changed)
     if offline:
         known = state.disk()
         if known is None:
@@ -312,13 +325,6 @@ def _scan(
                 f"the disk has {disk.size} bytes but {state.path} describes {known.size} bytes",
             )
         bitmaps.open()
-    estimate = None
-    if options.estimate or options.max_changed is not None:
-        estimate = sample_changed(
-            disk, backup, options.granularity, seed=options.estimate_seed, cancel=cancel
-        )
-        on_estimate(estimate)
-        estimate.refuse_above(options.max_changed)
     previous = record.load()
     if previous is not None:
         current = find_bitmap(bitmaps.call, options.name)
@@ -348,21 +354,25 @@ def _scan(
             rebuild=options.rebuild,
         )
     )
-    if isinstance(backup, ManifestSide) and begun.granularity != backup.granularity:
+    if not isinstance(backup, NbdSide | FileSide) and begun.granularity != backup.granularity:
         raise errors.Conflict(
             "manifest-granularity",
             f"bitmap {options.name!r} has {begun.granularity}-byte granules, "
             f"not the {backup.granularity} the manifest was checked for",
         )
     start = int(previous["position"]) if previous is not None and begun.resume else 0
-    writer = None
+    writer = recorder = None
     if options.write_manifest:
+        from dirtydiff.manifest import ManifestWriter  # noqa: PLC0415
+        from sidecar.scan.manifest import ManifestRecorder  # noqa: PLC0415
+
         writer = ManifestWriter.create(
             options.write_manifest, disk.size, begun.granularity, sides.reference,
             reopen=start > 0,
         )  # fmt: skip
         if start > 0 and not writer.reopened:
             start = 0  # the digests before the position are gone: read it all again
+        recorder = ManifestRecorder(writer)
     offline_file = offline and not is_nbd_uri(options.disk)
     mtime = file_mtime(options.disk) if offline_file else None
     base = {
@@ -384,7 +394,6 @@ def _scan(
         record.save({**base, "position": progress.position})
         on_progress(progress)
 
-    recorder = ManifestRecorder(writer) if writer is not None else None
     try:
         scan = Scan(
             disk,
