@@ -391,6 +391,8 @@ def _scan(
         bitmaps.call("bitmap.mark", name=options.name, ranges=[list(r) for r in ranges])
 
     def on_position(progress: Progress) -> None:
+        if recorder is not None:  # the digests before the position are written
+            recorder.caught_up()
         record.save({**base, "position": progress.position})
         on_progress(progress)
 
@@ -417,7 +419,8 @@ def _scan(
                 f"writes; scan again with the tracker running (bitmap {options.name!r} stays "
                 "inconsistent)",
             )
-        if writer is not None:
+        if writer is not None and recorder is not None:
+            recorder.caught_up()
             writer.commit()
     finally:
         if recorder is not None:

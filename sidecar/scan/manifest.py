@@ -18,6 +18,7 @@ other.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +29,7 @@ from sidecar.scan.engine import ZeroMap
 from sidecar.scan.pending import Hashed
 
 PART = 1 << 20  # granules of a merged run of holes looked at a time
+RECORD_AHEAD = 4  # chunks a --write-manifest scan may read ahead of their hashing
 
 
 class ManifestSide:
@@ -137,12 +139,32 @@ def _answer(
 
 class ManifestRecorder:
     """Records the backup's digests as a two-sided scan reads it
-    (``scan --write-manifest``): the scan's ``on_backup`` hook."""
+    (``scan --write-manifest``). ``on_backup``, the scan's hook, copies the
+    chunk and hashes it on its own thread, so that the scan's reads go on
+    meanwhile (at most ``RECORD_AHEAD`` chunks wait); ``record`` hashes
+    here (``dirtydiff digest``, already off the scan's thread)."""
 
     def __init__(self, writer: ManifestWriter) -> None:
         self.writer = writer
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="record")
+        self._room = threading.Semaphore(RECORD_AHEAD)
+        self._failed: BaseException | None = None
 
     def on_backup(self, start: int, length: int, data: bytearray | None) -> None:
+        self._raise()
+        copy = None if data is None else bytearray(data)  # the scan reuses its buffer
+        self._room.acquire()
+        self._worker.submit(self._record_later, start, length, copy)
+
+    def _record_later(self, start: int, length: int, data: bytearray | None) -> None:
+        try:
+            self.record(start, length, data)
+        except BaseException as e:
+            self._failed = e
+        finally:
+            self._room.release()
+
+    def record(self, start: int, length: int, data: bytearray | None) -> None:
         g = self.writer.header.granularity
         if start % g or (length % g and start + length != self.writer.header.size):
             raise errors.BadRequest(
@@ -155,8 +177,21 @@ class ManifestRecorder:
         flags, digests = granule_digests(data, g, self.writer.header.digest)
         self.writer.record(first, flags, digests)
 
+    def caught_up(self) -> None:
+        """Every chunk handed over is in the writer's file (before a
+        position is saved: a resumed scan skips what is before it)."""
+        for _ in range(RECORD_AHEAD):
+            self._room.acquire()
+        for _ in range(RECORD_AHEAD):
+            self._room.release()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
     def close(self) -> None:
-        pass  # nothing of its own: the writer is its caller's
+        self._worker.shutdown(wait=True)
 
 
 class ManifestMaker:
@@ -181,7 +216,7 @@ class ManifestMaker:
         return ZeroMap([(start, end)], start, end)
 
     def differing(self, start: int, length: int, data: bytearray | None) -> list[int]:
-        self.recorder.on_backup(start, length, data)
+        self.recorder.record(start, length, data)
         return []
 
     def close(self) -> None:
