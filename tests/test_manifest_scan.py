@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, Processes, dirtydiff, make_disk, stop
 from tests.test_scan import (
@@ -303,3 +305,69 @@ def test_a_two_sided_scan_killed_while_writing_a_manifest_finishes_it(
         == dirty_set(state, "b")
         == differing(backup_bytes, disk_bytes, 65536)
     )
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    backup_granules=st.lists(st.sampled_from(["zero", "a", "b", "c"]), min_size=1, max_size=48)
+    | st.lists(st.sampled_from(["zero", "a", "b", "c"]), min_size=24, max_size=48),
+    changes=st.lists(
+        st.tuples(st.integers(0, 47), st.sampled_from(["zero", "a", "b", "x"])), max_size=6
+    ),
+    per_granule=st.sampled_from([1, 2, 8]),
+    chunk_granules=st.sampled_from([1, 3, 8, 16]),
+    tail=st.sampled_from([0, 1, 100]),
+    order=st.randoms(use_true_random=False),
+)
+def test_the_manifest_side_finds_exactly_the_differing_granules(
+    tmp_path: Path,
+    backup_granules: list[str],
+    changes: list[tuple[int, str]],
+    per_granule: int,
+    chunk_granules: int,
+    tail: int,
+    order: Any,
+) -> None:
+    """In process, chunk by chunk, in order or not: the fast paths (flag
+    bytes, the digest cursor) and the long one give the same answer as
+    comparing bytes."""
+    from dirtydiff.manifest import ManifestWriter, granule_digests, open_manifest  # noqa: PLC0415
+    from sidecar.scan.manifest import ManifestSide  # noqa: PLC0415
+
+    g = 4096
+    content = {"zero": bytes(g), "a": b"a" * g, "b": b"b" * g, "c": bytes(g - 1) + b"c",
+               "x": b"x" * g}  # fmt: skip
+    backup = b"".join(content[k] for k in backup_granules) + b"t" * tail
+    disk = bytearray(backup)
+    for i, k in changes:
+        if i < len(backup_granules):
+            disk[i * g : (i + 1) * g] = content[k]
+    size = len(backup)
+    path = tmp_path / f"m{order.random()}.ddm"
+    writer = ManifestWriter.create(path, size, g, "s")
+    flags, digests = granule_digests(backup, g)
+    writer.record(0, flags, digests)
+    writer.commit()
+    bitmap_g = g * per_granule
+    expected = differing(backup, bytes(disk), bitmap_g)
+    chunk = bitmap_g * chunk_granules
+    starts = list(range(0, size, chunk))
+    if order.random() < 0.5:
+        order.shuffle(starts)
+    found = set()
+    with open_manifest(path) as (manifest, _):
+        side = ManifestSide(manifest, bitmap_g, str(path))
+        try:
+            for start in starts:
+                data = bytearray(disk[start : start + chunk])
+                zero = data.count(0) == len(data) and order.random() < 0.5
+                for o in side.differing(start, len(data), None if zero else data):
+                    found.add((start + o) // bitmap_g)
+        finally:
+            side.close()
+            del side, manifest
+    assert found == expected

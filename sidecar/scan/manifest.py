@@ -45,7 +45,7 @@ class ManifestSide:
         self.granularity = granularity  # the bitmap's
         self.per_granule = granularity // manifest.granularity
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compare")
-        self._cursor = (0, 0)  # (granule, where its digest is): see _same_data
+        self._cursor = (0, 0)  # (granule, where its digest is): see _same
 
     def differing_later(
         self, start: int, length: int, data: bytearray, done: Callable[[Hashed], None]
@@ -88,7 +88,7 @@ class ManifestSide:
             bad = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         else:
             found, digests = granule_digests(data, m, self.manifest.digest)
-            if not any(found) and self._same_data(first, count, digests):
+            if self._same(first, count, found, digests):
                 return []
             zero, rows = self.manifest.digest_rows(first, count)
             if digests == rows.tobytes() and found == zero.tolist():
@@ -100,22 +100,24 @@ class ManifestSide:
         granules = np.unique(bad // self.per_granule)
         return [int(g) * self.granularity for g in granules]
 
-    def _same_data(self, first: int, count: int, digests: bytes) -> bool:
-        """Whether granules [first, first + count), none flagged zero, hold
-        ``digests``: the common case (a chunk of data, unchanged), answered
-        by two memcmps, without numpy. The chunks come in order, so where
-        their digests start follows from the last one's (``_cursor``)."""
-        flags = self.manifest.flags
-        if (
-            first % 8
-            or count % 8
-            or bytes(flags[first // 8 : (first + count) // 8]).count(0) != (count // 8)
-        ):
+    def _same(self, first: int, count: int, found: list[bool], digests: bytes) -> bool:
+        """Whether granules [first, first + count) are what the disk holds
+        (``found``: zero or not; ``digests``: a slot each), the common case
+        (unchanged), answered by two memcmps, without numpy. The chunks come
+        in order, so where their digests start follows from the last one's
+        (``_cursor``)."""
+        if first % 8 or count % 8:
+            return False  # the last chunk, or granules not on flag bytes: the long way
+        ours = bytes(sum(1 << j for j in range(8) if found[i + j]) for i in range(0, count, 8))
+        if bytes(self.manifest.flags[first // 8 : (first + count) // 8]) != ours:
             return False
+        data = count - sum(found)
         at = self._cursor[1] if self._cursor[0] == first else self.manifest.rank(first)
-        self._cursor = (first + count, at + count)
+        self._cursor = (first + count, at + data)
         d = self.manifest.digest
-        return bytes(self.manifest.digests[at * d : (at + count) * d]) == digests
+        if data < count:  # the manifest holds no digest for a zero granule
+            digests = b"".join(digests[i * d : (i + 1) * d] for i in range(count) if not found[i])
+        return bytes(self.manifest.digests[at * d : (at + data) * d]) == digests
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
