@@ -198,6 +198,10 @@ class SidecarApi:
                     name=name,
                     granularity=int(record["granularity"]),
                     rebuild=bool(record.get("rebuild", False)),
+                    # A manifest is a path: refused below, and the same
+                    # command resumes that scan in the foreground.
+                    manifest=str(record.get("manifest") or ""),
+                    write_manifest=str(record.get("write_manifest") or ""),
                 )
                 # A record is a file of the state directory, not the
                 # operator's command line: the same rule as a request's. A
