@@ -371,3 +371,18 @@ def test_the_manifest_side_finds_exactly_the_differing_granules(
             side.close()
             del side, manifest
     assert found == expected
+
+
+def test_digest_errors_are_one_line_and_leave_no_manifest(tmp_path: Path) -> None:
+    from dirtydiff.manifest import partial_path  # noqa: PLC0415
+
+    out = tmp_path / "m.ddm"
+    gone = dirtydiff("digest", "--backup", f"nbd+unix:///?socket={tmp_path / 'none.sock'}",
+                     "-o", str(out), check=False)  # fmt: skip
+    assert gone.returncode == 3 and "cannot connect to the backup" in gone.stderr
+    nowhere = dirtydiff("digest", "--backup", str(make_disk(tmp_path / "b.raw", MiB)), "-o",
+                        str(tmp_path / "no" / "m.ddm"), check=False)  # fmt: skip
+    assert nowhere.returncode != 0 and "No such file or directory" in nowhere.stderr
+    for done in (gone, nowhere):
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not out.exists() and not partial_path(out).exists()
