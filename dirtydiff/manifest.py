@@ -57,13 +57,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import blake3
-import numpy as np
 
 from dirtydiff import errors
 from dirtydiff.bitmapfile import check_granularity
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"DDMANIFS"
 VERSION = 1
@@ -207,7 +209,9 @@ def parse_header(buf: Buffer) -> ManifestHeader:
 
 # Granules per entry of a manifest's rank table.
 RANK_BLOCK = 4096
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+# numpy is imported by the paths that need arrays only (a changed chunk, a
+# window of mixed holes, a commit): the common ones, and a two-sided scan,
+# pay none of its start-up.
 
 
 class Manifest:
@@ -223,14 +227,12 @@ class Manifest:
         self.digest = header.digest
         # ranks[i]: data granules before granule i * RANK_BLOCK (where the
         # digests of a range start), so that a lookup unpacks one block only.
-        zeros = _zero_counts(flags)
         per_block = RANK_BLOCK // 8
-        blocks = -(-len(zeros) // per_block)
-        padded = np.zeros(blocks * per_block, np.uint8)
-        padded[: len(zeros)] = zeros
-        per = padded.reshape(blocks, per_block).sum(axis=1, dtype=np.int64)
-        zero_before = np.concatenate(([0], np.cumsum(per)))
-        self._ranks = np.arange(blocks + 1, dtype=np.int64) * RANK_BLOCK - zero_before
+        self._ranks = [0]
+        zeros = 0
+        for block, at in enumerate(range(0, len(flags), per_block), 1):
+            zeros += _popcount(flags[at : at + per_block])
+            self._ranks.append(block * RANK_BLOCK - zeros)
 
     @property
     def granules(self) -> int:
@@ -238,6 +240,8 @@ class Manifest:
 
     def zero_flags(self, first: int, count: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
         """Whether each of granules [first, first + count) is flagged zero."""
+        import numpy as np  # noqa: PLC0415
+
         count = max(0, min(count, self.granules - first))
         packed = np.frombuffer(
             self.flags, np.uint8, -(-(first + count) // 8) - first // 8, first // 8
@@ -245,31 +249,32 @@ class Manifest:
         bits = np.unpackbits(packed, bitorder="little")
         return bits[first % 8 : first % 8 + count].astype(bool)
 
-    def zero_count(self, first: int, count: int) -> int:
-        """How many of granules [first, first + count) are flagged zero,
-        without unpacking the whole bytes between."""
+    def zero_bits(self, first: int, count: int) -> int:
+        """The zero flags of granules [first, first + count) as an integer,
+        granule ``first`` its least significant bit."""
         count = max(0, min(count, self.granules - first))
-        end = first + count
-        a, b = -(-first // 8), end // 8  # the whole bytes: [a, b)
-        if a >= b:
-            return int(self.zero_flags(first, count).sum())
-        whole = int(_POPCOUNT[np.frombuffer(self.flags, np.uint8, b - a, a)].sum(dtype=np.int64))
-        edges = (
-            self.zero_flags(first, 8 * a - first).sum() + self.zero_flags(8 * b, end - 8 * b).sum()
-        )
-        return whole + int(edges)
+        if count == 0:
+            return 0
+        packed = self.flags[first // 8 : -(-(first + count) // 8)]
+        return (int.from_bytes(packed, "little") >> first % 8) & ((1 << count) - 1)
+
+    def zero_count(self, first: int, count: int) -> int:
+        """How many of granules [first, first + count) are flagged zero."""
+        return self.zero_bits(first, count).bit_count()
 
     def rank(self, granule: int) -> int:
         """How many granules before ``granule`` have a digest."""
         block = granule // RANK_BLOCK
         start = block * RANK_BLOCK
-        return int(self._ranks[block]) + int((~self.zero_flags(start, granule - start)).sum())
+        return self._ranks[block] + (granule - start) - self.zero_count(start, granule - start)
 
     def digest_rows(
         self, first: int, count: int
     ) -> tuple[np.ndarray[Any, np.dtype[np.bool_]], np.ndarray[Any, np.dtype[np.uint8]]]:
         """Granules [first, first + count): their zero flags, and one row of
         D bytes each, the digest (zeroes for a zero granule)."""
+        import numpy as np  # noqa: PLC0415
+
         zero = self.zero_flags(first, count)
         d = self.digest
         rows = np.zeros((len(zero), d), np.uint8)
@@ -287,10 +292,9 @@ class Manifest:
         return found
 
 
-def _zero_counts(flags: Buffer) -> np.ndarray[Any, np.dtype[np.uint8]]:
-    """Zero granules per byte of packed flags."""
-    counts: np.ndarray[Any, np.dtype[np.uint8]] = _POPCOUNT[np.frombuffer(flags, np.uint8)]
-    return counts
+def _popcount(flags: Buffer) -> int:
+    """How many granules packed ``flags`` flag zero."""
+    return int.from_bytes(flags, "little").bit_count()
 
 
 def parse(buf: Buffer) -> tuple[Manifest, bytes]:
@@ -305,7 +309,7 @@ def parse(buf: Buffer) -> tuple[Manifest, bytes]:
     tail = header.granules % 8
     if tail and flags[-1] >> tail:
         raise _corrupt("a zero flag past the last granule")
-    data = header.granules - int(_zero_counts(flags).sum(dtype=np.int64))
+    data = header.granules - _popcount(flags)
     expected = header.file_length(data)
     if len(view) != expected:
         raise _corrupt(
@@ -486,6 +490,8 @@ class ManifestWriter:
 
     def _data_digests(self) -> Iterator[bytes]:
         """The slots of the granules not flagged zero, in order, a part at a time."""
+        import numpy as np  # noqa: PLC0415
+
         header = self.header
         d, n = header.digest, header.granules
         view = memoryview(self._map)

@@ -21,8 +21,6 @@ import concurrent.futures
 import threading
 from collections.abc import Callable
 
-import numpy as np
-
 from dirtydiff import errors
 from dirtydiff.manifest import Manifest, ManifestWriter, granule_digests
 from sidecar.scan.engine import ZeroMap
@@ -56,8 +54,13 @@ class ManifestSide:
         """The runs of flagged-zero granules within [start, end)."""
         m = self.manifest.granularity
         first, last = start // m, -(-end // m)
-        if self.manifest.zero_count(first, last - first) == last - first:  # all holes
+        zeros = self.manifest.zero_count(first, last - first)
+        if zeros == min(last, self.manifest.granules) - first:  # all holes
             return ZeroMap([(start, end)], start, end)
+        if zeros == 0:  # all data
+            return ZeroMap([], start, end)
+        import numpy as np  # noqa: PLC0415
+
         flags = self.manifest.zero_flags(first, last - first)
         if not flags.size:
             return ZeroMap([], start, end)
@@ -74,10 +77,14 @@ class ManifestSide:
         not what the manifest holds."""
         m = self.manifest.granularity
         first, count = start // m, -(-length // m)
-        if data is None and self.manifest.zero_count(first, count) == min(
-            count, self.manifest.granules - first
-        ):
+        if data is not None:
+            found, digests = granule_digests(data, m, self.manifest.digest)
+            if self._same(first, count, found, digests):
+                return []
+        elif self.manifest.zero_count(first, count) == min(count, self.manifest.granules - first):
             return []  # zeroes on the disk, all flagged zero
+        import numpy as np  # noqa: PLC0415
+
         if data is None:  # zeroes on the disk: what the manifest does not flag differs
             # A part at a time: a merged run of holes may span a huge disk.
             parts = [
@@ -87,12 +94,7 @@ class ManifestSide:
             ]
             bad = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         else:
-            found, digests = granule_digests(data, m, self.manifest.digest)
-            if self._same(first, count, found, digests):
-                return []
             zero, rows = self.manifest.digest_rows(first, count)
-            if digests == rows.tobytes() and found == zero.tolist():
-                return []
             ours = np.frombuffer(digests, np.uint8).reshape(count, self.manifest.digest)
             bad = np.flatnonzero((np.array(found, bool) != zero) | (ours != rows).any(axis=1))
         if not bad.size:
