@@ -321,7 +321,8 @@ def run(argv: Sequence[str]) -> Outcome:
             Ratio("scan", "15 TiB sparse, 20 MiB data vs nbdcopy x2 (time)", "s",
                   huge_wall["scan"], huge_wall["limit"], Target("<=", 1.0)),
         )  # fmt: skip
-        return Outcome(0, ratios)
+        one_sided = manifest_bench(work, int(pairs[-1][1] * GiB), rounds)
+        return Outcome(0, ratios + one_sided)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -336,6 +337,78 @@ def profile(work: Path, sparse: bool, command: list[str]) -> None:
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     print(f"\n== profile of one scan, {'50% sparse' if sparse else 'dense'}")
     print("\n".join(out.splitlines()[:28]))
+
+
+def manifest_bench(work: Path, size: int, rounds: int) -> list[Ratio]:
+    """The one-sided scan and ``digest``, on the same pairs, side by side.
+
+    For each pair (left in ``work`` by the two-sided runs), with fresh
+    ``qemu-nbd`` servers and one untimed round first, alternating:
+    - ``scan --manifest`` of the disk against the backup's manifest;
+    - ``nbdcopy`` of both exports at once: the two-sided limit it beats by
+      not reading the backup (target >= 1.8);
+    - ``nbdcopy`` of the disk alone: the one-sided limit (target >= 0.9);
+    - ``dirtydiff digest`` of the backup against ``nbdcopy`` of the backup
+      alone (target >= 0.9).
+    Printed: GiB/s, the ratios, and the clients' CPU seconds per GiB."""
+    gib = size / GiB
+    found: list[Ratio] = []
+    print("\n== one-sided scan and digest (same pairs)")
+    print(f"{'pair':10s} {'':9s} {'manifest':>9s} {'nbdcopy x2':>11s} {'nbdcopy disk':>13s} "
+          f"{'digest':>7s} {'nbdcopy backup':>15s}")  # fmt: skip
+    for sparse in (False, True):
+        backup, disk = work / f"backup-{sparse}.raw", work / f"disk-{sparse}.raw"
+        manifest = work / f"manifest-{sparse}.ddm"
+        results: dict[str, list[Timing]] = {
+            k: [] for k in ("manifest", "limit2", "limit1", "digest", "backup1")
+        }
+        with (
+            qemu_nbd(backup, work / "mb.sock") as (b_uri, b_pid),
+            qemu_nbd(disk, work / "md.sock") as (d_uri, d_pid),
+        ):
+            cli = [sys.executable, "-m", "sidecar.cli"]
+            for r in range(-1, rounds):  # round -1 warms the servers up, untimed
+                state = work / f"mstate-{sparse}-{r}"
+                state.mkdir(mode=0o700)
+                runs = {
+                    "digest": [[*cli, "digest", "--backup", b_uri, "-o", str(manifest)]],
+                    "manifest": [[*cli, "scan", "--state", str(state), "--disk", d_uri,
+                                  "--manifest", str(manifest), "--bitmap", "b", "--json"]],
+                    "limit2": [["nbdcopy", d_uri, "null:"], ["nbdcopy", b_uri, "null:"]],
+                    "limit1": [["nbdcopy", d_uri, "null:"]],
+                    "backup1": [["nbdcopy", b_uri, "null:"]],
+                }  # fmt: skip
+                if r == -1:  # the scan's manifest, before anything else
+                    timed((b_pid, d_pid), *runs["digest"])
+                order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+                for name in order:
+                    timing = timed((b_pid, d_pid), *runs[name])
+                    if r >= 0:
+                        results[name].append(timing)
+        med = {
+            k: (statistics.median(t.wall for t in v), statistics.median(t.client for t in v))
+            for k, v in results.items()
+        }
+        rate = {k: gib / w for k, (w, _) in med.items()}
+        cpu = {k: c / gib for k, (_, c) in med.items()}
+        label = "50% sparse" if sparse else "dense"
+        keys = ("manifest", "limit2", "limit1", "digest", "backup1")
+        widths = (9, 11, 13, 7, 15)
+        for unit, values in (("GiB/s", rate), ("CPU s/GiB", cpu)):
+            cells = " ".join(f"{values[k]:{w}.2f}" for k, w in zip(keys, widths, strict=True))
+            print(f"{label if unit == 'GiB/s' else '':10s} {unit:9s} {cells}")
+        pair = f"{label} {gib:.2f} GiB"
+        found += [
+            Ratio("scan", f"{pair} --manifest vs nbdcopy x2 (limit)", "GiB/s",
+                  rate["manifest"], rate["limit2"], Target(">=", 1.8)),
+            Ratio("scan", f"{pair} --manifest vs nbdcopy disk", "GiB/s",
+                  rate["manifest"], rate["limit1"], Target(">=", 0.9)),
+            Ratio("scan", f"{pair} digest vs nbdcopy backup", "GiB/s",
+                  rate["digest"], rate["backup1"], Target(">=", 0.9)),
+        ]  # fmt: skip
+    print(f"(medians of {rounds} round(s); whole commands, process start included; "
+          "CPU s/GiB: the clients')")  # fmt: skip
+    return found
 
 
 if __name__ == "__main__":

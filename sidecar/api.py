@@ -100,8 +100,18 @@ class SidecarApi:
         rate = fields.get("max_rate")
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)):
             raise errors.BadRequest("bad-request", "argument 'max_rate' must be a number")
-        if not isinstance(fields.get("rebuild", False), bool):
-            raise errors.BadRequest("bad-request", "argument 'rebuild' must be bool")
+        for key in ("rebuild", "estimate"):
+            if not isinstance(fields.get(key, False), bool):
+                raise errors.BadRequest("bad-request", f"argument {key!r} must be bool")
+        for key in ("manifest", "write_manifest"):
+            if not isinstance(fields.get(key, ""), str):
+                raise errors.BadRequest("bad-request", f"argument {key!r} must be str")
+        for key in ("max_changed", "estimate_seed"):
+            value = fields.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise errors.BadRequest("bad-request", f"argument {key!r} must be a number")
         options = ScanOptions(**fields)
         self._check_sources(options)
         return options
@@ -115,7 +125,15 @@ class SidecarApi:
                 f"the sidecar scans only its own disk, {self.disk} (the default): "
                 f"not {options.disk!r}",
             )
-        if not is_nbd_uri(options.backup):
+        for path in (options.manifest, options.write_manifest):
+            if path:
+                # A path in a request: the operator did not name it.
+                raise errors.PermissionDenied(
+                    "manifest-not-allowed",
+                    f"the sidecar opens no manifest a request names ({path}); "
+                    "dirtydiff scan runs a manifest scan in the foreground",
+                )
+        if not options.manifest and not is_nbd_uri(options.backup):
             schemes = ", ".join(f"{scheme}://" for scheme in NBD_SCHEMES)
             raise errors.PermissionDenied(
                 "backup-not-allowed",
@@ -131,7 +149,11 @@ class SidecarApi:
         name = control.arg(args, "name", str)
         given = control.arg(args, "backup", str, "")
         info = self.owner.info(name)
-        backup = rebuild_backup(info, given)
+        if control.arg(args, "manifest", str, ""):
+            rebuild_backup(info, given or info.backup or "manifest")
+            backup = given or info.backup
+        else:
+            backup = rebuild_backup(info, given)
         options = self._options(
             {**args, "backup": backup}, rebuild=True, granularity=info.granularity
         )
@@ -176,6 +198,10 @@ class SidecarApi:
                     name=name,
                     granularity=int(record["granularity"]),
                     rebuild=bool(record.get("rebuild", False)),
+                    # A manifest is a path: refused below, and the same
+                    # command resumes that scan in the foreground.
+                    manifest=str(record.get("manifest") or ""),
+                    write_manifest=str(record.get("write_manifest") or ""),
                 )
                 # A record is a file of the state directory, not the
                 # operator's command line: the same rule as a request's. A

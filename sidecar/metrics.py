@@ -92,6 +92,29 @@ class ScanMetrics(Collector):
         yield from (ratio, compared, total, read, differing, rate, eta, duration, state)
 
 
+class ScanEstimateMetrics(Collector):
+    """``dirtydiff_scan_estimated_changed_ratio``: what a scan's sample
+    (``--estimate``) told of the changed fraction, with its 95% interval."""
+
+    def __init__(self, jobs: ScanJobs, disk: str) -> None:
+        self.jobs = jobs
+        self.disk = disk
+
+    def collect(self) -> Iterator[Family]:
+        found = GaugeMetricFamily(
+            "dirtydiff_scan_estimated_changed_ratio",
+            "Estimated share of the disk's granules changed, 0 to 1 (bound: the estimate, "
+            "or the low or high end of its 95% interval)",
+            labels=["disk", "bitmap", "bound"],
+        )
+        for name, job in list(self.jobs.jobs.items()):
+            e = job.estimate
+            if e is not None:
+                for bound, value in (("estimate", e.fraction), ("low", e.low), ("high", e.high)):
+                    found.add_metric([self.disk, name, bound], value)
+        yield found
+
+
 class BitmapMetrics(Collector):
     """``dirtydiff_bitmap_*`` from the files, read-only: a scrape never
     takes the state lock (which would keep a tracker from starting)."""
@@ -234,6 +257,7 @@ def registry(state: StateDir, jobs: ScanJobs, server: NbdServer, disk: str) -> C
         BitmapMetrics(state, disk),
         TrackerMetrics(state, disk),
         ExportMetrics(server, disk),
+        ScanEstimateMetrics(jobs, disk),
     ):
         found.register(collector)
     # Open fds against the limit (the export's cap is derived from it), CPU, memory.

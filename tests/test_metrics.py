@@ -105,9 +105,15 @@ def test_metrics_count_what_happened_with_a_disk_label(
     # A scan's families appear once a scan ran (their progress is followed
     # in test_scan_sidecar.py); then every documented name is served.
     backup = procs.qemu_nbd(make_disk(tmp_path / "backup.raw", 16 * MiB), "-r")
-    dirtydiff("scan", "--state", str(state), "--backup", backup.uri, "--bitmap", "s", "--wait")
+    dirtydiff(
+        "scan", "--state", str(state), "--backup", backup.uri, "--bitmap", "s", "--wait",
+        "--estimate",
+    )  # fmt: skip
     sample = scrape(port)
     assert value(sample, "dirtydiff_scan_progress_ratio", bitmap="s") == 1
+    estimated = {b: value(sample, "dirtydiff_scan_estimated_changed_ratio", bitmap="s", bound=b)
+                 for b in ("estimate", "low", "high")}  # fmt: skip
+    assert 0 <= estimated["low"] <= estimated["estimate"] <= estimated["high"] <= 1
     assert value(sample, "dirtydiff_scan_eta_seconds", bitmap="s") == 0
     served = {name for name, _ in sample}
     missing = documented_names() - served

@@ -36,6 +36,15 @@ def _granularity(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bad granularity {text!r}") from None
 
 
+def manifest_args(p: argparse.ArgumentParser) -> None:
+    """``--manifest``: compare with a manifest of the backup instead of reading it."""
+    p.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="a manifest of the backup (dirtydiff digest): only the disk is read",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dirtydiff",
@@ -87,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cancel", action="store_true", help="stop the sidecar's scan (it can resume)")
     p.add_argument("--abort", action="store_true", help="forget an unfinished scan and its bitmap")
+    manifest_args(p)
+    p.add_argument(
+        "--write-manifest",
+        metavar="FILE",
+        help="also write a manifest of the backup as it is read, for one-sided scans later",
+    )
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="first read a random sample: print the changed fraction (95%% interval) "
+        "and how long the full scan will take",
+    )
+    p.add_argument(
+        "--max-changed",
+        type=float,
+        metavar="PCT",
+        help="with the estimate: stop before the full scan (nothing marked) if surely "
+        "more than PCT%% changed, when a full backup would read less",
+    )
     p.set_defaults(func=_command("scans.cmd_scan"))
 
     p = sub.add_parser("serve", help="export the disk and its bitmaps over NBD, read-only")
@@ -183,7 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-rate", type=float, metavar="BYTES/S", help="cap on bytes read per second")
     p.add_argument("--wait", action="store_true", help="follow the sidecar's rebuild to its end")
+    manifest_args(p)
     p.set_defaults(func=_command("scans.cmd_rebuild"))
+
+    p = sub.add_parser(
+        "digest", help="write a manifest of a backup: one digest per granule, for one-sided scans"
+    )
+    p.add_argument(
+        "--backup", required=True, metavar="URI|FILE", help="the backup: an NBD URI or a file"
+    )
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="the manifest to write")
+    p.add_argument(
+        "--granularity",
+        type=_granularity,
+        default=DEFAULT_GRANULARITY,
+        help="bytes per digest (default 64k); a bitmap's granularity must be a multiple",
+    )
+    json_arg(p)
+    p.set_defaults(func=_command("digest.cmd_digest"))
 
     bitmap = sub.add_parser(
         "bitmap", help="add, remove, clear, enable, disable, merge, list, show bitmaps"

@@ -16,12 +16,13 @@ from dirtydiff.owner import Actor, SidecarActor, StateOwner
 from dirtydiff.state import StateDir
 from sidecar.cli.output import emit, progress_printer, scan_summary
 from sidecar.scan.engine import DEFAULT_CHUNK, DEFAULT_IN_FLIGHT
+from sidecar.scan.estimate import Estimate, describe_estimate
 from sidecar.scan.job import ScanOptions, abort_scan, rebuild_backup, run_scan
 from sidecar.scan.jobs import JobStatus
 
 # The sidecar's refusals of a disk or backup it may not open (sidecar.api):
 # the command can still run that scan itself, with the caller's own rights.
-NOT_FOR_THE_SIDECAR = ("disk-not-allowed", "backup-not-allowed")
+NOT_FOR_THE_SIDECAR = ("disk-not-allowed", "backup-not-allowed", "manifest-not-allowed")
 
 
 def _start_in_sidecar(sidecar: Actor, op: str, options: ScanOptions) -> JobStatus | None:
@@ -72,9 +73,13 @@ def _follow(
     """Show a sidecar's scan job until it ends."""
     show = progress_printer(interactive)
     waiting = None
+    estimated = False
     while job.active:
         time.sleep(0.5)  # polling the sidecar's job for the progress display
         job = JobStatus.from_wire(sidecar.call("scan.status", name=options.name))
+        if job.estimate is not None and not estimated:
+            estimated = True
+            print(f"dirtydiff: {describe_estimate(job.estimate)}", file=sys.stderr)
         if job.state == "waiting" and job.error != waiting:
             waiting = job.error
             print(f"\ndirtydiff: scan of {options.name} waiting: {waiting}", file=sys.stderr)
@@ -115,18 +120,26 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 "being filled by it and stays"
             )
         return 0
-    if not args.cancel and (args.backup is None or (args.disk is None and sidecar is None)):
+    if args.backup is not None and args.manifest is not None:
+        raise errors.BadRequest("usage", "--manifest stands in for --backup: give one of them")
+    if not args.cancel and (
+        (args.backup is None and args.manifest is None) or (args.disk is None and sidecar is None)
+    ):
         raise errors.BadRequest(
-            "usage", "--backup is required, and --disk too when no sidecar runs"
+            "usage", "--backup (or --manifest) is required, and --disk too when no sidecar runs"
         )
     options = ScanOptions(
         disk=args.disk or "",
-        backup=args.backup,
+        backup=args.backup or "",
         name=args.bitmap,
         granularity=args.granularity,
         max_rate=args.max_rate,
         chunk=DEFAULT_CHUNK if args.chunk_size is None else args.chunk_size,
         in_flight=DEFAULT_IN_FLIGHT if args.in_flight is None else args.in_flight,
+        manifest=_path(args.manifest),
+        write_manifest=_path(args.write_manifest),
+        estimate=args.estimate,
+        max_changed=args.max_changed,
     )
     interactive = sys.stderr.isatty() and not args.json
     if args.cancel:  # with no sidecar, its socket's error says so
@@ -137,7 +150,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         job = _start_in_sidecar(sidecar, "scan.start", options)
         if job is not None:
             return _scan_in_sidecar(sidecar, job, options, args, interactive)
-    result = run_scan(state, options, on_progress=progress_printer(interactive))
+    result = run_scan(
+        state, options, on_progress=progress_printer(interactive), on_estimate=_show_estimate
+    )
     if interactive:
         sys.stderr.write("\n")
     emit(
@@ -148,13 +163,27 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path(path: str | None) -> str:
+    """A manifest's path as the sidecar (whose cwd is not ours) would see it."""
+    return os.path.abspath(path) if path else ""
+
+
+def _show_estimate(estimate: Estimate) -> None:
+    """The estimate, on stderr before the full scan starts (it goes in --json too)."""
+    print(f"dirtydiff: {estimate.describe()}", file=sys.stderr, flush=True)
+
+
 def cmd_rebuild(args: argparse.Namespace) -> int:
     """Refill an inconsistent bitmap by a diff scan against its backup."""
     state = StateDir(args.state)
     owner = StateOwner(state)
     sidecar = owner.sidecar()
     info = owner.info(args.name)
-    backup = rebuild_backup(info, args.backup)
+    if args.manifest:  # the manifest stands in for the backup; its reference stays
+        rebuild_backup(info, args.backup or info.backup or args.manifest)
+        backup = args.backup or info.backup
+    else:
+        backup = rebuild_backup(info, args.backup)
     options = ScanOptions(
         disk=args.disk or "",
         backup=backup,
@@ -162,6 +191,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         granularity=info.granularity,
         max_rate=args.max_rate,
         rebuild=True,
+        manifest=_path(args.manifest),
     )
     interactive = sys.stderr.isatty() and not args.json
     job = _start_in_sidecar(sidecar, "rebuild", options) if sidecar is not None else None

@@ -45,12 +45,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import nbd
 
 from dirtydiff import errors
 from sidecar.nbdclient import Cancelled
+from sidecar.scan.pending import HASH_AHEAD, Handed, Hashed
 from sidecar.scan.sides import (
     MAX_CONNECTIONS,
     MAX_REQUEST,
@@ -151,6 +152,16 @@ class Progress:
         }
 
 
+class DigestSide(Side, Protocol):
+    """The backup known by its digests alone (a manifest), never read: a chunk
+    of the disk (None: zeroes) is compared with it now, or on its thread."""
+
+    def differing(self, start: int, length: int, data: bytearray | None) -> list[int]: ...
+    def differing_later(
+        self, start: int, length: int, data: bytearray, done: Callable[[Hashed], None]
+    ) -> None: ...
+
+
 class _Chunk:
     """A range compared as one; its buffers are None where that side is zero."""
 
@@ -169,7 +180,7 @@ class Scan:
     def __init__(
         self,
         disk: NbdSide | FileSide,
-        backup: NbdSide | FileSide,
+        backup: NbdSide | FileSide | DigestSide,
         granularity: int,
         *,
         start: int = 0,
@@ -179,6 +190,7 @@ class Scan:
         on_marks: Callable[[list[tuple[int, int]]], None],
         on_position: Callable[[Progress], None] = lambda p: None,
         cancel: threading.Event | None = None,
+        on_backup: Callable[[int, int, bytearray | None], None] | None = None,
     ) -> None:
         if disk.size != backup.size:
             raise errors.Conflict(
@@ -187,6 +199,10 @@ class Scan:
                 "a backup of another disk, or the disk was resized",
             )
         self.disk, self.backup = disk, backup
+        # One-sided: the backup is a manifest, compared by digest, never read.
+        self._digests = None if isinstance(backup, NbdSide | FileSide) else backup
+        # Two-sided, told each backup chunk read (--write-manifest).
+        self.on_backup = on_backup
         self.size = disk.size
         self.granularity = granularity
         self.chunk = max(granularity, chunk // granularity * granularity)
@@ -220,6 +236,9 @@ class Scan:
         self._connections = [c for s in self._nbd for c in s.connections]
         self._by_fd = {c.fd: c for c in self._connections}
         self._poller = select.poll()
+        # One-sided: chunks are hashed on the manifest side's thread meanwhile.
+        self._handed = None if self._digests is None else Handed[_Chunk](self._poller)
+        self.in_flight += 0 if self._digests is None else HASH_AHEAD
         self._zero_chunk = bytes(self.chunk)
         self._zeroes = memoryview(self._zero_chunk)  # slices without copies
         # The zero ranges of the window being scanned, a whole number of
@@ -249,6 +268,8 @@ class Scan:
                 ready.sort(key=lambda c: c.start)  # marks mostly in order: fewer ranges
                 for chunk in ready:
                     self._compare(chunk)
+            for chunk, differs in self._handed.collect() if self._handed else ():
+                self._finish(chunk, differs)
             self._advance()
             if time.monotonic() - last_saved > POSITION_EVERY:
                 self._save()
@@ -292,7 +313,7 @@ class Scan:
         if not disk_zero.covers(start, end):
             chunk.disk = self._buffer(chunk.length)
             self.progress.read_disk += self._read(self.disk, chunk, chunk.disk, disk_zero)
-        if not backup_zero.covers(start, end):
+        if not backup_zero.covers(start, end) and self._digests is None:
             chunk.backup = self._buffer(chunk.length)
             self.progress.read_backup += self._read(self.backup, chunk, chunk.backup, backup_zero)
         if chunk.waiting == 0:  # nothing asynchronous: local file, zeroes
@@ -323,11 +344,14 @@ class Scan:
         else:
             self._window = self._first_window
 
-    def _read(self, side: NbdSide | FileSide, chunk: _Chunk, buf: bytearray, zero: ZeroMap) -> int:
+    def _read(
+        self, side: NbdSide | FileSide | DigestSide, chunk: _Chunk, buf: bytearray, zero: ZeroMap
+    ) -> int:
         """Fill ``buf`` with the chunk's bytes on one side; how many are read."""
         if isinstance(side, FileSide):
             side.read(chunk.start, buf)
             return chunk.length
+        assert isinstance(side, NbdSide)
 
         def done() -> None:
             chunk.waiting -= 1
@@ -373,12 +397,15 @@ class Scan:
             if connection.failed is not None:
                 raise connection.side.lost(connection.failed)
         busy = [c for c in self._connections if c.in_flight]
-        if not busy:
+        if not busy and not (self._handed and self._handed.count):
             return
         for connection in busy:
             connection.arm(self._poller)
         for fd, events in self._poller.poll(POLL_TIMEOUT_MS):
-            self._by_fd[fd].notify(events)
+            if self._handed is not None and fd == self._handed.fd:
+                self._handed.woken()
+            else:
+                self._by_fd[fd].notify(events)
 
     def _buffer(self, length: int) -> bytearray:
         if length == self.chunk and self._free:
@@ -392,8 +419,18 @@ class Scan:
 
     def _compare(self, chunk: _Chunk) -> None:
         a, b = chunk.disk, chunk.backup
-        if a is None and b is None:  # zero on both sides: equal, never read
-            differs: list[int] = []
+        if self.on_backup is not None:
+            self.on_backup(chunk.start, chunk.length, b)
+        if self._handed is not None and self._digests is not None and a is not None:
+            self._digests.differing_later(
+                chunk.start, chunk.length, a, self._handed.callback(chunk)
+            )
+            return
+        differs: list[int]
+        if self._digests is not None:  # zeroes on the disk: by the manifest's flags
+            differs = self._digests.differing(chunk.start, chunk.length, a)
+        elif a is None and b is None:  # zero on both sides: equal, never read
+            differs = []
         elif a is None or b is None:  # zero on one side: the other must be zero
             data = b if a is None else a
             assert data is not None
@@ -401,7 +438,11 @@ class Scan:
             differs = [] if data == zero else differing_granules(data, zero, self.granularity)
         else:
             differs = [] if a == b else differing_granules(a, b, self.granularity)
-        self._release(a, b)
+        self._finish(chunk, differs)
+
+    def _finish(self, chunk: _Chunk, differs: list[int]) -> None:
+        """Hand a compared chunk's differing granules (offsets in it) over."""
+        self._release(chunk.disk, chunk.backup)
         chunk.disk = chunk.backup = None
         g = self.granularity
         for o in differs:

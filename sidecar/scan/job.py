@@ -26,7 +26,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dirtydiff import control, errors, scans
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity, current_boot_id
@@ -39,11 +39,16 @@ from sidecar.scan.engine import (
     DEFAULT_CHUNK,
     DEFAULT_IN_FLIGHT,
     FileSide,
+    NbdSide,
     Progress,
     Scan,
     file_mtime,
     open_side,
 )
+from sidecar.scan.estimate import Estimate, sample_changed
+
+if TYPE_CHECKING:  # a manifest scan imports them: numpy and blake3 cost start-up
+    from sidecar.scan.manifest import ManifestSide
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +70,29 @@ class ScanOptions:
     in_flight: int = DEFAULT_IN_FLIGHT
     # NAME exists, inconsistent: refill it against the backup it refers to.
     rebuild: bool = False
+    # One-sided: compare the disk with this manifest of the backup, which is
+    # not read (``backup`` is then only the reference the bitmap records, or
+    # "" for the manifest's source).
+    manifest: str = ""
+    # Two-sided: record the backup's digests in this manifest as it is read.
+    write_manifest: str = ""
+    # Sample first, print the estimated changed fraction; with max_changed
+    # (a percentage), stop before the full scan when it is surely above.
+    estimate: bool = False
+    max_changed: float | None = None
+    estimate_seed: int | None = None
 
     def __post_init__(self) -> None:
         check_granularity(self.granularity)
+        if self.manifest and self.write_manifest:
+            raise errors.BadRequest(
+                "usage", "--write-manifest records the backup a two-sided scan reads: "
+                "not with --manifest"
+            )  # fmt: skip
+        if not self.manifest and not self.backup:
+            raise errors.BadRequest("usage", "a scan needs a backup, or a manifest of it")
+        if self.max_changed is not None and not 0 <= self.max_changed <= 100:
+            raise errors.BadRequest("bad-max-changed", "--max-changed is a percentage, 0 to 100")
         if not 0 < self.chunk <= MAX_CHUNK:
             raise errors.BadRequest("bad-chunk", f"chunk size must be 1 to {MAX_CHUNK} bytes")
         if not 0 < self.in_flight <= MAX_IN_FLIGHT:
@@ -93,14 +118,18 @@ class ScanResult:
     bitmap: BitmapInfo
     progress: Progress
     resumed_from: int
+    estimate: Estimate | None = None  # the sample taken first (--estimate)
 
     def as_dict(self) -> dict[str, object]:
         """What ``dirtydiff scan --json`` prints."""
-        return {
+        found: dict[str, object] = {
             "bitmap": self.bitmap.as_dict(),
             "progress": self.progress.as_dict(),
             "resumed_from": self.resumed_from,
         }
+        if self.estimate is not None:
+            found["estimate"] = self.estimate.as_dict()
+        return found
 
 
 class ScanRecord:
@@ -190,6 +219,7 @@ def run_scan(
     on_progress: Callable[[Progress], None] = lambda p: None,
     cancel: threading.Event | None = None,
     need_tracker: bool = False,
+    on_estimate: Callable[[Estimate], None] = lambda e: None,
 ) -> ScanResult:
     """Run the scan ``options`` describes on the tracker (online) or on the
     files, with the state lock held until it ends (offline); never through
@@ -205,7 +235,7 @@ def run_scan(
                 f"no tracker runs for {state.path}: a scan of {options.disk} needs it to "
                 "record the writes made meanwhile",
             )
-        return _run(state, options, record, bitmaps, on_progress, cancel)
+        return _run(state, options, record, bitmaps, on_progress, cancel, on_estimate)
 
 
 def _run(
@@ -215,90 +245,158 @@ def _run(
     bitmaps: Actor,
     on_progress: Callable[[Progress], None],
     cancel: threading.Event | None,
+    on_estimate: Callable[[Estimate], None],
 ) -> ScanResult:
-    disk = open_side("disk", options.disk, cancel)
+    stack = contextlib.ExitStack()
     try:
-        backup = open_side("backup", options.backup, cancel)
-    except BaseException:
-        disk.close()
-        raise
+        disk = open_side("disk", options.disk, cancel)
+        stack.callback(disk.close)
+        backup: NbdSide | FileSide | ManifestSide
+        checksum = ""
+        if options.manifest:
+            from dirtydiff.manifest import check_matches, open_manifest  # noqa: PLC0415
+            from sidecar.scan.manifest import ManifestSide  # noqa: PLC0415
+
+            manifest, digest = stack.enter_context(open_manifest(options.manifest))
+            check_matches(manifest.header, disk.size, options.granularity, options.manifest)
+            checksum = digest.hex()
+            backup = ManifestSide(manifest, options.granularity, options.manifest)
+            reference = options.backup or manifest.header.source
+        else:
+            backup = open_side("backup", options.backup, cancel)
+            reference = options.backup
+        stack.callback(backup.close)
+        return _scan(state, options, record, bitmaps, on_progress, cancel, on_estimate,
+                     Sides(disk, backup, reference, checksum))  # fmt: skip
+    finally:
+        stack.close()
+
+
+@dataclass
+class Sides:
+    """What a scan compares: the disk, and the backup or its manifest."""
+
+    disk: NbdSide | FileSide
+    backup: NbdSide | FileSide | ManifestSide
+    reference: str  # the backup the bitmap counts from
+    checksum: str  # the manifest's, hex; "" for a two-sided scan
+
+
+def _scan(
+    state: StateDir,
+    options: ScanOptions,
+    record: ScanRecord,
+    bitmaps: Actor,
+    on_progress: Callable[[Progress], None],
+    cancel: threading.Event | None,
+    on_estimate: Callable[[Estimate], None],
+    sides: Sides,
+) -> ScanResult:
+    disk, backup = sides.disk, sides.backup
     offline = bitmaps.route is Route.FILES  # no tracker; we own the files
-    try:
-        if backup.size != disk.size:
-            raise errors.Conflict(
-                "backup-size",
-                f"the backup {options.backup} has {backup.size} bytes but the disk has "
-                f"{disk.size} bytes: a backup of another disk, or the disk was resized",
-            )
-        if disk.seen.tracker is not None and disk.seen.tracker == backup.seen.tracker:
-            raise errors.Conflict(
-                "backup-is-disk", f"the backup {options.backup} is the disk itself"
-            )
-        if offline:
-            known = state.disk()
-            if known is None:
-                state.prepare()
-                source = disk.backend.describe() if isinstance(disk, FileSide) else options.disk
-                state.record_disk(disk.size, source, disk.seen.file)
-            elif known.size != disk.size:
-                raise errors.Conflict(
-                    "disk-size-mismatch",
-                    f"the disk has {disk.size} bytes but {state.path} describes {known.size} bytes",
-                )
-            bitmaps.open()
-        previous = record.load()
-        if previous is not None:
-            current = find_bitmap(bitmaps.call, options.name)
-            if record_is_over(previous, current):
-                record.remove()
-                if (
-                    current is not None
-                    and finished_meanwhile(current, previous)
-                    and previous["backup"] == options.backup
-                ):
-                    # Killed right after scan.complete: nothing is left to
-                    # compare, and the same command reports it done.
-                    finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
-                    return ScanResult(current, finished, resumed_from=disk.size)
-                previous = None  # a fresh scan, or scan.begin finds the name in use
-        if previous is not None and previous.get("backup") != options.backup:
-            raise errors.Conflict(
-                "scan-other-backup",
-                f"an unfinished scan of {options.name!r} compares against "
-                f"{previous.get('backup')}; finish it with the same --backup, "
-                "or abort it (dirtydiff scan --abort)",
-            )
-        same_boot = previous is not None and previous.get("boot") == current_boot_id().hex()
-        begun = replies.ScanBegun.from_wire(
-            bitmaps.call(
-                "scan.begin",
-                name=options.name,
-                granularity=options.granularity,
-                disk=control.disk_seen(disk.seen),
-                restart=previous is None or not same_boot,
-                backup=options.backup,
-                rebuild=options.rebuild,
-            )
+    if backup.size != disk.size:
+        raise errors.Conflict(
+            "backup-size",
+            f"the backup {options.backup} has {backup.size} bytes but the disk has "
+            f"{disk.size} bytes: a backup of another disk, or the disk was resized",
         )
-        start = int(previous["position"]) if previous is not None and begun.resume else 0
-        offline_file = offline and not is_nbd_uri(options.disk)
-        mtime = file_mtime(options.disk) if offline_file else None
-        base = {
-            "backup": options.backup,
-            "disk": options.disk,
-            "granularity": begun.granularity,
-            "rebuild": options.rebuild,
-            "created_ns": begun.created_ns,
-        }
-        record.save({**base, "position": start})
+    if (
+        isinstance(backup, NbdSide | FileSide)
+        and disk.seen.tracker is not None
+        and disk.seen.tracker == backup.seen.tracker
+    ):
+        raise errors.Conflict("backup-is-disk", f"the backup {options.backup} is the disk itself")
+    estimate = None
+    if options.estimate or options.max_changed is not None:  # before anything is made
+        estimate = sample_changed(
+            disk, backup, options.granularity, seed=options.estimate_seed, cancel=cancel
+        )
+        on_estimate(estimate)
+        estimate.refuse_above(options.max_changed)
+    if offline:
+        known = state.disk()
+        if known is None:
+            state.prepare()
+            source = disk.backend.describe() if isinstance(disk, FileSide) else options.disk
+            state.record_disk(disk.size, source, disk.seen.file)
+        elif known.size != disk.size:
+            raise errors.Conflict(
+                "disk-size-mismatch",
+                f"the disk has {disk.size} bytes but {state.path} describes {known.size} bytes",
+            )
+        bitmaps.open()
+    previous = record.load()
+    if previous is not None:
+        current = find_bitmap(bitmaps.call, options.name)
+        if record_is_over(previous, current):
+            record.remove()
+            if (
+                current is not None
+                and finished_meanwhile(current, previous)
+                and previous["backup"] == sides.reference
+            ):
+                # Killed right after scan.complete: nothing is left to
+                # compare, and the same command reports it done.
+                finished = Progress(total=disk.size, position=disk.size, compared=disk.size)
+                return ScanResult(current, finished, resumed_from=disk.size)
+            previous = None  # a fresh scan, or scan.begin finds the name in use
+    if previous is not None:
+        _check_same_comparison(previous, options, sides)
+    same_boot = previous is not None and previous.get("boot") == current_boot_id().hex()
+    begun = replies.ScanBegun.from_wire(
+        bitmaps.call(
+            "scan.begin",
+            name=options.name,
+            granularity=options.granularity,
+            disk=control.disk_seen(disk.seen),
+            restart=previous is None or not same_boot,
+            backup=sides.reference,
+            rebuild=options.rebuild,
+        )
+    )
+    if not isinstance(backup, NbdSide | FileSide) and begun.granularity != backup.granularity:
+        raise errors.Conflict(
+            "manifest-granularity",
+            f"bitmap {options.name!r} has {begun.granularity}-byte granules, "
+            f"not the {backup.granularity} the manifest was checked for",
+        )
+    start = int(previous["position"]) if previous is not None and begun.resume else 0
+    writer = recorder = None
+    if options.write_manifest:
+        from dirtydiff.manifest import ManifestWriter  # noqa: PLC0415
+        from sidecar.scan.manifest import ManifestRecorder  # noqa: PLC0415
 
-        def on_marks(ranges: list[tuple[int, int]]) -> None:
-            bitmaps.call("bitmap.mark", name=options.name, ranges=[list(r) for r in ranges])
+        writer = ManifestWriter.create(
+            options.write_manifest, disk.size, begun.granularity, sides.reference,
+            reopen=start > 0,
+        )  # fmt: skip
+        if start > 0 and not writer.reopened:
+            start = 0  # the digests before the position are gone: read it all again
+        recorder = ManifestRecorder(writer)
+    offline_file = offline and not is_nbd_uri(options.disk)
+    mtime = file_mtime(options.disk) if offline_file else None
+    base = {
+        "backup": sides.reference,
+        "disk": options.disk,
+        "granularity": begun.granularity,
+        "rebuild": options.rebuild,
+        "created_ns": begun.created_ns,
+        "manifest": options.manifest,
+        "manifest_checksum": sides.checksum,
+        "write_manifest": options.write_manifest,
+    }
+    record.save({**base, "position": start})
 
-        def on_position(progress: Progress) -> None:
-            record.save({**base, "position": progress.position})
-            on_progress(progress)
+    def on_marks(ranges: list[tuple[int, int]]) -> None:
+        bitmaps.call("bitmap.mark", name=options.name, ranges=[list(r) for r in ranges])
 
+    def on_position(progress: Progress) -> None:
+        if recorder is not None:  # the digests before the position are written
+            recorder.caught_up()
+        record.save({**base, "position": progress.position})
+        on_progress(progress)
+
+    try:
         scan = Scan(
             disk,
             backup,
@@ -310,23 +408,55 @@ def _run(
             on_marks=on_marks,
             on_position=on_position,
             cancel=cancel,
+            on_backup=recorder.on_backup if recorder is not None else None,
         )
         on_progress(scan.progress)  # visible from the start, before the first save
         progress = scan.run()
         if mtime is not None and file_mtime(options.disk) != mtime:
             raise errors.Conflict(
                 "disk-written",
-                f"{options.disk} was modified during the scan and no tracker recorded the writes; "
-                f"scan again with the tracker running (bitmap {options.name!r} stays inconsistent)",
+                f"{options.disk} was modified during the scan and no tracker recorded the "
+                f"writes; scan again with the tracker running (bitmap {options.name!r} stays "
+                "inconsistent)",
             )
-        info = replies.bitmap_info(
-            bitmaps.call("scan.complete", name=options.name, created_ns=begun.created_ns)
-        )
-        record.remove()
-        return ScanResult(info, progress, resumed_from=start)
+        if writer is not None and recorder is not None:
+            recorder.caught_up()
+            writer.commit()
     finally:
-        disk.close()
-        backup.close()
+        if recorder is not None:
+            recorder.close()
+        if writer is not None:
+            writer.close()  # a partial file stays for a resumed scan
+    info = replies.bitmap_info(
+        bitmaps.call("scan.complete", name=options.name, created_ns=begun.created_ns)
+    )
+    record.remove()
+    return ScanResult(info, progress, resumed_from=start, estimate=estimate)
+
+
+def _check_same_comparison(previous: dict[str, Any], options: ScanOptions, sides: Sides) -> None:
+    """An unfinished scan goes on only against the same backup, or the same
+    manifest, byte for byte."""
+    if previous.get("manifest", "") != options.manifest:
+        was = previous.get("manifest") or previous.get("backup")
+        raise errors.Conflict(
+            "scan-other-backup",
+            f"an unfinished scan of {options.name!r} compares against {was}; finish it "
+            "with the same --backup or --manifest, or abort it (dirtydiff scan --abort)",
+        )
+    if options.manifest and previous.get("manifest_checksum") != sides.checksum:
+        raise errors.Conflict(
+            "manifest-changed",
+            f"the manifest {options.manifest} changed since the unfinished scan of "
+            f"{options.name!r} began; abort it (dirtydiff scan --abort) and scan again",
+        )
+    if not options.manifest and previous.get("backup") != options.backup:
+        raise errors.Conflict(
+            "scan-other-backup",
+            f"an unfinished scan of {options.name!r} compares against "
+            f"{previous.get('backup')}; finish it with the same --backup, "
+            "or abort it (dirtydiff scan --abort)",
+        )
 
 
 # What bitmap.info told: typed, or (from a test, or a tracker of before)

@@ -20,6 +20,7 @@ from dirtydiff.disk import is_nbd_uri
 from dirtydiff.state import StateDir
 from sidecar.nbdclient import Cancelled
 from sidecar.scan.engine import Progress
+from sidecar.scan.estimate import Estimate
 from sidecar.scan.job import ScanOptions, run_scan
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class JobStatus:
     state: str  # one of STATES
     error: str | None  # why it failed, or why it waits
     progress: dict[str, Any] | None  # Progress.as_dict(), once it began
+    # Estimate.as_dict() of the sample taken first (--estimate); a sidecar of
+    # before tells none.
+    estimate: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -69,7 +73,10 @@ class JobStatus:
         # A field a newer sidecar adds is left out, not refused.
         if not isinstance(result, dict) or not result.keys() >= _JOB_FIELDS:
             raise _malformed(result)
-        status = cls(**{name: result[name] for name in _JOB_FIELDS})
+        status = cls(
+            **{name: result[name] for name in _JOB_FIELDS},
+            estimate=_estimate(result.get("estimate")),
+        )
         progress = status.progress
         if not (
             isinstance(status.bitmap, str)
@@ -89,8 +96,21 @@ class JobStatus:
         return status
 
 
-_JOB_FIELDS = {f.name for f in dataclasses.fields(JobStatus)}
+_JOB_FIELDS = {f.name for f in dataclasses.fields(JobStatus)} - {"estimate"}
 _PROGRESS_SHOWN = ("total", "position", "compared", "differing_granules")
+
+
+_ESTIMATE_SHOWN = ("fraction", "low", "high", "changed", "sampled", "full_scan_seconds")
+
+
+def _estimate(told: object) -> dict[str, Any] | None:
+    """A job's estimate as a sidecar told it, if it has its shape (else none)."""
+    if isinstance(told, dict) and all(
+        isinstance(told.get(key), int | float) and not isinstance(told.get(key), bool)
+        for key in _ESTIMATE_SHOWN
+    ):
+        return told
+    return None
 
 
 def _malformed(result: object) -> errors.ProtocolError:
@@ -106,6 +126,7 @@ class Job:
     state: str = "running"
     error: str | None = None
     progress: Progress | None = None
+    estimate: Estimate | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     stopped: threading.Event = field(default_factory=threading.Event)  # set once it ended
@@ -118,6 +139,7 @@ class Job:
             state=self.state,
             error=self.error,
             progress=self.progress.as_dict() if self.progress else None,
+            estimate=self.estimate.as_dict() if self.estimate else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -160,6 +182,9 @@ class ScanJobs:
             started_once = True
             job.progress = progress
 
+        def on_estimate(estimate: Estimate) -> None:
+            job.estimate = estimate
+
         # A scan through a URI needs the tracker: without it the job would
         # hold the state lock for its whole run and keep the tracker -- the
         # VM's disk -- from starting. A local file is scanned offline.
@@ -169,7 +194,7 @@ class ScanJobs:
                 try:
                     run_scan(
                         self.state, job.options, on_progress=on_progress, cancel=job.cancel,
-                        need_tracker=need_tracker,
+                        need_tracker=need_tracker, on_estimate=on_estimate,
                     )  # fmt: skip
                     job.state, job.error = "done", None
                     return
