@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from dirtydiff import nbdproto as proto
 from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.disk import FileBackend
 from sidecar.export.budget import ByteBudget
+from sidecar.export.catalog import ExportCatalog
 from sidecar.export.contexts import Export
 from sidecar.export.handshake import Handshake
 from sidecar.export.stats import ServerStats
@@ -32,7 +33,7 @@ class Connection:
 
     def __init__(
         self,
-        exports: Mapping[str, Export],
+        exports: ExportCatalog,
         stats: ServerStats,
         read_budget: ByteBudget,
         negotiated: Callable[[Connection], None],

@@ -6,6 +6,11 @@ filtered by ``--bitmap``). A client that selects ``qemu:dirty-bitmap:NAME``
 binds the file that holds NAME at that moment (its inode and created time,
 ``BitmapStatus``) and is served from that file only; ``base:allocation``
 asks the disk (``AllocationStatus``).
+
+A snapshot's export (``snapshot``: the checkpoint's name) offers only its
+own frozen bitmap, and calls the whole disk data (``AllDataStatus``): the
+tracker's snapshot view has no allocation to ask, and "data" where unsure is
+allowed, never "zero" where the snapshot had data.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +49,11 @@ class Export:
     bitmap_filter: frozenset[str] | None = None  # --bitmap: only these
     description: str = ""
     sendfile_path: Path | None = None  # a local file: reads use sendfile(2)
+    # A snapshot's export: the checkpoint NAME it serves the disk as at
+    # (read and trimmed through the tracker's @snapshot:NAME), and the check
+    # each new tracker connection must pass (see sidecar.export.upstream).
+    snapshot: str | None = None
+    verify: Callable[[], None] | None = field(default=None, repr=False)
     _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
         default_factory=weakref.WeakValueDictionary
     )
@@ -51,7 +62,10 @@ class Export:
     upstream: UpstreamPool | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backend, FileBackend):
+        if self.snapshot is not None:
+            self.bitmap_filter = frozenset({self.snapshot})  # its own bitmap, no other
+            self.upstream = UpstreamPool(self.backend, trims=True, verify=self.verify)
+        elif not isinstance(self.backend, FileBackend):
             self.upstream = UpstreamPool(self.backend)
 
     @property
@@ -123,12 +137,15 @@ class Context:
     id: int
     name: str
     bitmap: BitmapStatus | None = None  # None: base:allocation
+    all_data: bool = False  # base:allocation of a snapshot: all data
 
     def status(self, disk: DiskConnection, file_fd: int, size: int) -> Status:
         """Its block status once the connection has its disk (``file_fd``:
         the disk's fd when it is a local file, else -1)."""
         if self.bitmap is not None:
             return self.bitmap
+        if self.all_data:
+            return AllDataStatus()
         return AllocationStatus(disk, file_fd, size)
 
 
@@ -136,7 +153,7 @@ def select(export: Export, number: int, name: str) -> Context:
     """The context ``name`` of ``export``, with id ``number``; a bitmap's
     file is bound now (OSError or DirtydiffError if it just went)."""
     if name == proto.BASE_ALLOCATION:
-        return Context(number, name)
+        return Context(number, name, all_data=export.snapshot is not None)
     return Context(number, name, BitmapStatus(export, name[len(proto.DIRTY_BITMAP_PREFIX) :]))
 
 
@@ -171,6 +188,15 @@ class AllocationStatus:
                 count = min(count, last_offset + last_length - offset)
         clipped = proto.clip_extents(found, offset, count, one=one)
         return b"".join(proto.EXTENT.pack(length, flags) for length, flags in clipped)
+
+
+class AllDataStatus:
+    """base:allocation of a snapshot: one data extent over the request."""
+
+    blocking = False
+
+    def descriptors(self, count: int, offset: int, one: bool) -> bytes:
+        return proto.EXTENT.pack(count, 0)
 
 
 def _pack(lengths: Any, flags: Any) -> bytes:

@@ -275,10 +275,7 @@ class Transmission:
                     self._skip -= taken
                     if self._skip:
                         break
-                    # EINVAL, not EPERM: what qemu-nbd 7.2 answers on a read-only export.
-                    self._reply_now(
-                        self._error(self._skipping, Errno.EINVAL, "export is read-only")
-                    )
+                    self._reply_now(self._refused(self._skipping))
                     self._skipping = None
                 if tail - pos < proto.REQUEST.size:
                     break
@@ -399,9 +396,11 @@ class Transmission:
                 status.descriptors(request.length, request.offset, one)
                 for _, status in self._statuses
             ]))  # fmt: skip
+        elif kind == Cmd.TRIM and self.export.snapshot is not None:
+            self._check_range(request)
+            return self._trim(request)
         elif kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
-            # Not advertised on a read-only export: qemu-nbd answers EINVAL too.
-            raise RequestError(Errno.EINVAL, "export is read-only")
+            raise self._refusal()
         else:
             if kind == Cmd.CACHE:
                 self._check_range(request)
@@ -411,9 +410,35 @@ class Transmission:
             self._reply_now(proto.simple_reply(request.cookie))
         return None
 
+    def _refusal(self) -> RequestError:
+        """What a write or write-zeroes gets: on the live export EINVAL, what
+        qemu-nbd 7.2 answers on a read-only export (it advertises neither);
+        on a snapshot's, EPERM: it takes TRIM, so it is not read-only, but
+        the disk as it was is not to be changed."""
+        if self.export.snapshot is not None:
+            return RequestError(Errno.EPERM, "a snapshot export takes no writes, only TRIM")
+        return RequestError(Errno.EINVAL, "export is read-only")
+
+    def _refused(self, request: proto.Request) -> bytes:
+        refusal = self._refusal()
+        return self._error(request, refusal.errno, refusal.message)
+
+    async def _trim(self, request: proto.Request) -> list[bytes | bytearray]:
+        """TRIM of a snapshot's export: the backup is done with the range.
+        Sent to the tracker, which stops protecting the whole granules in it
+        and frees their store space; the reply says it did."""
+        assert self.disk is not None
+        fua = bool(request.flags & _FUA)
+        if request.length:
+            await asyncio.to_thread(self.disk.trim, request.length, request.offset, fua)
+        return [proto.simple_reply(request.cookie)]
+
     def _sparse(self, request: proto.Request) -> bool:
         """Whether a READ's reply is split by the disk's allocation: with
-        structured replies, unless the client set DF (don't fragment)."""
+        structured replies, unless the client set DF (don't fragment). A
+        snapshot's has no allocation to ask: it is all data."""
+        if self.export.snapshot is not None:
+            return False
         return self.structured and request.length > 0 and not request.flags & _DF
 
     def _read_file(self, request: proto.Request) -> None:
