@@ -22,6 +22,7 @@ from urllib.parse import quote
 import nbd
 import pytest
 
+from sidecar.export.snapshots import snapshot_uri
 from tests.conftest import (
     GRANULE,
     Processes,
@@ -160,6 +161,16 @@ def restore(full: bytes, *incrementals: Incremental) -> bytes:
 def listed(uri: str) -> dict[str, dict[str, Any]]:
     exports = json.loads(run(["nbdinfo", "--list", "--json", uri]).stdout)["exports"]
     return {e["export-name"]: e for e in exports}
+
+
+def test_the_tracker_export_of_a_snapshot_is_named_in_its_uri() -> None:
+    assert snapshot_uri("nbd+unix:///?socket=/run/d/vda.sock", "inc 7") == (
+        "nbd+unix:///%40snapshot%3Ainc%207?socket=/run/d/vda.sock"
+    )
+    assert snapshot_uri("nbd://host:10809", "c0/?#") == "nbd://host:10809/%40snapshot%3Ac0%2F%3F%23"
+    assert snapshot_uri("nbds+unix:///?socket=/s&tls-certificates=/c", "c") == (
+        "nbds+unix:///%40snapshot%3Ac?socket=/s&tls-certificates=/c"
+    )
 
 
 def test_full_backup_from_the_snapshot_while_the_vm_writes_is_the_disk_at_the_checkpoint(
@@ -329,7 +340,9 @@ def test_a_restarted_sidecar_serves_the_snapshot_again(rig: Rig) -> None:
         h.connect_uri(rig.uri("c0"))
         assert h.pread(READ_CHUNK, 0) == reference[:READ_CHUNK]
         stop(rig.sidecar.proc, signal.SIGKILL)  # mid-backup
-        h.close()
+        with pytest.raises(nbd.Error):
+            h.pread(READ_CHUNK, READ_CHUNK)
+        del h
         rig.start_sidecar()
         assert read_export(rig.uri("c0")) == reference
 

@@ -26,7 +26,7 @@ import errno
 import logging
 import threading
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 from dirtydiff import errors
 from dirtydiff.disk import NbdBackend
@@ -48,7 +48,9 @@ def snapshot_uri(tracker_uri: str, name: str) -> str:
     """The tracker's URI with its export name set to ``@snapshot:NAME``,
     percent-encoded (libnbd decodes the path into the export name)."""
     parts = urlsplit(tracker_uri)
-    return urlunsplit(parts._replace(path="/" + quote(tracker_export(name), safe="")))
+    # By hand: urlunsplit drops the empty authority of nbd+unix:///...
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}/{quote(tracker_export(name), safe='')}{query}"
 
 
 def snapshot_description(name: str, state_id: str) -> str:
