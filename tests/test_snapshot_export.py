@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from urllib.parse import quote
 import nbd
 import pytest
 
+from dirtydiff import control, errors
 from sidecar.export.snapshots import snapshot_uri
 from tests.conftest import (
     GRANULE,
@@ -399,3 +401,113 @@ def test_without_a_tracker_there_is_no_snapshot(
     procs.start([sys.executable, "-m", "sidecar.cli", "serve", "--state", str(state),
                  "--disk", str(disk), "--socket", str(sock)], sock)  # fmt: skip
     assert set(listed(f"nbd+unix:///?socket={sock}")) == {""}
+
+
+def test_a_tracker_restarted_under_the_sidecar_serves_the_same_snapshot_or_fails(
+    rig: Rig,
+) -> None:
+    """The sidecar stays; its client stays connected across the tracker's
+    kill -9 and restart, and its connection moves to the new tracker: every
+    read after is the snapshot's data or EIO."""
+    reference = rig.disk.read_bytes()
+    rig.checkpoint("c0", "--snapshot")
+    qemu_io(rig.tracker.uri, "write -P 0x17 0 32M")
+    h = nbd.NBD()
+    h.connect_uri(rig.uri("c0"))
+    try:
+        assert h.pread(READ_CHUNK, 0) == reference[:READ_CHUNK]
+        stop(rig.tracker.proc, signal.SIGKILL)
+        rig.start_tracker()
+        qemu_io(rig.tracker.uri, "write -P 0x18 0 64M")  # over everything, after the restart
+        served = 0
+        for pos in range(0, SIZE, READ_CHUNK):
+            try:
+                chunk = h.pread(READ_CHUNK, pos)
+            except nbd.Error as e:
+                assert e.errnum == errno.EIO
+                continue
+            assert chunk == reference[pos : pos + READ_CHUNK], f"wrong data at {pos}"
+            served += 1
+    finally:
+        h.shutdown()
+    active = rig.snapshot("c0")["state"] == "active"
+    assert (served == SIZE // READ_CHUNK) == active
+    if active:
+        assert read_export(rig.uri("c0")) == reference
+
+
+def test_a_client_never_reads_a_snapshot_taken_again_under_its_name(rig: Rig) -> None:
+    """c0 released, its bitmap removed, and c0 taken again of other data: a
+    client still connected to the first c0 gets EIO, before and after a
+    tracker restart moves its connection, never the second c0's data."""
+    first = rig.disk.read_bytes()
+    rig.checkpoint("c0", "--snapshot")
+    h = nbd.NBD()
+    h.connect_uri(rig.uri("c0"))
+    try:
+        assert h.pread(READ_CHUNK, 0) == first[:READ_CHUNK]
+        rig.cli("snapshot", "release", "c0")
+        rig.cli("bitmap", "remove", "c0")
+        qemu_io(rig.tracker.uri, "write -P 0x19 0 8M")
+        second = rig.disk.read_bytes()
+        rig.checkpoint("c0", "--snapshot")
+        assert read_export(rig.uri("c0"), 8 * MiB) == second[: 8 * MiB]  # a new client: the new c0
+        for _ in range(2):
+            with pytest.raises(nbd.Error) as stale:
+                h.pread(READ_CHUNK, 0)
+            assert stale.value.errnum == errno.EIO
+            stop(rig.tracker.proc, signal.SIGKILL)
+            rig.start_tracker()
+    finally:
+        h.shutdown()
+    # The second refusal is the sidecar's: the new tracker serves another c0.
+    assert "is not the one this connection chose any more" in rig.sidecar.stderr()
+
+
+def test_two_snapshots_serve_two_instants(rig: Rig) -> None:
+    at_c0 = rig.disk.read_bytes()
+    rig.checkpoint("c0", "--snapshot")
+    qemu_io(rig.tracker.uri, "write -P 0x27 0 16M", "write -P 0x28 48M 1M")
+    at_c1 = rig.disk.read_bytes()
+    rig.checkpoint("c1", "--snapshot", "--snapshot-scope", "dirty")
+    with Writer(rig.tracker.uri, [(0, 16 * MiB), (48 * MiB, MiB)], seed=25) as writer:
+        before = writer.writes
+        assert read_export(rig.uri("c0")) == at_c0
+        inc = incremental_from(rig.uri("c1"), "c1")
+        during = writer.writes - before
+    assert during > 0
+    assert [(o, n) for o, n in inc.dirty] == [(0, 16 * MiB), (48 * MiB, MiB)]
+    assert restore(at_c0, inc) == at_c1
+    assert set(listed(rig.uri())) == {"", "c0", "c1"}
+    # c1 protects only its dirty granules: the rest of it is not served.
+    assert read_errno(rig.uri("c1"), 32 * MiB, 4096) == errno.EIO
+    shown = dirtydiff("status", "--state", str(rig.state)).stdout
+    assert re.search(r"^c0 +active +all ", shown, re.M), shown
+    assert re.search(r"^c1 +active +dirty +17\.0 MiB ", shown, re.M), shown
+
+
+def test_a_store_directory_is_asked_of_the_tracker_never_the_sidecar(rig: Rig) -> None:
+    store_dir = rig.tmp / "stores"
+    store_dir.mkdir(mode=0o700)
+    taken = rig.checkpoint("c0", "--snapshot", "--snapshot-dir", str(store_dir))
+    assert Path(taken["snapshot"]["store"]).parent == store_dir
+    assert "c0" in listed(rig.uri())
+    # A client of the sidecar's socket may not choose where the tracker writes.
+    with pytest.raises(errors.PermissionDenied) as refused:
+        control.call(rig.state / "sidecar.sock", "checkpoint", name="c1",
+                     snapshot={"scope": "all", "dir": str(store_dir), "limit": None})  # fmt: skip
+    assert refused.value.code == "snapshot-dir-not-allowed"
+    assert "c1" not in dirtydiff("bitmap", "list", "--state", str(rig.state)).stdout
+
+
+def test_snapshot_list_without_the_tracker_tells_the_last_state(rig: Rig) -> None:
+    rig.checkpoint("c0", "--snapshot", "--snapshot-limit", "2m")
+    stop(rig.sidecar.proc)
+    stop(rig.tracker.proc)
+    (found,) = json.loads(rig.cli("snapshot", "list", "--json").stdout)
+    assert found["name"] == "c0" and found["limit"] == 2 * MiB
+    assert found["state"] in ("active", "broken")
+    assert rig.status()["snapshots"] == [found]
+    assert "c0" in rig.cli("status").stdout
+    refused = rig.cli("checkpoint", "c1", "--snapshot", check=False)
+    assert refused.returncode != 0 and "tracker" in refused.stderr
