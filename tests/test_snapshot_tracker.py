@@ -12,9 +12,14 @@ import contextlib
 import errno
 import os
 import random
+import shutil
 import signal
+import struct
+import subprocess
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from dirtydiff.bitmapfile import BitmapFile
 from dirtydiff.owner import StateOwner
 from dirtydiff.snapshots import read_snapshots
 from dirtydiff.state import StateDir, record_first_disk
+from dirtydiff.store import BitmapStore
 from tests.conftest import GRANULE, Processes, Server, make_disk, stop
 
 MiB = 1 << 20
@@ -419,3 +425,215 @@ def test_without_a_tracker_a_snapshot_is_refused(state: Path, disk: Path) -> Non
         actor.call("checkpoint", name="c0", snapshot={})
     assert refused.value.code == "snapshot-needs-tracker"
     assert "tracker" in refused.value.message
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs for a snapshot's store (root only)."""
+    where = tmp_path / "small"
+    where.mkdir(mode=0o700)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(where)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_store_breaks_the_snapshot_and_the_guests_writes_succeed(
+    procs: Processes, state: Path, disk: Path, small_fs: Path
+) -> None:
+    tracker = procs.tracker(state, disk=disk)
+    size = disk.stat().st_size
+    take(state, "c0", dir=str(small_fs))
+    h = connect(tracker)
+    model = bytearray(disk.read_bytes())
+    rng = random.Random(3)
+    for offset in range(0, 4 * MiB, 256 * 1024):
+        data = rng.randbytes(256 * 1024)
+        h.pwrite(data, offset)  # raises if the guest's write failed
+        model[offset : offset + len(data)] = data
+    h.flush()
+    assert disk.read_bytes() == bytes(model[:size])
+    info = snapshot_of(state, "c0")
+    assert info["state"] == "broken"
+    assert info["reason"] == f"store write failed: {os.strerror(errno.ENOSPC)}"
+    assert info["store_bytes"] == 0  # freed
+    assert shutil.disk_usage(small_fs).used < 64 * 1024
+    with pytest.raises(nbd.Error) as raised:
+        connect(tracker, "@snapshot:c0").pread(512, 0)
+    assert raised.value.errnum == errno.EIO
+    assert set(range(4 * MiB // GRANULE)) <= dirty_granules(state, "@open")
+    h.shutdown()
+
+
+def in_flight(state: Path, writes: int) -> None:
+    """Wait (with a deadline) until the tracker has ``writes`` in flight."""
+    deadline = time.monotonic() + 20
+    while call(state, "status")["inflight"] < writes:
+        assert time.monotonic() < deadline, "the write never reached the tracker"
+        time.sleep(0.01)  # polling interval while waiting on a deadline
+
+
+def test_the_instant_waits_for_a_write_in_flight(procs: Processes, state: Path) -> None:
+    # A slow disk: every write spends 1.5 s in nbdkit's delay filter, so a
+    # write is surely in flight when the checkpoint is asked for.
+    upstream = procs.nbdkit("--filter=delay", "memory", str(4 * MiB), "delay-write=1500ms")
+    tracker = procs.tracker(state, uri=upstream.uri)
+    h = connect(tracker)
+
+    def write(data: bytes) -> threading.Thread:
+        thread = threading.Thread(target=h.pwrite, args=(data, 0))
+        thread.start()
+        in_flight(state, 1)
+        return thread
+
+    first = write(b"1" * (4 * GRANULE))
+    # Too short a drain: nothing changes, and the error says why.
+    with pytest.raises(errors.Unavailable) as refused:
+        call(state, "checkpoint", name="c0", snapshot={}, timeout=0.2)
+    assert refused.value.code == "drain-timeout"
+    assert "nothing changed" in refused.value.message
+    assert "c0" not in [b["name"] for b in call(state, "bitmap.list")]
+    assert call(state, "snapshot.list") == {"snapshots": []}
+    assert not list((state / "snapshots").iterdir())
+    first.join()
+
+    second = write(b"2" * (4 * GRANULE))
+    reply = take(state, "c1")  # waits for "2" to land: the instant is after it
+    assert not second.is_alive()
+    assert reply["snapshot"]["state"] == "active"
+    h.pwrite(b"3" * GRANULE, GRANULE)
+    snap = connect(tracker, "@snapshot:c1")
+    assert snap.pread(4 * GRANULE, 0) == b"2" * (4 * GRANULE)  # drained in, whole
+    assert h.pread(2 * GRANULE, 0) == b"2" * GRANULE + b"3" * GRANULE  # the disk went on
+    assert {0, 1, 2, 3} <= dirty_granules(state, "c1")
+    assert 1 in dirty_granules(state, "@open")
+    for c in (h, snap):
+        c.shutdown()
+
+
+def test_writers_never_leave_a_torn_write_in_the_snapshot(
+    procs: Processes, state: Path, tmp_path: Path
+) -> None:
+    # Each writer rewrites a region of its own, whole, with a new tag each
+    # time: a snapshot of one instant holds one tag per region, never two.
+    region, writers = 2 * MiB, 4
+    disk = make_disk(tmp_path / "tags.raw", region * writers)
+    tracker = procs.tracker(state, disk=disk)
+    done = threading.Event()
+    acked: list[list[int]] = [[] for _ in range(writers)]
+
+    def writer(w: int, h: Any) -> None:
+        seq = 0
+        while not done.is_set():
+            seq += 1
+            h.pwrite(struct.pack("<II", w, seq) * (region // 8), w * region)
+            acked[w].append(seq)
+        h.shutdown()
+
+    threads = [threading.Thread(target=writer, args=(w, connect(tracker))) for w in range(writers)]
+    for t in threads:
+        t.start()
+    try:
+        for n in range(4):
+            seen_before = [list(a) for a in acked]
+            take(state, f"c{n}")
+            started_after = [(a[-1] if a else 0) + 2 for a in acked]
+            snap = connect(tracker, f"@snapshot:c{n}")
+            image = read_all(snap, region * writers, chunk=region // 2 + 4096)
+            snap.shutdown()
+            for w in range(writers):
+                tags = set(struct.iter_unpack("<II", image[w * region : (w + 1) * region]))
+                assert len(tags) == 1, f"snapshot c{n}: region {w} holds {len(tags)} writes"
+                [(who, seq)] = tags
+                if seq:
+                    assert who == w
+                assert seq >= (seen_before[w][-1] if seen_before[w] else 0)
+                assert seq < started_after[w]
+            call(state, "snapshot.release", name=f"c{n}")
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+
+
+def test_a_snapshot_whose_map_is_damaged_is_broken_after_a_restart(
+    procs: Processes, state: Path, disk: Path
+) -> None:
+    tracker = procs.tracker(state, disk=disk)
+    take(state, "c0")
+    take(state, "c1")
+    assert stop(tracker.proc) == 0
+    with (state / "snapshots" / "c0.snap").open("r+b") as f:
+        f.seek(20)
+        f.write(b"\x07")
+    tracker = procs.tracker(state, disk=disk)
+    found = {s["name"]: s for s in call(state, "snapshot.list")["snapshots"]}
+    assert found["c0"]["state"] == "broken" and "checksum" in found["c0"]["reason"]
+    assert found["c1"]["state"] == "active"
+    with pytest.raises(nbd.Error):
+        connect(tracker, "@snapshot:c0").pread(512, 0)
+    call(state, "snapshot.release", name="c0")  # a broken one goes too
+    assert [s["name"] for s in call(state, "snapshot.list")["snapshots"]] == ["c1"]
+
+
+def test_a_tracker_on_another_disk_breaks_the_snapshot(
+    procs: Processes, tmp_path: Path, state: Path, disk: Path
+) -> None:
+    tracker = procs.tracker(state, disk=disk)
+    take(state, "c0")
+    assert stop(tracker.proc) == 0
+    other = tmp_path / "other.raw"
+    shutil.copyfile(disk, other)
+    procs.tracker(state, disk=other)
+    info = snapshot_of(state, "c0")
+    assert info["state"] == "broken" and "not proven" in info["reason"]
+
+
+def holding(store: BitmapStore) -> bool:
+    return store._held
+
+
+def test_while_the_instant_is_taken_new_writes_wait_and_then_go_on(tmp_path: Path) -> None:
+    state = tmp_path / "store-state"
+    state.mkdir(mode=0o700)
+    store = BitmapStore(StateDir(state), 16 * MiB, recording=True)
+    try:
+        gen, token = store.begin_write(0, 10)  # in flight
+        drained: list[bool] = []
+        holder = threading.Thread(target=lambda: drained.append(store._hold_writes(20)))
+        holder.start()
+        deadline = time.monotonic() + 20
+        while not holding(store):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)  # polling interval while waiting on a deadline
+        admitted = threading.Event()
+
+        def late_write() -> None:
+            g, t = store.begin_write(GRANULE, 10)
+            admitted.set()
+            store.end_write(g, t)
+
+        late = threading.Thread(target=late_write)
+        late.start()
+        store.end_write(gen, token)
+        holder.join()
+        assert drained == [True]
+        assert not admitted.is_set()  # held past the drain, until admitted
+        store._admit_writes()
+        late.join()
+        assert admitted.is_set()
+        # A drain that cannot finish gives up, and admits writes again.
+        gen, token = store.begin_write(0, 10)
+        assert store._hold_writes(0.05) is False
+        assert not holding(store)
+        store.end_write(*store.begin_write(GRANULE, 1))
+        store.end_write(gen, token)
+    finally:
+        store.close()
