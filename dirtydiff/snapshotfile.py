@@ -371,10 +371,14 @@ class SnapshotFile:
         self.copied.flush()
         os.fsync(self._fd)
 
-    def close(self) -> None:
+    def close(self, *, unmap: bool = True) -> None:
+        """``unmap=False``: keep the maps until the last reference goes (a
+        writer on the hot path may still test a bit of a snapshot being
+        released; a closed mmap would fail its write)."""
         if self._fd < 0:
             return
-        self.protected.close()
-        self.copied.close()
+        if unmap:
+            self.protected.close()
+            self.copied.close()
         os.close(self._fd)
         self._fd = -1

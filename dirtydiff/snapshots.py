@@ -428,7 +428,7 @@ class SnapshotSet:
             del self.snapshots[name]
             self.active = tuple(s for s in self.active if s is not snap)
         remove_files(self.state, name, info.store)
-        self._close(snap)
+        self._close(snap, unmap=False)
         log.info("snapshot %s released", name)
         return info
 
@@ -440,7 +440,7 @@ class SnapshotSet:
         return name in self.snapshots
 
     @staticmethod
-    def _close(snap: Snapshot, *, durable: bool = False) -> None:
+    def _close(snap: Snapshot, *, durable: bool = False, unmap: bool = True) -> None:
         if snap.store_fd >= 0:
             if durable:
                 with contextlib.suppress(OSError):
@@ -451,7 +451,7 @@ class SnapshotSet:
             if durable:
                 with contextlib.suppress(OSError):
                     snap.file.flush()
-            snap.file.close()
+            snap.file.close(unmap=unmap)
 
     def close(self) -> None:
         """A clean stop: the stores and maps made durable (a restart in this
