@@ -28,12 +28,13 @@ import numpy as np
 from dirtydiff import errors
 from dirtydiff import nbdproto as proto
 from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
-from dirtydiff.disk import Backend, FileBackend, file_extents
+from dirtydiff.disk import Backend, FileBackend, NbdBackend, file_extents
 from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.extents import extent_arrays
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Errno, RequestError
 from dirtydiff.state import StateDir
+from sidecar.export.aioupstream import AioSnapshotPool
 from sidecar.export.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Export:
     sendfile_path: Path | None = None  # a local file: reads use sendfile(2)
     # A snapshot's export: the checkpoint NAME it serves the disk as at
     # (read and trimmed through the tracker's @snapshot:NAME), and the check
-    # each new tracker connection must pass (see sidecar.export.upstream).
+    # each new tracker connection must pass (see sidecar.export.aioupstream).
     snapshot: str | None = None
     verify: Callable[[], None] | None = field(default=None, repr=False)
     _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
@@ -60,11 +61,14 @@ class Export:
     # An NBD disk's connections, shared by every client (upstream.py);
     # a local file's one descriptor needs none.
     upstream: UpstreamPool | None = field(init=False, default=None)
+    # A snapshot's: its connections to the tracker's @snapshot:NAME.
+    snapshot_pool: AioSnapshotPool | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.snapshot is not None:
             self.bitmap_filter = frozenset({self.snapshot})  # its own bitmap, no other
-            self.upstream = UpstreamPool(self.backend, trims=True, verify=self.verify)
+            assert isinstance(self.backend, NbdBackend)  # the tracker's @snapshot:NAME
+            self.snapshot_pool = AioSnapshotPool(self.backend.uri, self.verify)
         elif not isinstance(self.backend, FileBackend):
             self.upstream = UpstreamPool(self.backend)
 

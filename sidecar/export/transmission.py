@@ -28,6 +28,7 @@ from typing import Any
 from dirtydiff import nbdproto as proto
 from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, RequestError
+from sidecar.export.aioupstream import SnapshotLease
 from sidecar.export.budget import ByteBudget
 from sidecar.export.contexts import Export, Status
 from sidecar.export.handshake import Session
@@ -427,10 +428,9 @@ class Transmission:
         """TRIM of a snapshot's export: the backup is done with the range.
         Sent to the tracker, which stops protecting the whole granules in it
         and frees their store space; the reply says it did."""
-        assert self.disk is not None
-        fua = bool(request.flags & _FUA)
+        assert isinstance(self.disk, SnapshotLease)
         if request.length:
-            await asyncio.to_thread(self.disk.trim, request.length, request.offset, fua)
+            await self.disk.atrim(request.length, request.offset, bool(request.flags & _FUA))
         return [proto.simple_reply(request.cookie)]
 
     def _sparse(self, request: proto.Request) -> bool:
@@ -459,7 +459,15 @@ class Transmission:
         """A READ through the backend (libnbd), into buffers that count
         against the read budget until the reply is sent."""
         assert self.disk is not None
+        snapshot = self.disk if isinstance(self.disk, SnapshotLease) else None
         async with self._budget.hold(self._holder, request.length) as held:
+            if request.length and snapshot is not None:
+                chunks = await _read_snapshot(snapshot, request, self.structured)
+                await held.keep(request.length)
+                buffers = [c for c in chunks if isinstance(c, bytearray)]
+                await self._send_reply(chunks)
+                snapshot.recycle(buffers)  # sent: the kernel has their bytes
+                return []
             if request.length:
                 chunks = await asyncio.to_thread(
                     _read_disk, self.disk, request, self.structured, self._sparse(request)
@@ -525,6 +533,23 @@ def _read_disk(
         if length:
             data = bytearray(length)
             disk.pread(data, offset)
+            chunks.append(data)
+    return chunks
+
+
+async def _read_snapshot(
+    snapshot: SnapshotLease, request: proto.Request, structured: bool
+) -> list[bytes | bytearray]:
+    """The reply to a READ of a snapshot, its data read through the tracker
+    in the event loop (``sidecar.export.aioupstream``): all data, no holes."""
+    chunks: list[bytes | bytearray] = []
+    for header, offset, length in proto.read_reply(
+        request.cookie, request.offset, request.length, structured=structured
+    ):
+        chunks.append(header)
+        if length:
+            data = snapshot.buffer(length)
+            await snapshot.aread(data, offset)
             chunks.append(data)
     return chunks
 

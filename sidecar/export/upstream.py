@@ -18,12 +18,6 @@ seen by every later read): the pool then holds that one, and nothing else.
 A connection found broken (the tracker restarted) leaves the pool: the next
 client gets a new one, and a client that was using it moves to a new one and
 tries its request once more (reads, block status and cache are idempotent).
-
-A snapshot's pool (``trims``) also forwards TRIM, which releases the range in
-the tracker (idempotent too: a range released twice stays released), and asks
-``verify`` after each new connection: a tracker restarted under a connection
-must still serve the very snapshot the export was opened on, or the client
-would read a view mixed from two instants.
 """
 
 from __future__ import annotations
@@ -54,18 +48,9 @@ class _Upstream:
 class UpstreamPool:
     """At most ``size`` connections to ``backend``, leased to export clients."""
 
-    def __init__(
-        self,
-        backend: Backend,
-        size: int = UPSTREAM_CONNECTIONS,
-        *,
-        trims: bool = False,
-        verify: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, backend: Backend, size: int = UPSTREAM_CONNECTIONS) -> None:
         self.backend = backend
         self.size = size if backend.can_multi_conn else 1
-        self.trims = trims  # a snapshot's: TRIM goes to the tracker
-        self._verify = verify  # raises OSError if the upstream serves another view now
         self._lock = threading.Lock()
         self._open: list[_Upstream] = []  # usable ones, each with a user at least
 
@@ -82,16 +67,7 @@ class UpstreamPool:
         with self._lock:
             self._open = [u for u in self._open if u.connection.alive()]
             if len(self._open) < self.size:
-                connection = self.backend.connect()
-                if self._verify is not None:
-                    try:
-                        # After connecting: what it checks is then true of
-                        # this connection's view, or was replaced before it.
-                        self._verify()
-                    except BaseException:
-                        connection.close()
-                        raise
-                upstream = _Upstream(connection)
+                upstream = _Upstream(self.backend.connect())
                 self._open.append(upstream)
             else:
                 upstream = min(self._open, key=lambda u: u.users)
@@ -123,7 +99,7 @@ class _Lease:
     """An export client's use of a pooled connection (the Connection
     protocol of dirtydiff.disk). Its requests may run in several
     threads at once. The export is read-only: writes are never sent, and
-    refused if they were; a snapshot's TRIM is sent (see the module)."""
+    refused if they were."""
 
     def __init__(self, pool: UpstreamPool, upstream: _Upstream) -> None:
         self._pool = pool
@@ -170,9 +146,7 @@ class _Lease:
         raise OSError(errno.EROFS, "the export is read-only")
 
     def trim(self, count: int, offset: int, fua: bool) -> None:
-        if not self._pool.trims:
-            raise OSError(errno.EROFS, "the export is read-only")
-        self._call(lambda c: c.trim(count, offset, fua))
+        raise OSError(errno.EROFS, "the export is read-only")
 
     def alive(self) -> bool:
         upstream = self._upstream
