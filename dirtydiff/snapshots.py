@@ -399,19 +399,35 @@ class SnapshotSet:
         self.active = tuple(s for s in self.active if s is not snap)
         if first:
             log.error("snapshot %s is broken: %s", snap.name, reason)
+        # Recorded in three ways, any one of which a restart finds: the
+        # header says BROKEN, the store is no longer the disk's size, or
+        # the map is gone. A tracker that goes on copying nothing while the
+        # files still said "active" would serve a wrong snapshot after a
+        # kill -9.
+        recorded = False
         file = snap.file
-        if file is not None and not file.header.flags & SnapFlag.BROKEN:
+        if file is None or file.header.flags & SnapFlag.BROKEN:
+            recorded = True
+        else:
             file.header.flags |= SnapFlag.BROKEN
             file.header.reason = reason
             try:
                 file.write_reason()
+                recorded = True
             except OSError as e:
                 log.error("snapshot %s: cannot record that it broke: %s", snap.name, e.strerror)
         if snap.store_fd >= 0:
             try:
                 os.ftruncate(snap.store_fd, 0)
+                recorded = True
             except OSError as e:
                 log.error("snapshot %s: cannot free its store: %s", snap.name, e.strerror)
+        if not recorded:
+            try:
+                self.state.snapshot_path(snap.name).unlink()
+            except OSError as e:
+                log.critical("snapshot %s: broken, and no file can say so: %s (release it)",
+                             snap.name, e.strerror)  # fmt: skip
 
     def get(self, name: str) -> Snapshot:
         try:
