@@ -110,6 +110,7 @@ class Snapshot:
         self.reason = reason
         self.released = False
         self.copied_bytes = 0
+        self.kernel_copy = True  # until copy_file_range(2) says it cannot
         if file is not None:
             header = file.header
             self.granularity = header.granularity
@@ -154,9 +155,15 @@ class SnapshotSet:
     snapshots that protect, read without the lock on the hot path (a bit
     test; a granule that needs copying is checked again under the lock)."""
 
-    def __init__(self, state: StateDir, disk_size: int, state_id: str) -> None:
+    def __init__(
+        self, state: StateDir, disk_size: int, state_id: str, disk_fd: int | None = None
+    ) -> None:
         self.state = state
         self.disk_size = disk_size
+        # A local disk's fd: a copy is then one copy_file_range(2), with no
+        # buffer in Python (a disk behind NBD is read through the writer's
+        # connection).
+        self.disk_fd = disk_fd
         self.state_id = bytes.fromhex(state_id) if state_id else bytes(16)
         self.lock = threading.Lock()
         self.snapshots: dict[str, Snapshot] = {}
@@ -173,6 +180,10 @@ class SnapshotSet:
         self.state.prepare_snapshots()
         for leftover in self.state.snapshots_dir.glob(".*.new"):
             leftover.unlink()  # a snapshot that never reached its instant
+        names = set(self.state.snapshot_names())
+        for store in self.state.snapshots_dir.glob(f"*{STORE_SUFFIX}"):
+            if store.name[: -len(STORE_SUFFIX)] not in names:
+                store.unlink()  # its map never took its name: nothing reads it
         for name in self.state.snapshot_names():
             path = self.state.snapshot_path(name)
             try:
@@ -309,21 +320,36 @@ class SnapshotSet:
                     if snap.limit and snap.copied_bytes + length > snap.limit:
                         self._break(snap, f"store limit of {size_text(snap.limit)} reached")
                         return
-                    data = bytearray(length)
-                    try:
-                        conn.pread(data, offset)
-                    except OSError as e:
-                        self._break(snap, f"reading the disk to copy failed: {e.strerror or e}")
-                        return
-                    try:
-                        _pwrite_all(snap.store_fd, data, offset)
-                    except OSError as e:
-                        self._break(snap, f"store write failed: {e.strerror or e}")
+                    failed = self._copy_bytes(snap, conn, offset, length)
+                    if failed is not None:
+                        self._break(snap, failed)
                         return
                     # Only now: a bit set before its data is in the store
                     # would send a reader to bytes that are not there.
                     set_bit_range(snap.copied, a, b)
                     snap.copied_bytes += length
+
+    def _copy_bytes(self, snap: Snapshot, conn: Connection, offset: int, length: int) -> str | None:
+        """Copy the disk's ``[offset, offset+length)`` into the store at the
+        same offset; why it failed, or None."""
+        if self.disk_fd is not None and snap.kernel_copy:
+            try:
+                _copy_file_range_all(self.disk_fd, snap.store_fd, offset, length)
+                return None
+            except OSError as e:
+                if e.errno not in _NO_KERNEL_COPY:
+                    return f"{_store_or_disk(e)}: {e.strerror or e}"
+                snap.kernel_copy = False  # another filesystem: copy through a buffer
+        data = bytearray(length)
+        try:
+            conn.pread(data, offset)
+        except OSError as e:
+            return f"reading the disk to copy failed: {e.strerror or e}"
+        try:
+            _pwrite_all(snap.store_fd, data, offset)
+        except OSError as e:
+            return f"store write failed: {e.strerror or e}"
+        return None
 
     # -- the snapshot view -------------------------------------------------
 
@@ -480,6 +506,26 @@ class SnapshotSet:
                 snap.released = True
         for snap in snapshots:
             self._close(snap, durable=True)
+
+
+# copy_file_range(2) cannot copy between these two files (another filesystem,
+# an old kernel): copy through a buffer instead.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+# Errors that copy_file_range(2) reports for the file it writes.
+_STORE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _store_or_disk(e: OSError) -> str:
+    return "store write failed" if e.errno in _STORE_ERRORS else "copy to the store failed"
+
+
+def _copy_file_range_all(src: int, dst: int, offset: int, length: int) -> None:
+    end = offset + length
+    while offset < end:
+        done = os.copy_file_range(src, dst, end - offset, offset, offset)
+        if done == 0:
+            raise OSError(errno.EIO, "the disk ended before the range to copy")
+        offset += done
 
 
 def _pwrite_all(fd: int, data: bytearray, offset: int) -> None:
