@@ -338,17 +338,17 @@ class SnapshotSet:
                 return None
             except OSError as e:
                 if e.errno not in _NO_KERNEL_COPY:
-                    return f"{_store_or_disk(e)}: {e.strerror or e}"
+                    return f"{_store_or_disk(e)}: {_why(e)}"
                 snap.kernel_copy = False  # another filesystem: copy through a buffer
         data = bytearray(length)
         try:
             conn.pread(data, offset)
         except OSError as e:
-            return f"reading the disk to copy failed: {e.strerror or e}"
+            return f"reading the disk to copy failed: {_why(e)}"
         try:
             _pwrite_all(snap.store_fd, data, offset)
         except OSError as e:
-            return f"store write failed: {e.strerror or e}"
+            return f"store write failed: {_why(e)}"
         return None
 
     # -- the snapshot view -------------------------------------------------
@@ -513,6 +513,11 @@ class SnapshotSet:
 _NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
 # Errors that copy_file_range(2) reports for the file it writes.
 _STORE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _why(e: OSError) -> str:
+    """The errno's own words: one short line whatever layer raised it."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def _store_or_disk(e: OSError) -> str:

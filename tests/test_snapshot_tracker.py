@@ -637,3 +637,29 @@ def test_while_the_instant_is_taken_new_writes_wait_and_then_go_on(tmp_path: Pat
         store.end_write(gen, token)
     finally:
         store.close()
+
+
+def test_a_disk_that_cannot_be_read_for_a_copy_breaks_the_snapshot_not_the_write(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    # Reads of the disk fail with EIO once the trigger file exists: the
+    # copy before the write cannot read the old data.
+    trigger = tmp_path / "fail-reads"
+    upstream = procs.nbdkit(
+        "--filter=error", "memory", str(4 * MiB),
+        "error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={trigger}",
+    )  # fmt: skip
+    tracker = procs.tracker(state, uri=upstream.uri)
+    take(state, "c0")
+    trigger.touch()
+    h = connect(tracker)
+    h.pwrite(b"w" * GRANULE, 0)  # the guest's write succeeds
+    trigger.unlink()
+    assert h.pread(GRANULE, 0) == b"w" * GRANULE
+    info = snapshot_of(state, "c0")
+    assert info["state"] == "broken"
+    assert info["reason"] == f"reading the disk to copy failed: {os.strerror(errno.EIO)}"
+    with pytest.raises(nbd.Error) as raised:
+        connect(tracker, "@snapshot:c0").pread(512, GRANULE)
+    assert raised.value.errnum == errno.EIO
+    h.shutdown()
