@@ -198,7 +198,7 @@ class SnapshotSet:
                 why = "the tracker serves a disk not proven to be the snapshot's"
             if why is None and name not in bitmaps:
                 why = f"its checkpoint bitmap {name!r} is gone"
-            snap.store_fd, missing = open_store(file.header)
+            snap.store_fd, missing = open_store(file.header, writable=True)
             why = why or missing
             self.snapshots[name] = snap
             if why is not None:
