@@ -110,7 +110,6 @@ class Snapshot:
         self.reason = reason
         self.released = False
         self.copied_bytes = 0
-        self.kernel_copy = True  # until copy_file_range(2) says it cannot
         if file is not None:
             header = file.header
             self.granularity = header.granularity
@@ -155,15 +154,9 @@ class SnapshotSet:
     snapshots that protect, read without the lock on the hot path (a bit
     test; a granule that needs copying is checked again under the lock)."""
 
-    def __init__(
-        self, state: StateDir, disk_size: int, state_id: str, disk_fd: int | None = None
-    ) -> None:
+    def __init__(self, state: StateDir, disk_size: int, state_id: str) -> None:
         self.state = state
         self.disk_size = disk_size
-        # A local disk's fd: a copy is then one copy_file_range(2), with no
-        # buffer in Python (a disk behind NBD is read through the writer's
-        # connection).
-        self.disk_fd = disk_fd
         self.state_id = bytes.fromhex(state_id) if state_id else bytes(16)
         self.lock = threading.Lock()
         self.snapshots: dict[str, Snapshot] = {}
@@ -331,15 +324,12 @@ class SnapshotSet:
 
     def _copy_bytes(self, snap: Snapshot, conn: Connection, offset: int, length: int) -> str | None:
         """Copy the disk's ``[offset, offset+length)`` into the store at the
-        same offset; why it failed, or None."""
-        if self.disk_fd is not None and snap.kernel_copy:
-            try:
-                _copy_file_range_all(self.disk_fd, snap.store_fd, offset, length)
-                return None
-            except OSError as e:
-                if e.errno not in _NO_KERNEL_COPY:
-                    return f"{_store_or_disk(e)}: {_why(e)}"
-                snap.kernel_copy = False  # another filesystem: copy through a buffer
+        same offset; why it failed, or None.
+
+        Through a buffer, not copy_file_range(2): on ext4 that waits for the
+        writeback of the source range when its pages are dirty, which the
+        granules a VM just wrote are (measured in the commit that chose).
+        """
         data = bytearray(length)
         try:
             conn.pread(data, offset)
@@ -508,29 +498,9 @@ class SnapshotSet:
             self._close(snap, durable=True)
 
 
-# copy_file_range(2) cannot copy between these two files (another filesystem,
-# an old kernel): copy through a buffer instead.
-_NO_KERNEL_COPY = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
-# Errors that copy_file_range(2) reports for the file it writes.
-_STORE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
-
-
 def _why(e: OSError) -> str:
     """The errno's own words: one short line whatever layer raised it."""
     return os.strerror(e.errno) if e.errno else str(e)
-
-
-def _store_or_disk(e: OSError) -> str:
-    return "store write failed" if e.errno in _STORE_ERRORS else "copy to the store failed"
-
-
-def _copy_file_range_all(src: int, dst: int, offset: int, length: int) -> None:
-    end = offset + length
-    while offset < end:
-        done = os.copy_file_range(src, dst, end - offset, offset, offset)
-        if done == 0:
-            raise OSError(errno.EIO, "the disk ended before the range to copy")
-        offset += done
 
 
 def _pwrite_all(fd: int, data: bytearray, offset: int) -> None:

@@ -187,8 +187,7 @@ class Tracker:
             self.capabilities = Capabilities.of(self.backend)
             # Before the first write: a snapshot the tracker cannot prove
             # exact is broken now, before a write could make it wrong.
-            disk_fd = self.backend.fd if isinstance(self.backend, FileBackend) else None
-            self.snapshots = SnapshotSet(self.state, self.size, record.id, disk_fd)
+            self.snapshots = SnapshotSet(self.state, self.size, record.id)
             self.snapshots.load(set(self.store.bitmaps), disk_proven=disk_proven)
             self.store.snapshots = self.snapshots
             self.control = ControlServer(
