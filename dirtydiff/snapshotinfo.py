@@ -77,7 +77,7 @@ class SnapshotInfo:
             "copied_bytes": int, "store_bytes": int, "limit": (int, type(None)), "store": str,
             "export": str,
         }  # fmt: skip
-        if not isinstance(found, dict) or set(found) < set(kinds):
+        if not isinstance(found, dict) or not set(kinds) <= set(found):
             raise errors.ProtocolError("malformed-reply", f"not a snapshot: {found!r:.200}")
         for key, kind in kinds.items():
             value = found[key]
