@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import shutil
@@ -32,7 +33,7 @@ from dirtydiff.owner import StateOwner
 from dirtydiff.snapshots import read_snapshots
 from dirtydiff.state import StateDir, record_first_disk
 from dirtydiff.store import BitmapStore
-from tests.conftest import GRANULE, Processes, Server, make_disk, stop
+from tests.conftest import GRANULE, Processes, Server, make_disk, run, stop
 
 MiB = 1 << 20
 
@@ -663,3 +664,33 @@ def test_a_disk_that_cannot_be_read_for_a_copy_breaks_the_snapshot_not_the_write
         connect(tracker, "@snapshot:c0").pread(512, GRANULE)
     assert raised.value.errnum == errno.EIO
     h.shutdown()
+
+
+def test_qemu_img_copies_the_instant_while_qemu_io_writes_and_nbdinfo_lists_it(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    # Whole sectors: qemu rounds an export's size up to 512 bytes.
+    disk = make_disk(tmp_path / "sectors.raw", 16 * MiB)
+    fill(disk, 2)
+    tracker = procs.tracker(state, disk=disk)
+    reference = disk.read_bytes()
+    take(state, "c0", scope="all")
+    listed = json.loads(run(["nbdinfo", "--list", "--json", tracker.uri]).stdout)
+    names = {e["export-name"]: e for e in listed["exports"]}
+    assert set(names) == {"", "@snapshot:c0"}
+    assert names["@snapshot:c0"]["description"].startswith("dirtydiff snapshot c0 of state ")
+    # qemu-io writes all over the disk, in the background of the copy.
+    writes = [f"write -P {i % 250 + 1} {i * 1536 * 1024} 1M" for i in range(10)]
+    argv = ["qemu-io", "-f", "raw", *[a for w in writes for a in ("-c", w)], tracker.uri]
+    writer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    copy = tmp_path / "copy.raw"
+    snapshot_uri = f"nbd+unix:///@snapshot:c0?socket={tracker.sock}"
+    try:
+        run(["qemu-img", "convert", "-f", "raw", "-O", "raw", snapshot_uri, str(copy)])
+    finally:
+        out, _ = writer.communicate(timeout=120)
+    assert writer.returncode == 0 and b"error" not in out.lower(), out
+    assert copy.read_bytes() == reference
+    # And once the writes are all in: still the instant, and the disk is not.
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", snapshot_uri, str(copy)])
+    assert copy.read_bytes() == reference != disk.read_bytes()
