@@ -694,3 +694,43 @@ def test_qemu_img_copies_the_instant_while_qemu_io_writes_and_nbdinfo_lists_it(
     # And once the writes are all in: still the instant, and the disk is not.
     run(["qemu-img", "convert", "-f", "raw", "-O", "raw", snapshot_uri, str(copy)])
     assert copy.read_bytes() == reference != disk.read_bytes()
+
+
+def test_a_tracker_killed_while_it_holds_writes_for_the_instant_leaves_no_snapshot(
+    procs: Processes, state: Path
+) -> None:
+    upstream = procs.nbdkit("--filter=delay", "memory", str(4 * MiB), "delay-write=2000ms")
+    tracker = procs.tracker(state, uri=upstream.uri)
+    sock = tracker.sock
+    h = connect(tracker)
+
+    def write() -> None:
+        with contextlib.suppress(nbd.Error):  # the tracker dies under it
+            h.pwrite(b"1" * GRANULE, 0)
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    in_flight(state, 1)
+
+    def checkpoint() -> None:
+        with contextlib.suppress(errors.DirtydiffError):  # the tracker dies under it
+            take(state, "c0")
+
+    asked = threading.Thread(target=checkpoint)
+    asked.start()
+    # The store and map are made before the writes are held: wait for them.
+    deadline = time.monotonic() + 20
+    while not (state / "snapshots" / ".c0.snap.new").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)  # polling for the staging map, under a deadline
+    stop(tracker.proc, signal.SIGKILL)
+    asked.join()
+    writing.join()
+    tracker = procs.tracker(state, uri=upstream.uri, sock=sock)
+    # The instant never came: no snapshot, no bitmap c0, nothing left over.
+    assert call(state, "snapshot.list") == {"snapshots": []}
+    assert "c0" not in [b["name"] for b in call(state, "bitmap.list")]
+    assert list((state / "snapshots").iterdir()) == []
+    assert 0 in dirty_granules(state, "@open")  # the write in flight stays marked
+    reply = take(state, "c0")  # the name is free again
+    assert reply["snapshot"]["state"] == "active"
