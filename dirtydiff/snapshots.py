@@ -191,12 +191,25 @@ class SnapshotSet:
                 why = "the tracker serves a disk not proven to be the snapshot's"
             if why is None and name not in bitmaps:
                 why = f"its checkpoint bitmap {name!r} is gone"
+            if why is None:
+                why = self._untrusted_store_dir(Path(file.header.store).parent)
             snap.store_fd, missing = open_store(file.header, writable=True)
             why = why or missing
             self.snapshots[name] = snap
             if why is not None:
                 self._break(snap, why)
         self.active = tuple(s for s in self.snapshots.values() if s.serving)
+
+    def _untrusted_store_dir(self, where: Path) -> str | None:
+        """Why a --snapshot-dir can no longer be trusted (others may write in
+        it now: a store there could have been changed), or None."""
+        if where == self.state.snapshots_dir:
+            return None  # checked with the state directory
+        try:
+            check_directory(where, "snapshot directory", writer=True, follow=True)
+        except errors.DirtydiffError as e:
+            return e.message
+        return None
 
     # -- the instant -------------------------------------------------------
 

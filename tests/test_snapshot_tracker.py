@@ -734,3 +734,17 @@ def test_a_tracker_killed_while_it_holds_writes_for_the_instant_leaves_no_snapsh
     assert 0 in dirty_granules(state, "@open")  # the write in flight stays marked
     reply = take(state, "c0")  # the name is free again
     assert reply["snapshot"]["state"] == "active"
+
+
+def test_a_snapshot_dir_others_may_write_in_after_a_restart_breaks_its_snapshot(
+    procs: Processes, tmp_path: Path, state: Path, disk: Path
+) -> None:
+    stores = tmp_path / "stores"
+    stores.mkdir(mode=0o700)
+    tracker = procs.tracker(state, disk=disk)
+    take(state, "c0", dir=str(stores))
+    assert stop(tracker.proc) == 0
+    stores.chmod(0o777)
+    procs.tracker(state, disk=disk)
+    info = snapshot_of(state, "c0")
+    assert info["state"] == "broken" and "writable by group and others" in info["reason"]
