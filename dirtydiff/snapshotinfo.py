@@ -77,7 +77,7 @@ class SnapshotInfo:
             "copied_bytes": int, "store_bytes": int, "limit": (int, type(None)), "store": str,
             "export": str,
         }  # fmt: skip
-        if not isinstance(found, dict) or set(found) < set(kinds):
+        if not isinstance(found, dict) or not set(kinds) <= set(found):
             raise errors.ProtocolError("malformed-reply", f"not a snapshot: {found!r:.200}")
         for key, kind in kinds.items():
             value = found[key]
@@ -140,11 +140,11 @@ def why_not_exact(header: SnapHeader, disk_size: int, state_id: bytes | None) ->
     return None
 
 
-def open_store(header: SnapHeader) -> tuple[int, str | None]:
+def open_store(header: SnapHeader, *, writable: bool = False) -> tuple[int, str | None]:
     """The store's fd, opened as the map recorded it, or -1 and why not."""
     path = Path(header.store)
     try:
-        fd = open_file(path, os.O_RDWR)
+        fd = open_file(path, os.O_RDWR if writable else os.O_RDONLY)
     except FileNotFoundError:
         return -1, f"store file {path} is missing"
     except errors.Corrupt as e:

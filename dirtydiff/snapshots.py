@@ -173,6 +173,10 @@ class SnapshotSet:
         self.state.prepare_snapshots()
         for leftover in self.state.snapshots_dir.glob(".*.new"):
             leftover.unlink()  # a snapshot that never reached its instant
+        names = set(self.state.snapshot_names())
+        for store in self.state.snapshots_dir.glob(f"*{STORE_SUFFIX}"):
+            if store.name[: -len(STORE_SUFFIX)] not in names:
+                store.unlink()  # its map never took its name: nothing reads it
         for name in self.state.snapshot_names():
             path = self.state.snapshot_path(name)
             try:
@@ -187,12 +191,25 @@ class SnapshotSet:
                 why = "the tracker serves a disk not proven to be the snapshot's"
             if why is None and name not in bitmaps:
                 why = f"its checkpoint bitmap {name!r} is gone"
-            snap.store_fd, missing = open_store(file.header)
+            if why is None:
+                why = self._untrusted_store_dir(Path(file.header.store).parent)
+            snap.store_fd, missing = open_store(file.header, writable=True)
             why = why or missing
             self.snapshots[name] = snap
             if why is not None:
                 self._break(snap, why)
         self.active = tuple(s for s in self.snapshots.values() if s.serving)
+
+    def _untrusted_store_dir(self, where: Path) -> str | None:
+        """Why a --snapshot-dir can no longer be trusted (others may write in
+        it now: a store there could have been changed), or None."""
+        if where == self.state.snapshots_dir:
+            return None  # checked with the state directory
+        try:
+            check_directory(where, "snapshot directory", writer=True, follow=True)
+        except errors.DirtydiffError as e:
+            return e.message
+        return None
 
     # -- the instant -------------------------------------------------------
 
@@ -309,21 +326,33 @@ class SnapshotSet:
                     if snap.limit and snap.copied_bytes + length > snap.limit:
                         self._break(snap, f"store limit of {size_text(snap.limit)} reached")
                         return
-                    data = bytearray(length)
-                    try:
-                        conn.pread(data, offset)
-                    except OSError as e:
-                        self._break(snap, f"reading the disk to copy failed: {e.strerror or e}")
-                        return
-                    try:
-                        _pwrite_all(snap.store_fd, data, offset)
-                    except OSError as e:
-                        self._break(snap, f"store write failed: {e.strerror or e}")
+                    failed = self._copy_bytes(snap, conn, offset, length)
+                    if failed is not None:
+                        self._break(snap, failed)
                         return
                     # Only now: a bit set before its data is in the store
                     # would send a reader to bytes that are not there.
                     set_bit_range(snap.copied, a, b)
                     snap.copied_bytes += length
+
+    def _copy_bytes(self, snap: Snapshot, conn: Connection, offset: int, length: int) -> str | None:
+        """Copy the disk's ``[offset, offset+length)`` into the store at the
+        same offset; why it failed, or None.
+
+        Through a buffer, not copy_file_range(2): on ext4 that waits for the
+        writeback of the source range when its pages are dirty, which the
+        granules a VM just wrote are (measured in the commit that chose).
+        """
+        data = bytearray(length)
+        try:
+            conn.pread(data, offset)
+        except OSError as e:
+            return f"reading the disk to copy failed: {_why(e)}"
+        try:
+            _pwrite_all(snap.store_fd, data, offset)
+        except OSError as e:
+            return f"store write failed: {_why(e)}"
+        return None
 
     # -- the snapshot view -------------------------------------------------
 
@@ -399,19 +428,35 @@ class SnapshotSet:
         self.active = tuple(s for s in self.active if s is not snap)
         if first:
             log.error("snapshot %s is broken: %s", snap.name, reason)
+        # Recorded in three ways, any one of which a restart finds: the
+        # header says BROKEN, the store is no longer the disk's size, or
+        # the map is gone. A tracker that goes on copying nothing while the
+        # files still said "active" would serve a wrong snapshot after a
+        # kill -9.
+        recorded = False
         file = snap.file
-        if file is not None and not file.header.flags & SnapFlag.BROKEN:
+        if file is None or file.header.flags & SnapFlag.BROKEN:
+            recorded = True
+        else:
             file.header.flags |= SnapFlag.BROKEN
             file.header.reason = reason
             try:
                 file.write_reason()
+                recorded = True
             except OSError as e:
                 log.error("snapshot %s: cannot record that it broke: %s", snap.name, e.strerror)
         if snap.store_fd >= 0:
             try:
                 os.ftruncate(snap.store_fd, 0)
+                recorded = True
             except OSError as e:
                 log.error("snapshot %s: cannot free its store: %s", snap.name, e.strerror)
+        if not recorded:
+            try:
+                self.state.snapshot_path(snap.name).unlink()
+            except OSError as e:
+                log.critical("snapshot %s: broken, and no file can say so: %s (release it)",
+                             snap.name, e.strerror)  # fmt: skip
 
     def get(self, name: str) -> Snapshot:
         try:
@@ -464,6 +509,11 @@ class SnapshotSet:
                 snap.released = True
         for snap in snapshots:
             self._close(snap, durable=True)
+
+
+def _why(e: OSError) -> str:
+    """The errno's own words: one short line whatever layer raised it."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def _pwrite_all(fd: int, data: bytearray, offset: int) -> None:

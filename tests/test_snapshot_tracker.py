@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import shutil
@@ -32,7 +33,7 @@ from dirtydiff.owner import StateOwner
 from dirtydiff.snapshots import read_snapshots
 from dirtydiff.state import StateDir, record_first_disk
 from dirtydiff.store import BitmapStore
-from tests.conftest import GRANULE, Processes, Server, make_disk, stop
+from tests.conftest import GRANULE, Processes, Server, make_disk, run, stop
 
 MiB = 1 << 20
 
@@ -637,3 +638,113 @@ def test_while_the_instant_is_taken_new_writes_wait_and_then_go_on(tmp_path: Pat
         store.end_write(gen, token)
     finally:
         store.close()
+
+
+def test_a_disk_that_cannot_be_read_for_a_copy_breaks_the_snapshot_not_the_write(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    # Reads of the disk fail with EIO once the trigger file exists: the
+    # copy before the write cannot read the old data.
+    trigger = tmp_path / "fail-reads"
+    upstream = procs.nbdkit(
+        "--filter=error", "memory", str(4 * MiB),
+        "error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={trigger}",
+    )  # fmt: skip
+    tracker = procs.tracker(state, uri=upstream.uri)
+    take(state, "c0")
+    trigger.touch()
+    h = connect(tracker)
+    h.pwrite(b"w" * GRANULE, 0)  # the guest's write succeeds
+    trigger.unlink()
+    assert h.pread(GRANULE, 0) == b"w" * GRANULE
+    info = snapshot_of(state, "c0")
+    assert info["state"] == "broken"
+    assert info["reason"] == f"reading the disk to copy failed: {os.strerror(errno.EIO)}"
+    with pytest.raises(nbd.Error) as raised:
+        connect(tracker, "@snapshot:c0").pread(512, GRANULE)
+    assert raised.value.errnum == errno.EIO
+    h.shutdown()
+
+
+def test_qemu_img_copies_the_instant_while_qemu_io_writes_and_nbdinfo_lists_it(
+    procs: Processes, tmp_path: Path, state: Path
+) -> None:
+    # Whole sectors: qemu rounds an export's size up to 512 bytes.
+    disk = make_disk(tmp_path / "sectors.raw", 16 * MiB)
+    fill(disk, 2)
+    tracker = procs.tracker(state, disk=disk)
+    reference = disk.read_bytes()
+    take(state, "c0", scope="all")
+    listed = json.loads(run(["nbdinfo", "--list", "--json", tracker.uri]).stdout)
+    names = {e["export-name"]: e for e in listed["exports"]}
+    assert set(names) == {"", "@snapshot:c0"}
+    assert names["@snapshot:c0"]["description"].startswith("dirtydiff snapshot c0 of state ")
+    # qemu-io writes all over the disk, in the background of the copy.
+    writes = [f"write -P {i % 250 + 1} {i * 1536 * 1024} 1M" for i in range(10)]
+    argv = ["qemu-io", "-f", "raw", *[a for w in writes for a in ("-c", w)], tracker.uri]
+    writer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    copy = tmp_path / "copy.raw"
+    snapshot_uri = f"nbd+unix:///@snapshot:c0?socket={tracker.sock}"
+    try:
+        run(["qemu-img", "convert", "-f", "raw", "-O", "raw", snapshot_uri, str(copy)])
+    finally:
+        out, _ = writer.communicate(timeout=120)
+    assert writer.returncode == 0 and b"error" not in out.lower(), out
+    assert copy.read_bytes() == reference
+    # And once the writes are all in: still the instant, and the disk is not.
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", snapshot_uri, str(copy)])
+    assert copy.read_bytes() == reference != disk.read_bytes()
+
+
+def test_a_tracker_killed_while_it_holds_writes_for_the_instant_leaves_no_snapshot(
+    procs: Processes, state: Path
+) -> None:
+    upstream = procs.nbdkit("--filter=delay", "memory", str(4 * MiB), "delay-write=2000ms")
+    tracker = procs.tracker(state, uri=upstream.uri)
+    sock = tracker.sock
+    h = connect(tracker)
+
+    def write() -> None:
+        with contextlib.suppress(nbd.Error):  # the tracker dies under it
+            h.pwrite(b"1" * GRANULE, 0)
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    in_flight(state, 1)
+
+    def checkpoint() -> None:
+        with contextlib.suppress(errors.DirtydiffError):  # the tracker dies under it
+            take(state, "c0")
+
+    asked = threading.Thread(target=checkpoint)
+    asked.start()
+    # The store and map are made before the writes are held: wait for them.
+    deadline = time.monotonic() + 20
+    while not (state / "snapshots" / ".c0.snap.new").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)  # polling for the staging map, under a deadline
+    stop(tracker.proc, signal.SIGKILL)
+    asked.join()
+    writing.join()
+    tracker = procs.tracker(state, uri=upstream.uri, sock=sock)
+    # The instant never came: no snapshot, no bitmap c0, nothing left over.
+    assert call(state, "snapshot.list") == {"snapshots": []}
+    assert "c0" not in [b["name"] for b in call(state, "bitmap.list")]
+    assert list((state / "snapshots").iterdir()) == []
+    assert 0 in dirty_granules(state, "@open")  # the write in flight stays marked
+    reply = take(state, "c0")  # the name is free again
+    assert reply["snapshot"]["state"] == "active"
+
+
+def test_a_snapshot_dir_others_may_write_in_after_a_restart_breaks_its_snapshot(
+    procs: Processes, tmp_path: Path, state: Path, disk: Path
+) -> None:
+    stores = tmp_path / "stores"
+    stores.mkdir(mode=0o700)
+    tracker = procs.tracker(state, disk=disk)
+    take(state, "c0", dir=str(stores))
+    assert stop(tracker.proc) == 0
+    stores.chmod(0o777)
+    procs.tracker(state, disk=disk)
+    info = snapshot_of(state, "c0")
+    assert info["state"] == "broken" and "writable by group and others" in info["reason"]

@@ -33,6 +33,7 @@ from dirtydiff.snapshotfile import (
     map_size,
     pending_runs,
 )
+from dirtydiff.snapshotinfo import SnapshotInfo
 
 granularities = st.sampled_from([4096, 8192, 65536])
 
@@ -188,3 +189,18 @@ def test_a_map_file_has_its_size_and_refuses_another(tmp_path: Path) -> None:
         f.truncate(HEADER_SIZE + 4096)
     with pytest.raises(errors.Corrupt):
         SnapshotFile(path, writable=False)
+
+
+def test_a_snapshot_info_comes_back_from_a_reply_only_with_its_shape() -> None:
+    info = SnapshotInfo("c0", "broken", "store limit of 64 MiB reached", "all", 1, 65536,
+                        1 << 30, 0, 0, 0, 64 << 20, "/s/c0.store", "@snapshot:c0")  # fmt: skip
+    assert SnapshotInfo.from_dict(info.as_dict()) == info
+    assert SnapshotInfo.from_dict({**info.as_dict(), "later": 1}) == info  # a newer tracker's
+    for broken in (
+        {k: v for k, v in info.as_dict().items() if k != "store"},
+        {**info.as_dict(), "extra": 1, "limit": "64M"},
+        {**info.as_dict(), "copied_bytes": True},
+        ["c0"],
+    ):
+        with pytest.raises(errors.ProtocolError):
+            SnapshotInfo.from_dict(broken)
