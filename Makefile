@@ -6,6 +6,9 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio \
             python3-venv python3-msgpack prometheus
+# qemu-storage-daemon (copy-before-write, snapshot-access): the peer of
+# `python -m bench snapshot-read`, QEMU's own fleecing.
+DEB_PKGS += qemu-system-common
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-slow test-torture test-fuzz lint bench install-units clean

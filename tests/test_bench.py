@@ -72,3 +72,22 @@ def test_quick_export_bench_ends_with_the_summary_table() -> None:
         assert target in ("<= 1", ">= 0.8", ">= 0.6", "<= 1.5")
         assert met in ("yes", "no")
     assert re.match(r"[0-4] of 4 targets met", done.stdout.rstrip().splitlines()[-1])
+
+
+def test_quick_snapshot_read_bench_measures_both_cases_against_qemu() -> None:
+    """The snapshot export against qemu-storage-daemon's fleecing, at its
+    smallest: both cases, numeric, each with the issue's target."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "snapshot-read", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=200, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = summary_of(done.stdout)
+    assert [row[:3] for row in rows] == [
+        ["snapshot-read", "nbdcopy snapshot (a) as taken vs qemu fleecing", "GiB/s"],
+        ["snapshot-read", "nbdcopy snapshot (b) a quarter copied vs qemu fleecing", "GiB/s"],
+    ]
+    for _, _, _, ours, peer, _, target, met in rows:
+        assert float(ours) > 0 and float(peer) > 0
+        assert target == ">= 0.8" and met in ("yes", "no")
+    assert done.stdout.count("servers' CPU") == 6
