@@ -19,8 +19,10 @@ one request, and read buffers count against the server's ``ByteBudget``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -44,6 +46,7 @@ _INPUT = 64 * 1024
 # kernel): enough to keep a disk busy, and the bound on what one client can
 # make the server queue when it stops reading replies.
 MAX_IN_FLIGHT = 16
+SNAPSHOT_SNDBUF = 4 * 1024 * 1024
 
 
 # Plain ints for the hot paths: operators on IntFlag members build new members.
@@ -180,7 +183,11 @@ class Transmission:
             # handshake must go first.
             transport.set_write_buffer_limits(high=0)
             await self.writer.drain()
-        self._sender = Sender(transport.get_extra_info("socket").fileno(), self._broken)
+        sock = transport.get_extra_info("socket")
+        if self.export.snapshot is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNAPSHOT_SNDBUF)
+        self._sender = Sender(sock.fileno(), self._broken)
         self._ended = asyncio.get_running_loop().create_future()
         stream = transport.get_protocol()
         assert isinstance(stream, StreamProtocol)
