@@ -511,3 +511,21 @@ def test_snapshot_list_without_the_tracker_tells_the_last_state(rig: Rig) -> Non
     assert "c0" in rig.cli("status").stdout
     refused = rig.cli("checkpoint", "c1", "--snapshot", check=False)
     assert refused.returncode != 0 and "tracker" in refused.stderr
+
+
+def test_bad_snapshot_flags_are_usage_errors(state: Path) -> None:
+    for flags, said in (
+        (["--snapshot", "--snapshot-limit", "0"], "must be positive"),
+        (["--snapshot", "--snapshot-limit", "12x"], "bad byte count"),
+        (["--snapshot", "--snapshot-scope", "some"], "invalid choice"),
+        (["--snapshot-limit", "1g"], "--snapshot-limit needs --snapshot"),
+        (["--snapshot-dir", "/tmp"], "--snapshot-dir needs --snapshot"),
+    ):
+        bad = dirtydiff("checkpoint", "--state", str(state), "c0", *flags, check=False)
+        assert bad.returncode == 2, (flags, bad.stderr)
+        assert said in bad.stderr, (flags, bad.stderr)
+        assert len(bad.stderr.strip().splitlines()[-1]) < 200
+    assert "release" in dirtydiff("snapshot", "--help").stdout
+    # A state never tracked has no snapshot to release: one line says why.
+    unknown = dirtydiff("snapshot", "release", "--state", str(state), "c9", check=False)
+    assert unknown.returncode == 1 and len(unknown.stderr.strip().splitlines()) == 1
