@@ -11,24 +11,15 @@ from typing import Any
 
 from dirtydiff import errors
 from dirtydiff.owner import StateOwner
+from dirtydiff.snapshots import SnapshotInfo
 from dirtydiff.state import StateDir
 from sidecar.cli.output import emit, human_size
 
-# The keys of a snapshot as the control API carries it (SnapshotInfo.as_dict).
-KEYS = (
-    "name", "state", "reason", "scope", "created_ns", "granularity", "disk_size",
-    "protected_bytes", "copied_bytes", "store_bytes", "limit", "store", "export",
-)  # fmt: skip
-
 
 def checked(snapshot: object) -> dict[str, Any]:
-    """A snapshot map from a reply, with every key it must have."""
-    if not isinstance(snapshot, dict) or any(key not in snapshot for key in KEYS):
-        shown = repr(snapshot)[:200]
-        raise errors.ProtocolError(
-            "malformed-reply", f"a snapshot reply has not its shape: {shown}"
-        )
-    return snapshot
+    """A snapshot map from a reply, every field of its type
+    (``SnapshotInfo.from_dict``: a ProtocolError otherwise)."""
+    return SnapshotInfo.from_dict(snapshot).as_dict()
 
 
 def snapshot_request(args: argparse.Namespace) -> dict[str, object] | None:
