@@ -8,6 +8,10 @@ DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils fio
             python3-venv python3-msgpack prometheus
 # openssl: the TLS tests and benchmark make their certificates with it.
 DEB_PKGS += openssl
+# What only `make bench` needs: qemu-storage-daemon (copy-before-write,
+# snapshot-access), the peer of `python -m bench snapshot-read`, QEMU's own
+# fleecing; it pulls in many packages that no test needs.
+BENCH_PKGS := qemu-system-common
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test test-slow test-torture test-fuzz lint bench install-units clean
@@ -47,7 +51,7 @@ test: setup
 	$(VENV)/bin/mypy
 	promtool check rules $(ALERTS).yml
 	promtool test rules $(ALERTS).test.yml
-	$(PY) -m pytest -q -m 'not slow'
+	$(PY) -m pytest -q -m 'not slow and not bench'
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
@@ -79,7 +83,17 @@ lint: setup
 
 # Every benchmark, each against its peer in the same run, ending with one
 # table of ratios and targets; `make bench BENCH_ARGS=--quick` for small sizes.
+# The benchmarks' own packages, then the tests of the harness that need them
+# (marked bench), then the benchmarks.
 bench: setup
+	@missing=$$(for p in $(BENCH_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	    | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	$(PY) -m pytest -q -m bench
 	$(PY) -m bench $(BENCH_ARGS)
 
 # The units expect this clone at /opt/dirtydiff (see systemd/*.service).

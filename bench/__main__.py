@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "tracker": ("tracker_fio", "fio writes: nbdkit file plugin vs the dirtydiff tracker"),
     "scan": ("scan", "diff scan vs the two-sided read limit and qemu-img compare"),
     "export": ("export", "sidecar export vs qemu-nbd: bitmap map and nbdcopy"),
+    "snapshot-read": ("snapshot_read", "nbdcopy of a snapshot export vs QEMU's fleecing"),
 }
 
 Benchmark = Callable[[Sequence[str]], Outcome]

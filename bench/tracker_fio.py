@@ -5,6 +5,9 @@
 One raw file (2 GiB, every block written, so both servers see the same
 allocated file), served in turn by nbdkit's C file plugin and by the tracker
 (``nbdkit python nbd_plugins/tracker.py``, a fresh state directory each run).
+``--snapshot first|copied`` compares instead the tracker with and without an
+active scope-all snapshot (copy-before-write): ``first``, writes that each
+touch a granule not copied yet; ``copied``, after every granule was copied.
 Each fio run gets a freshly started server on a unix socket in a temporary
 directory. Runs alternate between the servers and the order flips every run,
 for ``--rounds`` rounds: noise on this kind of machine reaches ±20-40% between
@@ -49,11 +52,12 @@ class FioTest:
     iodepth: int
     target: float | None  # tracker/file ratio to reach; None: no target
     extra: tuple[str, ...] = ()  # more fio options, e.g. ("--fsync=16",)
+    once: bool = False  # fio's random map: no block written twice in a pass
 
     def fio_args(self) -> list[str]:
         args = [f"--rw={self.rw}", f"--bs={self.bs}", f"--iodepth={self.iodepth}"]
         if self.rw.startswith("rand"):
-            args += ["--norandommap", "--randrepeat=0"]
+            args += ["--randrepeat=0"] if self.once else ["--norandommap", "--randrepeat=0"]
         return [*args, *self.extra]
 
 
@@ -62,6 +66,15 @@ TESTS: tuple[FioTest, ...] = (
     FioTest("4k-qd16", "rand 4K QD16", "randwrite", "4k", 16, 0.8),
     FioTest("64k-qd16", "rand 64K QD16", "randwrite", "64k", 16, 0.9),
     FioTest("1m-seq-qd16", "seq 1M QD16", "write", "1m", 16, 0.9),
+)
+
+
+# With --snapshot: the same writes, each block once in a pass over half the
+# disk (a run ends before the pass does), so that with --snapshot first every
+# write is the first to touch its 64 KiB granule.
+SNAPSHOT_TESTS: tuple[FioTest, ...] = (
+    FioTest("64k-qd16-once", "rand 64K QD16", "randwrite", "64k", 16, None, ("--size=50%",), True),
+    FioTest("4k-qd16-once", "rand 4K QD16", "randwrite", "4k", 16, None, ("--size=50%",), True),
 )
 
 
@@ -75,6 +88,8 @@ class Server:
     label: str
     plugin_args: PluginArgs
     threads: int | None = None  # nbdkit --threads; None: nbdkit's default
+    # Run once the server is ready, before fio (the rundir, the server's URI).
+    after_start: Callable[[Path, str], None] | None = None
 
 
 def file_server(threads: int | None = None, label: str = "nbdkit-file") -> Server:
@@ -90,6 +105,27 @@ def tracker_server(
         return ["python", str(plugin), f"file={disk}", f"state={state}"]
 
     return Server(label, args, threads)
+
+
+def snapshot_tracker_server(
+    plugin: Path = TRACKER_PLUGIN, threads: int | None = None, *, copied: bool = False
+) -> Server:
+    """The tracker with an active scope-all snapshot, taken once it listens;
+    ``copied``: every granule then copied by one sequential pass."""
+
+    def start_snapshot(rundir: Path, uri: str) -> None:
+        # Imported here: the other benchmarks need none of the product.
+        from dirtydiff import control  # noqa: PLC0415
+
+        control.call(rundir / "state" / "tracker.sock", "checkpoint", name="bench",
+                     snapshot={"scope": "all"})  # fmt: skip
+        if copied:
+            argv = ["fio", "--name=copy", "--ioengine=nbd", f"--uri={uri}", "--rw=write",
+                    "--bs=1m", "--iodepth=16"]  # fmt: skip
+            subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+
+    base = tracker_server(plugin, threads, label="tracker+snapshot")
+    return Server(base.label, base.plugin_args, threads, start_snapshot)
 
 
 @dataclass
@@ -237,6 +273,8 @@ def run_one(
     running = RunningServer(server, disk, rundir)
     try:
         running.wait_ready()
+        if server.after_start is not None:
+            server.after_start(rundir, running.uri)
         cpu0 = running.cpu_seconds()
         write = run_fio(test, running.uri, runtime, rundir / "fio.json")
         cpu1 = running.cpu_seconds()
@@ -418,13 +456,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--tracker-threads", type=int, help="nbdkit --threads for the tracker only")
     p.add_argument("--plugin", type=Path, default=TRACKER_PLUGIN, help="tracker plugin file")
     p.add_argument("--json", type=Path, help="also write every run's result here")
+    p.add_argument(
+        "--snapshot",
+        choices=["first", "copied"],
+        help="the tracker with an active snapshot against the tracker without one",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     args = p.parse_args(argv)
     if args.runtime is None:
         args.runtime = 2.0 if args.quick else 6.0
+    if args.snapshot is not None and args.tests == ",".join(t.key for t in TESTS):
+        args.tests = ",".join(t.key for t in SNAPSHOT_TESTS)
     keys = [k.strip() for k in args.tests.split(",") if k.strip()]
-    known = {t.key: t for t in TESTS}
+    known = {t.key: t for t in (*TESTS, *SNAPSHOT_TESTS)}
     unknown = [k for k in keys if k not in known]
     if unknown or not keys:
         p.error(f"--tests: unknown {unknown}; choose from {', '.join(known)}")
@@ -467,10 +512,15 @@ def run(argv: Sequence[str]) -> Outcome:
         if shutil.which(tool) is None:
             print(f"bench tracker: {tool} is not installed", file=sys.stderr)
             return Outcome(2)
-    base = file_server(args.threads)
-    cand = tracker_server(
-        args.plugin, args.tracker_threads if args.tracker_threads is not None else args.threads
-    )
+    tracker_threads = args.tracker_threads if args.tracker_threads is not None else args.threads
+    if args.snapshot is None:
+        base = file_server(args.threads)
+        cand = tracker_server(args.plugin, tracker_threads)
+    else:  # what copy-before-write costs the VM's writes
+        base = tracker_server(args.plugin, tracker_threads)
+        cand = snapshot_tracker_server(
+            args.plugin, tracker_threads, copied=args.snapshot == "copied"
+        )
     suite = Suite(
         [base, cand],
         args.test_list,
@@ -489,8 +539,13 @@ def run(argv: Sequence[str]) -> Outcome:
     rows = compare(suite, base.label, cand.label)
     threads = "default" if args.threads is None else str(args.threads)
     tthreads = threads if args.tracker_threads is None else str(args.tracker_threads)
+    peers = "tracker vs nbdkit file"
+    if args.snapshot is not None:
+        peers = f"{cand.label} vs {base.label} " + (
+            "(first touch)" if args.snapshot == "first" else "(all copied)"
+        )
     print(
-        f"\ntracker vs nbdkit file: {args.size} GiB raw file, fio ioengine=nbd over a unix socket, "
+        f"\n{peers}: {args.size} GiB raw file, fio ioengine=nbd over a unix socket, "
         f"{args.runtime:g}s runs, medians of {args.rounds} interleaved rounds, "
         f"nbdkit --threads file={threads} tracker={tthreads} "
         f"({time.monotonic() - started:.0f}s)"

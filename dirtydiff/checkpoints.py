@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dirtydiff import errors
 from dirtydiff.bitmapfile import BitmapFile, Flag, Reason, check_backup_reference, fsync_dir
+from dirtydiff.snapshots import Prepared, SnapshotRequest
 from dirtydiff.state import (
     OPEN_CHECKPOINT,
     SCAN_WRITES_PREFIX,
@@ -47,7 +48,11 @@ class Checkpoints(StoreParts):
     """Checkpoints of a BitmapStore (see the module's docstring)."""
 
     def checkpoint(
-        self, name: str, timeout: float = DRAIN_TIMEOUT, backup: str = ""
+        self,
+        name: str,
+        timeout: float = DRAIN_TIMEOUT,
+        backup: str = "",
+        snapshot: SnapshotRequest | None = None,
     ) -> CheckpointResult:
         """Freeze the open interval's bitmap as ``name``; start the next one.
 
@@ -60,6 +65,14 @@ class Checkpoints(StoreParts):
         meanwhile), the open file is renamed to ``name`` and the staging file
         to ``@open``. A crash between the two renames is finished at start-up
         by ``_recover_checkpoint``.
+
+        With ``snapshot``, bitmap ``name`` and snapshot ``name`` are one
+        instant: the snapshot's files are made first, then new writes are
+        held and the ones in flight drained (within ``timeout``; if they do
+        not end, nothing changes and the error says so), then the renames
+        and the snapshot's start, then writes are admitted again. A write in
+        flight across the switch would otherwise reach the disk after the
+        snapshot began, uncopied.
         """
         check_name(name)
         self._check_timeout(timeout)
@@ -74,23 +87,58 @@ class Checkpoints(StoreParts):
                 "scan-in-progress",
                 f"a rebuild of {OPEN_CHECKPOINT} is running; let it finish, or abort it",
             )
+        prepared = None
+        if snapshot is not None:
+            if self.snapshots is None:
+                raise errors.Unavailable(
+                    "snapshot-needs-tracker",
+                    f"checkpoint {name} with a snapshot needs the tracker running: only the "
+                    "process that writes the disk can copy before it writes (dirtydiff track)",
+                )
+            prepared = self.snapshots.prepare(name, snapshot, frozen.granularity)
         staging = self.state.bitmaps_dir / _STAGING
         staging.unlink(missing_ok=True)
         flags = Flag.ENABLED | (Flag.IN_USE if self.recording else Flag(0))
-        following = BitmapFile.create(
-            staging,
-            granularity=frozen.granularity,
-            disk_size=self.disk_size,
-            flags=flags,
-            generation=frozen.header.generation + 1,
-            backup=backup,
-        )
+        try:
+            following = BitmapFile.create(
+                staging,
+                granularity=frozen.granularity,
+                disk_size=self.disk_size,
+                flags=flags,
+                generation=frozen.header.generation + 1,
+                backup=backup,
+            )
+        except BaseException:
+            if prepared is not None:
+                self._discard(prepared)
+            raise
         opened = self.state.bitmap_path(OPEN_CHECKPOINT)
         target = self.state.bitmap_path(name)
-        with self._lock:
-            self._switch_files(name, frozen, following, staging, opened, target)
-            old = self._switch()
-            durable = self._checkpoint_durable(name, frozen)
+        if prepared is not None and not self._hold_writes(timeout):
+            following.close()
+            staging.unlink(missing_ok=True)
+            self._discard(prepared)
+            raise errors.Unavailable(
+                "drain-timeout",
+                f"checkpoint {name} not taken: writes were still in flight after {timeout:g} s, "
+                "so no instant could be frozen; nothing changed",
+            )
+        failed: OSError | None = None
+        try:
+            with self._lock:
+                try:
+                    self._switch_files(name, frozen, following, staging, opened, target)
+                except BaseException:
+                    if prepared is not None:
+                        self._discard(prepared)
+                    raise
+                old = self._switch()
+                durable = self._checkpoint_durable(name, frozen)
+                if prepared is not None:
+                    failed = self._start_snapshot(prepared, frozen)
+        finally:
+            if prepared is not None:
+                self._admit_writes()
         started = time.monotonic()
         drained = self._drain(old, timeout)
         if not drained:
@@ -110,8 +158,29 @@ class Checkpoints(StoreParts):
                 "inconsistent",
             )
         self._finish(frozen)
+        if failed is not None:
+            raise errors.StorageError(
+                "snapshot-store",
+                f"checkpoint {name} was taken, but its snapshot could not start: {failed.strerror}",
+            )
         info = self._describe(name)
         return CheckpointResult(name, frozen.header.generation, drained, info.dirty_bytes)
+
+    def _start_snapshot(self, prepared: Prepared, frozen: BitmapFile) -> OSError | None:
+        """Start the snapshot at the instant; the error if it could not.
+        Caller holds _lock with writes held."""
+        assert self.snapshots is not None
+        try:
+            self.snapshots.start(prepared, frozen)
+            return None
+        except OSError as e:
+            log.error("checkpoint %s: its snapshot could not start: %s", prepared.name, e.strerror)
+            self._discard(prepared)
+            return e
+
+    def _discard(self, prepared: Prepared) -> None:
+        assert self.snapshots is not None
+        self.snapshots.discard(prepared)
 
     def _switch_files(
         self,

@@ -18,6 +18,12 @@ first: a tracker could start between the look and the act. The files are
 opened only once the lock is held, and through a ``BitmapStore`` that does
 not record, so the same request code (``dirtydiff.control.dispatch``) runs
 whoever serves it.
+
+Snapshots (``checkpoint`` with ``snapshot``, ``snapshot.*``) live in the
+tracker, which copies a granule before it lets a write change it: a
+checkpoint with a snapshot is refused on the files (nothing would copy), and
+the snapshots listed from the files are what the state directory last
+recorded of them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dirtydiff import errors
 from dirtydiff.control import client, replies
 from dirtydiff.control.handlers import dispatch
 from dirtydiff.control.wire import request, result_of
+from dirtydiff.snapshots import read_snapshots
 from dirtydiff.state import BitmapInfo, StateDir, StateLock
 from dirtydiff.store import BitmapStore
 
@@ -103,12 +110,24 @@ class FilesActor(Actor):
         self._opened()
 
     def call(self, op: str, **args: object) -> Any:
+        if op == "checkpoint" and args.get("snapshot") is not None:
+            raise errors.Unavailable("snapshot-needs-tracker", SNAPSHOT_NEEDS_TRACKER)
+        if op == "snapshot.list":
+            # The state directory's record: no store to open, and a state
+            # never tracked simply has none.
+            return {"snapshots": [info.as_dict() for info in read_snapshots(self.state)]}
         return result_of(dispatch(self._opened(), request(op, **args)))
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+SNAPSHOT_NEEDS_TRACKER = (
+    "a snapshot needs the tracker running: it copies the old data before the VM's "
+    "writes change it; start `dirtydiff track` first"
+)
 
 
 class StateOwner:
@@ -238,3 +257,12 @@ class StateOwner:
 
     def status(self) -> replies.StoreStatus:
         return replies.StoreStatus.from_wire(self.request("status"))
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """The snapshots as ``snapshot.list`` answers them (maps of
+        ``SnapshotInfo.as_dict``): the tracker's, or the files' record."""
+        result = self.request("snapshot.list")
+        found = result.get("snapshots") if isinstance(result, dict) else None
+        if not isinstance(found, list) or not all(isinstance(s, dict) for s in found):
+            raise errors.ProtocolError("malformed-reply", "a snapshot.list reply has not its shape")
+        return found

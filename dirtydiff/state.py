@@ -14,6 +14,8 @@ Layout::
     STATE/sidecar.sock         the sidecar's control socket
     STATE/bitmaps/NAME.bitmap  one file per bitmap (see bitmapfile)
     STATE/scans/NAME.json      an unfinished scan's position (sidecar.scan.job)
+    STATE/snapshots/NAME.snap  a point-in-time snapshot's map (snapshotfile)
+    STATE/snapshots/NAME.store its store, unless --snapshot-dir put it elsewhere
 
 The bitmap named ``@open`` is the open checkpoint interval: it records every
 change since the last checkpoint and is frozen under a name by the next one.
@@ -314,7 +316,8 @@ class StateDir:
         check_directory(self.path, "state directory", writer=False, follow=True)
         self.bitmaps_dir = self.path / "bitmaps"
         self.scans_dir = self.path / "scans"
-        for sub in (self.bitmaps_dir, self.scans_dir):
+        self.snapshots_dir = self.path / "snapshots"
+        for sub in (self.bitmaps_dir, self.scans_dir, self.snapshots_dir):
             if os.path.lexists(sub):
                 check_directory(sub, "directory", writer=False)
         self.lock_path = self.path / "lock"
@@ -389,6 +392,24 @@ class StateDir:
         """Make sure STATE/scans can hold scan records."""
         self.check_writer()
         make_directory(self.scans_dir, "directory")
+
+    def prepare_snapshots(self) -> None:
+        """Make sure STATE/snapshots can hold snapshot maps and stores."""
+        self.check_writer()
+        make_directory(self.snapshots_dir, "directory")
+
+    def snapshot_path(self, name: str) -> Path:
+        """The map file of snapshot ``name`` (``dirtydiff.snapshotfile``)."""
+        return self.snapshots_dir / f"{name}.snap"
+
+    def snapshot_names(self) -> list[str]:
+        if not os.path.lexists(self.snapshots_dir):
+            return []
+        return sorted(
+            p.name[: -len(".snap")]
+            for p in self.snapshots_dir.iterdir()
+            if p.name.endswith(".snap") and not p.name.startswith(".")
+        )
 
     # -- the disk --------------------------------------------------------
 

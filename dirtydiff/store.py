@@ -45,6 +45,8 @@ from dirtydiff.bitmapfile import (
 )
 from dirtydiff.checkpoints import CheckpointResult, Checkpoints
 from dirtydiff.scans import ScanLifecycle
+from dirtydiff.snapshotinfo import snapshot_exists
+from dirtydiff.snapshots import SnapshotSet
 from dirtydiff.state import (
     OPEN_CHECKPOINT,
     SCAN_WRITES_PREFIX,
@@ -91,6 +93,14 @@ class BitmapStore(Checkpoints, ScanLifecycle):
         self.recording = recording
         self._lock = threading.Lock()
         self._inflight = _InFlight()
+        # The instant of a checkpoint with a snapshot: while ``_held``, new
+        # writes wait at begin_write (``_admit``) and the last one in flight
+        # to end wakes the checkpoint (``_idle``).
+        self._held = False
+        self._admit = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        # The tracker's snapshots (``dirtydiff.snapshots``); None offline.
+        self.snapshots: SnapshotSet | None = None
         self.bitmaps: dict[str, BitmapFile] = {}
         state.prepare()
         self._recover_checkpoint()
@@ -138,6 +148,8 @@ class BitmapStore(Checkpoints, ScanLifecycle):
         follow whatever the outcome (bits are never unmarked).
         """
         with self._lock:
+            if self._held:
+                self._admit.wait_for(lambda: not self._held)
             gen = self._gen
             for bitmap in gen.bitmaps:
                 bitmap.mark(offset, length)
@@ -150,10 +162,31 @@ class BitmapStore(Checkpoints, ScanLifecycle):
 
     def end_write(self, gen: Generation, token: int) -> None:
         with self._lock:
-            del self._inflight.ranges[token]
+            ranges = self._inflight.ranges
+            del ranges[token]
             gen.inflight -= 1
             if gen.retired is not None and gen.inflight == 0:
                 gen.retired.set()
+            if self._held and not ranges:
+                self._idle.notify_all()
+
+    def _hold_writes(self, timeout: float) -> bool:
+        """Admit no new write and wait until none is in flight: the instant
+        of a snapshot. False if writes were still in flight after
+        ``timeout`` seconds (then they are admitted again, nothing changed).
+        """
+        with self._lock:
+            self._held = True
+            if self._idle.wait_for(lambda: not self._inflight.ranges, timeout):
+                return True
+            self._held = False
+            self._admit.notify_all()
+            return False
+
+    def _admit_writes(self) -> None:
+        with self._lock:
+            self._held = False
+            self._admit.notify_all()
 
     # -- generations -----------------------------------------------------
 
@@ -325,6 +358,7 @@ class BitmapStore(Checkpoints, ScanLifecycle):
         """Remove ``name`` (with ``created_ns``: only if it is still that
         bitmap; an import undoing its own bitmap must not remove another)."""
         self._not_open(name, "removed")
+        snapshot_exists(self.state, name)
         if name.startswith(SCAN_WRITES_PREFIX):
             self._changeable(name)  # raises reserved-name
         if created_ns is not None:

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from dirtydiff.bitmapfile import BitmapFile, Reason
+from dirtydiff.snapshots import SnapshotSet
 from dirtydiff.state import BitmapInfo, StateDir
 
 DRAIN_TIMEOUT = 30.0  # seconds a checkpoint or a disable waits by default
@@ -39,6 +40,15 @@ class StoreParts(ABC):
     bitmaps: dict[str, BitmapFile]
     _lock: threading.Lock
     _gen: Generation
+    snapshots: SnapshotSet | None
+
+    @abstractmethod
+    def _hold_writes(self, timeout: float) -> bool:
+        """Admit no new write, and wait until none is in flight."""
+
+    @abstractmethod
+    def _admit_writes(self) -> None:
+        """Admit writes again after ``_hold_writes``."""
 
     @abstractmethod
     def _get(self, name: str) -> BitmapFile:

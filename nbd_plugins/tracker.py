@@ -24,10 +24,10 @@ if _ROOT not in sys.path:
 
 import nbdkit
 
-from dirtydiff.disk import Connection, Extent
+from dirtydiff.disk import Extent
 from dirtydiff.errors import DirtydiffError
 from nbd_plugins import threadstate
-from nbd_plugins.tracking import STATS, Tracker, TrackerConfig, configure_logging
+from nbd_plugins.tracking import STATS, Handle, Tracker, TrackerConfig, configure_logging
 
 API_VERSION = 2
 
@@ -118,61 +118,72 @@ def _errno(callback: Callable[P, R]) -> Callable[P, R]:
     return reporting
 
 
-def open(readonly: bool) -> Connection:
-    return _tracker.connect()
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    # "" is the live disk; "@snapshot:NAME" each snapshot (dirtydiff.snapshots).
+    return _tracker.exports()
 
 
-def close(h: Connection) -> None:
+def default_export(readonly: bool, is_tls: bool) -> str:
+    return ""
+
+
+def open(readonly: bool) -> Handle:
+    # An unknown export name fails here, before any request.
+    return _tracker.open_export(nbdkit.export_name())
+
+
+def close(h: Handle) -> None:
     h.close()
 
 
-def export_description(h: Connection) -> str:
+def export_description(h: Handle) -> str:
     # Names the state directory: a scan or an export reading the disk
     # through this tracker proves by it which disk it reads.
-    return _tracker.description
+    return _tracker.describe_export(h)
 
 
-def get_size(h: Connection) -> int:
+def get_size(h: Handle) -> int:
     return _tracker.size
 
 
-def can_write(h: Connection) -> bool:
-    return not _tracker.disk.readonly
+def can_write(h: Handle) -> bool:
+    return _tracker.capabilities_of(h).write
 
 
-def can_flush(h: Connection) -> bool:
-    return _tracker.disk.can_flush
+def can_flush(h: Handle) -> bool:
+    return _tracker.capabilities_of(h).flush
 
 
-def can_trim(h: Connection) -> bool:
-    return _tracker.disk.can_trim
+def can_trim(h: Handle) -> bool:
+    return _tracker.capabilities_of(h).trim
 
 
-def can_zero(h: Connection) -> bool:
-    return _tracker.disk.can_zero
+def can_zero(h: Handle) -> bool:
+    return _tracker.capabilities_of(h).zero
 
 
-def can_fast_zero(h: Connection) -> bool:
-    return _tracker.disk.can_fast_zero
+def can_fast_zero(h: Handle) -> bool:
+    return _tracker.capabilities_of(h).fast_zero
 
 
-def can_fua(h: Connection) -> int:
-    return int(nbdkit.FUA_NATIVE if _tracker.disk.can_fua_native else nbdkit.FUA_EMULATE)
+def can_fua(h: Handle) -> int:
+    native = _tracker.capabilities_of(h).fua_native
+    return int(nbdkit.FUA_NATIVE if native else nbdkit.FUA_EMULATE)
 
 
-def can_multi_conn(h: Connection) -> bool:
-    return _tracker.disk.can_multi_conn
+def can_multi_conn(h: Handle) -> bool:
+    return _tracker.capabilities_of(h).multi_conn
 
 
-def can_cache(h: Connection) -> int:
-    return int(nbdkit.CACHE_NATIVE if _tracker.disk.can_cache else nbdkit.CACHE_NONE)
+def can_cache(h: Handle) -> int:
+    return int(nbdkit.CACHE_NATIVE if _tracker.capabilities_of(h).cache else nbdkit.CACHE_NONE)
 
 
-def can_extents(h: Connection) -> bool:
-    return _tracker.disk.can_extents
+def can_extents(h: Handle) -> bool:
+    return _tracker.capabilities_of(h).extents
 
 
-def block_size(h: Connection) -> tuple[int, int, int]:
+def block_size(h: Handle) -> tuple[int, int, int]:
     # Byte-granular requests reach us as they are: no read-modify-write in
     # nbdkit, so a 1-byte write marks exactly its granule.
     return (1, 4096, 32 * 1024 * 1024)
@@ -183,19 +194,19 @@ def block_size(h: Connection) -> tuple[int, int, int]:
 
 
 @_errno
-def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
+def pread(h: Handle, buf: Any, offset: int, flags: int) -> None:
     threadstate.keep()
     h.pread(buf, offset)
 
 
 @_errno
-def pwrite(h: Connection, buf: Any, offset: int, flags: int) -> None:
+def pwrite(h: Handle, buf: Any, offset: int, flags: int) -> None:
     threadstate.keep()
     _tracker.write(h, buf, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 @_errno
-def zero(h: Connection, count: int, offset: int, flags: int) -> None:
+def zero(h: Handle, count: int, offset: int, flags: int) -> None:
     threadstate.keep()
     may_trim = bool(flags & nbdkit.FLAG_MAY_TRIM)
     fast = bool(flags & nbdkit.FLAG_FAST_ZERO)
@@ -203,21 +214,21 @@ def zero(h: Connection, count: int, offset: int, flags: int) -> None:
 
 
 @_errno
-def trim(h: Connection, count: int, offset: int, flags: int) -> None:
+def trim(h: Handle, count: int, offset: int, flags: int) -> None:
     threadstate.keep()
     _tracker.trim(h, count, offset, bool(flags & nbdkit.FLAG_FUA))
 
 
 @_errno
-def flush(h: Connection, flags: int) -> None:
+def flush(h: Handle, flags: int) -> None:
     h.flush()
 
 
 @_errno
-def cache(h: Connection, count: int, offset: int, flags: int) -> None:
+def cache(h: Handle, count: int, offset: int, flags: int) -> None:
     h.cache(count, offset)
 
 
 @_errno
-def extents(h: Connection, count: int, offset: int, flags: int) -> list[Extent]:
+def extents(h: Handle, count: int, offset: int, flags: int) -> list[Extent]:
     return h.extents(count, offset)

@@ -10,6 +10,7 @@ disk.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from dirtydiff import errors, sdnotify
 from dirtydiff.bitmapfile import DEFAULT_GRANULARITY, check_granularity
 from dirtydiff.disk import Backend, Connection, FileBackend, NbdBackend
 from dirtydiff.owner import StateOwner
+from dirtydiff.snapshots import EXPORT_PREFIX, SnapshotSet, SnapshotView, export_name
 from dirtydiff.state import DiskSeen, StateDir, StateLock, file_identity, tracker_description
 from dirtydiff.store import BitmapStore
 from nbd_plugins.control_server import ControlServer
@@ -94,6 +96,50 @@ class TrackerConfig:
             raise ConfigError(f"state= is required; usage: {USAGE}")
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an export offers nbdkit (its can_* callbacks)."""
+
+    write: bool
+    flush: bool
+    trim: bool
+    zero: bool
+    fast_zero: bool
+    fua_native: bool
+    multi_conn: bool
+    cache: bool
+    extents: bool
+
+    @classmethod
+    def of(cls, disk: Backend) -> Capabilities:
+        return cls(
+            write=not disk.readonly,
+            flush=disk.can_flush,
+            trim=disk.can_trim,
+            zero=disk.can_zero,
+            fast_zero=disk.can_fast_zero,
+            fua_native=disk.can_fua_native,
+            multi_conn=disk.can_multi_conn,
+            cache=disk.can_cache,
+            extents=disk.can_extents,
+        )
+
+
+# A snapshot export: writable only so that a backup may TRIM what it is done
+# with (nbdkit refuses TRIM on a read-only export); its writes fail EROFS.
+# No extents: nbdkit then answers "all data", which a snapshot may say.
+SNAPSHOT_CAPABILITIES = Capabilities(
+    write=True, flush=True, trim=True, zero=False, fast_zero=False, fua_native=False,
+    multi_conn=True, cache=False, extents=False,
+)  # fmt: skip
+
+Handle = Connection | SnapshotView
+
+
+def _read_only_snapshot(name: str) -> OSError:
+    return OSError(errno.EROFS, f"snapshot {name} is read-only")
+
+
 class Tracker:
     def __init__(self, config: TrackerConfig) -> None:
         config.check()
@@ -130,10 +176,20 @@ class Tracker:
                 log.error("%s is not proven to be %s, the disk of %s", source, known.source,
                           self.state.path)  # fmt: skip
                 self.store.disk_replaced()
+                disk_proven = False
+            else:
+                disk_proven = True
             record = self.state.record_disk(self.size, source, file, tracked=True)
             # Named in the export's description: a scan reading this export
             # proves by it that it reads this state's disk.
             self.description = tracker_description(record.id)
+            self.state_id = record.id
+            self.capabilities = Capabilities.of(self.backend)
+            # Before the first write: a snapshot the tracker cannot prove
+            # exact is broken now, before a write could make it wrong.
+            self.snapshots = SnapshotSet(self.state, self.size, record.id)
+            self.snapshots.load(set(self.store.bitmaps), disk_proven=disk_proven)
+            self.store.snapshots = self.snapshots
             self.control = ControlServer(
                 self.state.socket_path,
                 self.store,
@@ -164,6 +220,9 @@ class Tracker:
         if self.control is not None:
             self.control.close()
             self.control = None
+        if hasattr(self, "snapshots"):
+            self.snapshots.close()
+            del self.snapshots
         if hasattr(self, "store"):
             self.store.close()
             del self.store
@@ -174,35 +233,83 @@ class Tracker:
 
     # -- per-connection paths ------------------------------------------
 
+    # -- exports: "" is the live disk, @snapshot:NAME a snapshot ----------
+
+    def exports(self) -> list[tuple[str, str]]:
+        return [("", self.description)] + [
+            (info.export, self.snapshot_description(info.name)) for info in self.snapshots.list()
+        ]
+
+    def snapshot_description(self, name: str) -> str:
+        return f"dirtydiff snapshot {name} of state {self.state_id}"
+
+    def open_export(self, name: str) -> Handle:
+        """A handle on export ``name``; an unknown name is refused (ENOENT)."""
+        assert self.backend is not None
+        if name == "":
+            return self.backend.connect()
+        if name.startswith(EXPORT_PREFIX):
+            snap = self.snapshots.snapshots.get(name[len(EXPORT_PREFIX) :])
+            if snap is not None and export_name(snap.name) == name:
+                return SnapshotView(self.snapshots, snap, self.backend.connect())
+        raise OSError(errno.ENOENT, f"no export named {name!r}")
+
+    def capabilities_of(self, h: Handle) -> Capabilities:
+        return SNAPSHOT_CAPABILITIES if type(h) is SnapshotView else self.capabilities
+
+    def describe_export(self, h: Handle) -> str:
+        if type(h) is SnapshotView:
+            return self.snapshot_description(h.snapshot.name)
+        return self.description
+
+    # -- per-connection paths ------------------------------------------
+    #
+    # Mark first (begin_write), then copy what a snapshot still protects
+    # (before_change), then forward. A snapshot's fault breaks the snapshot
+    # inside before_change; the write always goes on.
+
     def connect(self) -> Connection:
         assert self.backend is not None
         return self.backend.connect()
 
-    def write(self, conn: Connection, buf: Any, offset: int, fua: bool) -> None:
+    def write(self, conn: Handle, buf: Any, offset: int, fua: bool) -> None:
+        if isinstance(conn, SnapshotView):
+            raise _read_only_snapshot(conn.snapshot.name)
         marked = STATS.marked_bytes
         marked["pwrite"] = marked.get("pwrite", 0) + len(buf)
         gen, token = self.store.begin_write(offset, len(buf))
         try:
+            if self.snapshots.active:
+                self.snapshots.before_change(conn, offset, len(buf))
             conn.pwrite(buf, offset, fua)
         finally:
             self.store.end_write(gen, token)
 
     def zero(
-        self, conn: Connection, count: int, offset: int, may_trim: bool, fast: bool, fua: bool
+        self, conn: Handle, count: int, offset: int, may_trim: bool, fast: bool, fua: bool
     ) -> None:
+        if isinstance(conn, SnapshotView):
+            raise _read_only_snapshot(conn.snapshot.name)
         marked = STATS.marked_bytes
         marked["zero"] = marked.get("zero", 0) + count
         gen, token = self.store.begin_write(offset, count)
         try:
+            if self.snapshots.active:
+                self.snapshots.before_change(conn, offset, count)
             conn.zero(count, offset, may_trim, fast, fua)
         finally:
             self.store.end_write(gen, token)
 
-    def trim(self, conn: Connection, count: int, offset: int, fua: bool) -> None:
+    def trim(self, conn: Handle, count: int, offset: int, fua: bool) -> None:
+        if isinstance(conn, SnapshotView):
+            conn.trim(count, offset)  # the backup is done with this range
+            return
         marked = STATS.marked_bytes
         marked["trim"] = marked.get("trim", 0) + count
         gen, token = self.store.begin_write(offset, count)
         try:
+            if self.snapshots.active:
+                self.snapshots.before_change(conn, offset, count)
             conn.trim(count, offset, fua)
         finally:
             self.store.end_write(gen, token)

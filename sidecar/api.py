@@ -4,11 +4,11 @@
 It is the one place a backup tool or the CLI needs to talk to while the
 sidecar runs:
 
-- bitmap lifecycle and checkpoints (``bitmap.*``, ``checkpoint``,
-  ``status``): run where they can run (``dirtydiff.owner``): by the tracker while
-  it serves the VM, so they take effect between two writes with the drain
-  semantics of its store, or on the files under the state lock when no
-  tracker runs;
+- bitmap lifecycle, checkpoints and snapshots (``bitmap.*``, ``checkpoint``,
+  ``snapshot.list``, ``snapshot.release``, ``status``): run where they can
+  run (``dirtydiff.owner``): by the tracker while it serves the VM, so they
+  take effect between two writes with the drain semantics of its store, or
+  on the files under the state lock when no tracker runs;
 - diff scans as background jobs (``scan.start``, ``scan.status``,
   ``scan.list``, ``scan.cancel``, ``scan.abort``) and ``rebuild NAME``: a
   scan of an inconsistent bitmap against the backup it refers to.
@@ -57,6 +57,9 @@ ROUTED = frozenset({
     "bitmap.clear", "bitmap.enable", "bitmap.disable", "bitmap.mark", "bitmap.merge",
     "import.complete", "checkpoint",
 })  # fmt: skip
+# Snapshots live in the tracker: it copies before it writes (dirtydiff.snapshots).
+SNAPSHOT_OPS = frozenset({"snapshot.list", "snapshot.release"})
+ROUTED |= SNAPSHOT_OPS
 OWN = frozenset({"scan.start", "scan.status", "scan.list", "scan.cancel", "scan.abort", "rebuild"})
 OPS = ROUTED | OWN
 
@@ -76,6 +79,8 @@ class SidecarApi:
         """One request; every failure is a structured error reply."""
         try:
             op, args = control.parse_request(message, OPS)
+            if op == "checkpoint":
+                _check_snapshot_dir(args)
             if op in ROUTED:
                 return control.reply_ok(self.owner.request(op, **args))
             return control.reply_ok(getattr(self, "_" + op.replace(".", "_"))(args))
@@ -244,6 +249,20 @@ def start_in_background(api: SidecarApi, *, rebuild_inconsistent: bool) -> None:
             log.warning("scans not resumed: %s", e.message)
 
     threading.Thread(target=run, name="resume-scans", daemon=True).start()
+
+
+def _check_snapshot_dir(args: dict[str, Any]) -> None:
+    """A snapshot's store where a client says is refused here (see the
+    module's docstring: the tracker may run as root, and this socket may be
+    a group's); ``dirtydiff checkpoint --snapshot-dir`` asks the tracker
+    itself, with the caller's rights over its socket."""
+    snapshot = args.get("snapshot")
+    if isinstance(snapshot, dict) and snapshot.get("dir") is not None:
+        raise errors.PermissionDenied(
+            "snapshot-dir-not-allowed",
+            "the sidecar does not choose a snapshot's store directory for a client; "
+            "ask the tracker's socket (dirtydiff checkpoint --snapshot-dir does)",
+        )
 
 
 def _where(disk: str) -> str:

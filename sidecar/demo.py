@@ -12,8 +12,13 @@
 5. the incremental backup uses stock tools only: ``nbdinfo --map`` of
    ``qemu:dirty-bitmap:since-full`` on the sidecar's export for the dirty
    extents, libnbd reads of those extents applied on the full backup;
-6. checks that the restored image equals the disk byte for byte, and prints
-   a summary.
+6. checks that the restored image equals the disk byte for byte;
+7. a point-in-time incremental: the rebuilt bitmap joins the open interval,
+   ``dirtydiff checkpoint inc1 --snapshot --snapshot-scope dirty`` freezes it
+   and the data at one instant (a copy of the disk then is the reference),
+   and the backup reads export inc1 while the VM rewrites those very
+   extents: the restore equals the disk at the checkpoint, not the live one;
+   then prints a summary.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import nbd
@@ -102,6 +108,112 @@ def vm_writes(uri: str, rng: random.Random, count: int) -> None:
         pattern = f" -P {rng.randrange(1, 255)}" if kind == "write" else ""
         argv += ["-c", f"{kind}{pattern} {offset} {length}"]
     subprocess.run([*argv, uri], check=True, capture_output=True, timeout=300)
+
+
+def vm_writes_into(
+    uri: str, rng: random.Random, count: int, extents: list[tuple[int, int]]
+) -> None:
+    """Writes aimed at ``extents`` (offset, length): the granules a backup reads."""
+    argv = ["qemu-io", "-f", "raw"]
+    for _ in range(count):
+        start, length = rng.choice(extents)
+        offset = start + rng.randrange(length)
+        argv += ["-c", f"write -P {rng.randrange(1, 255)} {offset} {min(4096, DISK_SIZE - offset)}"]
+    subprocess.run([*argv, uri], check=True, capture_output=True, timeout=300)
+
+
+def read_extents(
+    uri: str, extents: list[tuple[int, int]], out: Path, halfway: Callable[[], None]
+) -> int:
+    """Read ``extents`` from export ``uri`` onto the image ``out`` with
+    libnbd; ``halfway`` runs after half of them. The bytes read."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    read = 0
+    try:
+        with out.open("r+b") as f:
+            for i, (offset, length) in enumerate(extents):
+                if i == len(extents) // 2:
+                    halfway()
+                for pos in range(offset, offset + length, 32 * MiB):
+                    chunk = min(32 * MiB, offset + length - pos)
+                    f.seek(pos)
+                    f.write(h.pread(chunk, pos))
+                    read += chunk
+    finally:
+        h.shutdown()
+    return read
+
+
+def point_in_time(
+    work: Path, state: Path, vm_uri: str, export_sock: Path, full: Path, rng: random.Random
+) -> str:
+    """Step 7; the summary's line about it."""
+    step("a point-in-time incremental: freeze the changes and the data at one instant")
+    # What the scan found joins the open interval, which the checkpoint freezes.
+    dirtydiff("bitmap", "merge", "--state", str(state), "@open", "since-full")
+    print(dirtydiff("checkpoint", "--state", str(state), "inc1", "--snapshot",
+                    "--snapshot-scope", "dirty"), end="")  # fmt: skip
+    at_checkpoint, restored = work / "disk-at-inc1.raw", work / "restored-inc1.raw"
+    shutil.copyfile(work / "vm-disk.raw", at_checkpoint)  # nothing writes now: the reference
+    snapshot_uri = f"nbd+unix:///inc1?socket={export_sock}"
+    print(sh("nbdinfo", "--list", f"nbd+unix:///?socket={export_sock}"), end="")
+    extents = [
+        (int(e["offset"]), int(e["length"]))
+        for e in json.loads(sh("nbdinfo", "--json", "--map=qemu:dirty-bitmap:inc1", snapshot_uri))
+        if e["type"] == 1
+    ]
+    batches = 0
+    batch_done = threading.Condition()
+    stop = threading.Event()
+
+    def vm() -> None:
+        nonlocal batches
+        while not stop.is_set():
+            vm_writes_into(vm_uri, rng, 20, extents)  # the very extents the backup reads
+            with batch_done:
+                batches += 1
+                batch_done.notify_all()
+
+    def halfway() -> None:
+        # Half the backup is read: the batch under way ends, and one more,
+        # begun after the read began, lands whole before the rest is read.
+        with batch_done:
+            seen = batches
+            if not batch_done.wait_for(lambda: batches >= seen + 2, timeout=60):
+                raise SystemExit("the VM's writes did not go on")
+
+    step("read export inc1 (qemu:dirty-bitmap:inc1, then its data) while the VM rewrites it")
+    shutil.copyfile(full, restored)
+    writer = threading.Thread(target=vm)
+    writer.start()
+    try:
+        with batch_done:
+            batch_done.wait_for(lambda: batches > 0, timeout=60)
+        before = batches
+        read = read_extents(snapshot_uri, extents, restored, halfway)
+        # Batches begun after the read began and done before it ended: all
+        # completed since, but the one under way at its start.
+        during = (batches - before - 1) * 20
+    finally:
+        stop.set()
+        writer.join()
+
+    step("verify: full backup + incremental == the disk at checkpoint inc1, byte for byte")
+    sh("cmp", str(at_checkpoint), str(restored))
+    print("identical")
+    changed = subprocess.run(["cmp", "-s", str(work / "vm-disk.raw"), str(restored)], check=False)
+    if changed.returncode == 0:
+        raise SystemExit("the VM's writes changed nothing: nothing was shown")
+    line = (
+        f"point in time: the backup of inc1 is the disk at the checkpoint, though at least "
+        f"{during} VM writes hit the extents it read while it read them "
+        f"({read / MiB:.1f} MiB from export inc1)"
+    )
+    print(line)
+    print(dirtydiff("snapshot", "list", "--state", str(state)), end="")
+    dirtydiff("snapshot", "release", "--state", str(state), "inc1")
+    return line
 
 
 def main() -> int:
@@ -226,6 +338,8 @@ def main() -> int:
         sh("cmp", str(disk), str(restored))
         print("identical")
 
+        pit = point_in_time(work, state, vm_uri, export_sock, full, rng)
+
         step("summary")
         print(f"disk size:              {DISK_SIZE // MiB} MiB")
         print(f"scan time:              {scan_time:.1f}s (while the VM kept writing)")
@@ -233,6 +347,7 @@ def main() -> int:
         print(f"incremental read:       {read / MiB:.1f} MiB instead of {DISK_SIZE // MiB} MiB "
               f"({100 * read / DISK_SIZE:.1f}% of a full backup) "
               f"in {backup_time:.2f}s")  # fmt: skip
+        print(pit)
         return 0
     finally:
         for proc in reversed(servers):

@@ -19,6 +19,8 @@ Families (docs/metrics.md lists them with their labels):
 - export: ``dirtydiff_nbd_connections_open``, ``dirtydiff_nbd_connections_max``,
   ``dirtydiff_nbd_connections_total``, ``dirtydiff_nbd_requests_total{command}``,
   ``dirtydiff_nbd_errors_total{kind}``;
+- snapshots: ``dirtydiff_snapshot_{state{state}, protected_bytes, copied_bytes,
+  store_bytes, limit_bytes, created_timestamp_seconds}`` per ``snapshot``;
 - the process: prometheus-client's ``process_*`` (``process_open_fds``,
   ``process_max_fds``, ...), without a ``disk`` label: one sidecar is one
   process, and the rules join them to the disk by ``instance``.
@@ -37,6 +39,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BitmapFile, Flag
 from dirtydiff.owner import StateOwner
+from dirtydiff.snapshots import read_snapshots
 from dirtydiff.state import StateDir, describe
 from sidecar.export import NbdServer
 from sidecar.scan.jobs import STATES, ScanJobs
@@ -250,6 +253,70 @@ class ExportMetrics(Collector):
         yield from (now, cap, total, requests, failed)
 
 
+SNAPSHOT_STATES = ("active", "broken")
+
+
+def _number(value: object) -> float:
+    """A count from a reply, or TypeError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)
+
+
+class SnapshotMetrics(Collector):
+    """``dirtydiff_snapshot_*``: the tracker's answer to ``snapshot.list``
+    (a few milliseconds: it counts as it copies), or while it does not
+    answer, what the state directory last recorded."""
+
+    def __init__(self, state: StateDir, disk: str) -> None:
+        self.state = state
+        self.disk = disk
+
+    def _snapshots(self) -> list[dict[str, object]]:
+        try:
+            answer = control.call_within(self.state.socket_path, TRACKER_WAIT, "snapshot.list")
+            found = answer["snapshots"]
+            if isinstance(found, list):
+                return [s for s in found if isinstance(s, dict)]
+        except (errors.DirtydiffError, KeyError, TypeError) as e:
+            log.debug("snapshots from the state directory: %s", e)
+        try:
+            return [info.as_dict() for info in read_snapshots(self.state)]
+        except (OSError, errors.DirtydiffError) as e:
+            log.debug("snapshots not in metrics: %s", e)
+            return []
+
+    def collect(self) -> Iterator[Family]:
+        labels = ["disk", "snapshot"]
+
+        def family(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(
+                f"dirtydiff_snapshot_{name}", doc, labels=labels + (extra or [])
+            )
+
+        state = family("state", "1 for the snapshot's state: active, or broken (reads fail)",
+                       ["state"])  # fmt: skip
+        protected = family("protected_bytes", "Bytes the snapshot still protects")
+        copied = family("copied_bytes", "Bytes copied to its store before the VM overwrote them")
+        store = family("store_bytes", "Bytes allocated in its store file now")
+        limit = family("limit_bytes", "The store's bound (--snapshot-limit), if it has one")
+        created = family("created_timestamp_seconds", "When it was taken, since the epoch")
+        for s in self._snapshots():
+            try:
+                key = [self.disk, str(s["name"])]
+                for each in SNAPSHOT_STATES:
+                    state.add_metric([*key, each], 1.0 if s["state"] == each else 0.0)
+                protected.add_metric(key, _number(s["protected_bytes"]))
+                copied.add_metric(key, _number(s["copied_bytes"]))
+                store.add_metric(key, _number(s["store_bytes"]))
+                if s["limit"] is not None:
+                    limit.add_metric(key, _number(s["limit"]))
+                created.add_metric(key, _number(s["created_ns"]) / 1e9)
+            except (KeyError, TypeError, ValueError) as e:  # a reply not of its shape
+                log.debug("snapshot not in metrics: %r", e)
+        yield from (state, protected, copied, store, limit, created)
+
+
 def registry(state: StateDir, jobs: ScanJobs, server: NbdServer, disk: str) -> CollectorRegistry:
     found = CollectorRegistry()
     for collector in (
@@ -258,6 +325,7 @@ def registry(state: StateDir, jobs: ScanJobs, server: NbdServer, disk: str) -> C
         TrackerMetrics(state, disk),
         ExportMetrics(server, disk),
         ScanEstimateMetrics(jobs, disk),
+        SnapshotMetrics(state, disk),
     ):
         found.register(collector)
     # Open fds against the limit (the export's cap is derived from it), CPU, memory.

@@ -5,7 +5,9 @@ with ``--metrics``, Prometheus ``/metrics``, until SIGTERM or SIGINT.
 The export's disk is ``--disk``: a local file, or an NBD URI, normally the
 tracker's. When that tracker tracks a local file, the export reads the file
 itself once it is proven to be the tracked one (``TrackedFile``), and keeps
-the NBD hop through the tracker otherwise.
+the NBD hop through the tracker otherwise. Through this state's tracker,
+every snapshot is served too, as export NAME, always read through the
+tracker (``sidecar.export.snapshots``).
 
 Descriptors: the soft RLIMIT_NOFILE is raised to the hard one at start, and
 the export's clients may use all of it but ``RESERVED_FDS``, which keep the
@@ -45,6 +47,7 @@ from dirtydiff.state import (
 from sidecar import memory
 from sidecar.api import SidecarApi, start_in_background
 from sidecar.export import Export, NbdServer
+from sidecar.export.snapshots import SnapshotExports
 from sidecar.export.tls import TlsCreds, X509Dir
 from sidecar.limits import FDS_PER_CONNECTION, HANDSHAKE_LIMIT, MAX_CONNECTIONS
 from sidecar.listener import BACKLOG, Listener, Throttle
@@ -198,6 +201,19 @@ def open_tracked_file(
     log.info("reading the disk through the tracker: %s is not the file it tracks", path)
     found.close()
     return None
+
+
+def snapshot_exports(state: StateDir, disk: str, backend: Backend) -> SnapshotExports | None:
+    """The snapshots served beside the live export: only when ``disk`` is
+    this state's tracker (its description names the state's id), which
+    alone can serve the disk as at a checkpoint; else none."""
+    if not isinstance(backend, NbdBackend):
+        return None
+    state_id = tracker_id(backend.description)
+    record = state.disk()
+    if state_id is None or record is None or record.id != state_id:
+        return None
+    return SnapshotExports(state, disk, state_id)
 
 
 async def _control_client(
@@ -435,7 +451,12 @@ async def serve(
             cleanup.callback(tracked.close)
             log.info("reading %s itself: the file the tracker at %s tracks", tracked.path, disk)
         export = export_of(tracked or backend)
-        server = NbdServer([export], max_connections=clients, handshake_limit=handshake_limit)
+        server = NbdServer(
+            [export],
+            max_connections=clients,
+            handshake_limit=handshake_limit,
+            snapshots=snapshot_exports(state, disk, backend),
+        )
         # The export's socket may live anywhere (/run/dirtydiff): only a
         # stale socket is replaced, and at exit only ours is removed.
         sockets.clear_path(socket_path)

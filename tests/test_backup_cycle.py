@@ -197,15 +197,17 @@ def dirty_extents(h: Any, context: str, size: int) -> list[tuple[int, int]]:
     return dirty
 
 
-def incremental_backup(cycle: Cycle, checkpoint: str) -> Incremental:
-    """Block status of ``qemu:dirty-bitmap:CHECKPOINT``, then reads of only those extents.
+def incremental_backup(cycle: Cycle, checkpoint: str, uri: str | None = None) -> Incremental:
+    """Block status of ``qemu:dirty-bitmap:CHECKPOINT``, then reads of only those extents,
+    from the live export or from ``uri`` (a snapshot's export).
 
     A fresh connection each time: a backup tool connects per backup.
     """
     context = f"qemu:dirty-bitmap:{checkpoint}"
+    uri = uri or cycle.export.uri
     h = nbd.NBD()
     h.add_meta_context(context)
-    h.connect_uri(cycle.export.uri)
+    h.connect_uri(uri)
     try:
         assert h.can_meta_context(context), f"{context} is not offered"
         size = h.get_size()
@@ -219,7 +221,7 @@ def incremental_backup(cycle: Cycle, checkpoint: str) -> Incremental:
     finally:
         h.shutdown()
     # The same map as nbdinfo prints, the tool most scripts use.
-    mapped = json.loads(run(["nbdinfo", "--json", f"--map={context}", cycle.export.uri]).stdout)
+    mapped = json.loads(run(["nbdinfo", "--json", f"--map={context}", uri]).stdout)
     assert [(e["offset"], e["length"]) for e in mapped if e["type"] == 1] == dirty
     return Incremental(checkpoint, dirty, data)
 
@@ -366,10 +368,11 @@ class Writer(threading.Thread):
 def test_incremental_read_while_the_vm_writes_chains_to_the_next(
     procs: Processes, tmp_path: Path, state: Path
 ) -> None:
-    """Pull mode: the export reads the live disk, so a granule dirty in c1 and
-    rewritten while the backup reads it may come back newer than at c1. That is
-    correct only because the newer write is in the next interval: full + inc1 +
-    inc2 must equal the disk at c2, and inc1 may differ from c1 only there."""
+    """Pull mode with a snapshot: c1 is taken with ``--snapshot --snapshot-scope
+    dirty``, and the backup reads c1's dirty extents from export c1 while the VM
+    rewrites exactly those granules. Every byte it reads is from the instant of
+    c1, so full + inc1 equals the disk at c1 exactly (the live export would
+    give newer data there), and the chain goes on: full + inc1 + inc2 is c2."""
     cycle = start_cycle(procs, tmp_path, state)
     rng = random.Random(11)
     cycle.checkpoint("c0")
@@ -377,31 +380,46 @@ def test_incremental_read_while_the_vm_writes_chains_to_the_next(
     touched1 = Touched()
     qemu_io_writes(cycle.tracker.uri, rng, 30, touched1)
     libnbd_writes(cycle.tracker.uri, rng, 10, touched1)
-    cycle.checkpoint("c1")
+    dirtydiff("checkpoint", "--state", str(state), "c1", "--snapshot", "--snapshot-scope", "dirty")
     at_c1 = cycle.snapshot()
+    c1 = export_uri(cycle, "c1")
+    assert "c1" in exports(cycle)
 
     # Aim the VM's writes at c1's dirty extents, the granules the backup reads.
     context = "qemu:dirty-bitmap:c1"
     h = nbd.NBD()
     h.add_meta_context(context)
-    h.connect_uri(cycle.export.uri)
+    h.connect_uri(c1)
     c1_extents = dirty_extents(h, context, SIZE)
     h.shutdown()
     with Writer(cycle.tracker.uri, c1_extents, seed=12) as writer:
         before = writer.writes
-        inc1 = incremental_backup(cycle, "c1")
+        inc1 = incremental_backup(cycle, "c1", c1)
         during = writer.writes - before
     assert during > 0, "no write overlapped the incremental read"
+    assert cycle.snapshot() != at_c1, "the writes changed nothing"
+    at_c0 = full.read_bytes()
+    check_incremental(inc1, at_c0, at_c1, touched1)
+    assert restore(full, inc1) == at_c1  # exactly c1: one instant
+    dirtydiff("snapshot", "release", "--state", str(state), "c1")
+    assert "c1" not in exports(cycle)
     cycle.remove("c0")
 
     cycle.checkpoint("c2")
     at_c2 = cycle.snapshot()
     inc2 = incremental_backup(cycle, "c2")
     assert restore(full, inc1, inc2) == at_c2
-    # Whatever inc1 got newer than c1 is covered by c2's bitmap.
-    newer = changed_granules(restore(full, inc1), at_c1)
-    assert newer <= inc2.dirty_granules()
-    assert inc1.dirty_bytes <= INCREMENTAL_LIMIT
+    assert changed_granules(at_c1, at_c2) <= inc2.dirty_granules()
+    assert at_c0 != at_c1 != at_c2
+
+
+def export_uri(cycle: Cycle, name: str) -> str:
+    return f"nbd+unix:///{name}?socket={cycle.export.sock}"
+
+
+def exports(cycle: Cycle) -> list[str]:
+    listed = json.loads(run(["nbdinfo", "--list", "--json", cycle.export.uri]).stdout)
+    return [e["export-name"] for e in listed["exports"]]
 
 
 def test_full_backup_while_the_vm_writes_pairs_with_the_checkpoint_before_it(

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from bench.__main__ import main as bench_main
 from bench.report import Ratio, Target, format_summary
 from tests.conftest import ROOT
@@ -96,3 +98,23 @@ def test_quick_scan_bench_ends_with_the_summary_table() -> None:
         assert math.isclose(float(ratio), float(ours) / float(peer), rel_tol=0.01, abs_tol=0.006)
         assert met in ("yes", "no")
     assert "CPU s/GiB" in done.stdout and "load average" in done.stdout
+
+
+@pytest.mark.bench
+def test_quick_snapshot_read_bench_measures_both_cases_against_qemu() -> None:
+    """The snapshot export against qemu-storage-daemon's fleecing, at its
+    smallest: both cases, numeric, each with the issue's target."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "snapshot-read", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=200, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = summary_of(done.stdout)
+    assert [row[:3] for row in rows] == [
+        ["snapshot-read", "nbdcopy snapshot (a) as taken vs qemu fleecing", "GiB/s"],
+        ["snapshot-read", "nbdcopy snapshot (b) a quarter copied vs qemu fleecing", "GiB/s"],
+    ]
+    for _, _, _, ours, peer, _, target, met in rows:
+        assert float(ours) > 0 and float(peer) > 0
+        assert target == ">= 0.8" and met in ("yes", "no")
+    assert done.stdout.count("servers' CPU") == 6

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from dirtydiff import control, errors
 from dirtydiff.bitmapfile import BOOT_ID_ENV
 from dirtydiff.control import handlers, wire
+from dirtydiff.snapshots import SnapshotRequest, SnapshotSet
 from dirtydiff.state import OPEN_CHECKPOINT, DiskSeen, StateDir
 from dirtydiff.store import BitmapStore
 
@@ -410,7 +411,28 @@ def importing(store: BitmapStore) -> dict[str, Any]:
     return {"created_ns": info.created_ns}
 
 
+def check_snapshot_list(store: BitmapStore, result: Any) -> None:
+    assert [s["name"] for s in result["snapshots"]] == ["b"]
+    assert result["snapshots"][0]["state"] == "active"
+
+
+def check_snapshot_release(store: BitmapStore, result: Any) -> None:
+    assert result["name"] == "b" and result["export"] == "@snapshot:b"
+    assert store.state.snapshot_names() == []
+    assert "b" in store.state.names()  # the bitmap stays
+
+
+def snapshotted(store: BitmapStore) -> dict[str, Any]:
+    # A snapshot as a tracker left it at a clean stop (offline, none is made).
+    snapshots = SnapshotSet(store.state, store.disk_size, "")
+    snapshots.start(snapshots.prepare("b", SnapshotRequest(), 65536), store.bitmaps["b"])
+    snapshots.close()
+    return {}
+
+
 SETUP: dict[str, Callable[[BitmapStore], dict[str, Any]]] = {
+    "snapshot.list": snapshotted,
+    "snapshot.release": snapshotted,
     "scan.complete": scanning,
     "scan.abort": scanning,
     "import.complete": importing,
@@ -433,6 +455,8 @@ OPS: dict[str, tuple[dict[str, Any], Callable[[BitmapStore, Any], None]]] = {
     "bitmap.mark": ({"name": "b", "ranges": [[5 * 65536, 1], [6 * 65536 + 7, 100]]}, check_mark),
     "bitmap.merge": ({"target": OPEN_CHECKPOINT, "sources": ["b"]}, check_merge),
     "checkpoint": ({"name": "cp1", "timeout": 5}, check_checkpoint),
+    "snapshot.list": ({}, check_snapshot_list),
+    "snapshot.release": ({"name": "b"}, check_snapshot_release),
 }
 
 
@@ -469,6 +493,10 @@ ERRORS: list[tuple[str, dict[str, Any], type[errors.DirtydiffError], str]] = [
     ("bitmap.mark", {"name": "b", "ranges": [[0, 1], [DISK, 1]]}, errors.BadRequest, "bad-range"),
     ("bitmap.mark", {"name": "b", "ranges": [[-1, 2]]}, errors.BadRequest, "bad-range"),
     ("bitmap.mark", {"name": "b", "ranges": [[0, 0]]}, errors.BadRequest, "bad-range"),
+    ("snapshot.release", {"name": "nope"}, errors.NotFound, "no-such-snapshot"),
+    ("checkpoint", {"name": "cp", "snapshot": {}}, errors.Unavailable, "snapshot-needs-tracker"),
+    ("checkpoint", {"name": "cp", "snapshot": {"scope": "x"}}, errors.BadRequest, "bad-snapshot"),
+    ("checkpoint", {"name": "cp", "snapshot": {"limit": -1}}, errors.BadRequest, "bad-snapshot"),
 ]
 
 

@@ -22,3 +22,7 @@ def test_the_demo_restores_the_disk_from_a_rebuilt_bitmap() -> None:
     assert ratios == sorted(ratios) and ratios[-1] == 1.0, ratios
     read = re.search(r"incremental read: +(\S+) MiB instead of 256 MiB", out)
     assert read is not None and 0 < float(read.group(1)) < 256, out
+    # The point-in-time incremental, from the snapshot's export.
+    assert out.count("\nidentical\n") == 2, out
+    during = re.search(r"point in time: .* at least (\d+) VM writes hit the extents", out)
+    assert during is not None and int(during.group(1)) >= 20, out

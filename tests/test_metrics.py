@@ -109,7 +109,15 @@ def test_metrics_count_what_happened_with_a_disk_label(
         "scan", "--state", str(state), "--backup", backup.uri, "--bitmap", "s", "--wait",
         "--estimate",
     )  # fmt: skip
+    # And a snapshot's once one is taken.
+    dirtydiff("checkpoint", "--state", str(state), "snap", "--snapshot", "--snapshot-limit", "8m")
+    qemu_io(tracker.uri, "write -P 2 0 256k")  # copied to its store first
     sample = scrape(port)
+    assert value(sample, "dirtydiff_snapshot_state", snapshot="snap", state="active") == 1
+    assert value(sample, "dirtydiff_snapshot_state", snapshot="snap", state="broken") == 0
+    assert value(sample, "dirtydiff_snapshot_limit_bytes", snapshot="snap") == 8 * MiB
+    assert value(sample, "dirtydiff_snapshot_copied_bytes", snapshot="snap") == 256 * 1024
+    assert value(sample, "dirtydiff_snapshot_protected_bytes", snapshot="snap") == 16 * MiB
     assert value(sample, "dirtydiff_scan_progress_ratio", bitmap="s") == 1
     estimated = {b: value(sample, "dirtydiff_scan_estimated_changed_ratio", bitmap="s", bound=b)
                  for b in ("estimate", "low", "high")}  # fmt: skip

@@ -202,6 +202,10 @@ def test_prometheus_scrapes_the_sidecar_and_raises_the_alerts(
         finally:
             h.shutdown()
 
+        # A snapshot with a store limit, for the snapshot panels.
+        dirtydiff("checkpoint", "--state", str(state), "snap", "--snapshot",
+                  "--snapshot-limit", "16m")  # fmt: skip
+
         # Every panel's query answers from the live scrape (a rate() once
         # two scrapes saw its counter).
         for title, expr in dashboard_queries():

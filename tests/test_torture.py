@@ -97,3 +97,11 @@ def test_random_scenarios_from_a_fixed_seed_lose_no_granule() -> None:
     assert summary.granules_lost == 0
     assert sum(summary.faults.values()) > 0, "\n".join(lines)
     assert summary.bytes_verified > 0
+
+
+def test_snapshots_read_the_instant_through_kills_trims_and_limits() -> None:
+    outcome = play(909, ["snapshot", "snapshot", "kill-tracker", "snapshot-limit", "snapshot"])
+    reads = outcome.faults["snapshot-read-all"] + outcome.faults["snapshot-read-dirty"]
+    assert reads == 3 and outcome.faults["snapshot-released"] == 3, outcome.faults
+    assert outcome.faults["snapshot-wrong-data"] == 0
+    assert outcome.faults["snapshot-tracker-killed"] >= 1, outcome.faults

@@ -15,6 +15,7 @@ from typing import Any
 
 from dirtydiff import errors
 from dirtydiff.control.wire import API_VERSION, Message, reply_error, reply_ok
+from dirtydiff.snapshots import Scope, SnapshotRequest, read_snapshots, release_files
 from dirtydiff.state import DiskSeen
 from dirtydiff.store import DRAIN_TIMEOUT, BitmapStore
 
@@ -179,12 +180,59 @@ def disk_seen(seen: DiskSeen) -> dict[str, object]:
     }
 
 
+def _snapshot(args: dict[str, Any]) -> SnapshotRequest | None:
+    """checkpoint's ``snapshot``: ``{scope: "all"|"dirty", dir: str|None,
+    limit: int|None}``, every key optional."""
+    found = arg(args, "snapshot", object, None)
+    if found is None:
+        return None
+    if not isinstance(found, dict) or not set(found) <= {"scope", "dir", "limit"}:
+        raise errors.BadRequest(
+            "bad-snapshot", "argument 'snapshot' must be a map of scope, dir and limit"
+        )
+    scope, where, limit = found.get("scope", "all"), found.get("dir"), found.get("limit")
+    if scope not in ("all", "dirty"):
+        raise errors.BadRequest("bad-snapshot", f"snapshot scope {scope!r} is not 'all' or 'dirty'")
+    if where is not None and (not isinstance(where, str) or not where.startswith("/")):
+        raise errors.BadRequest("bad-snapshot", f"snapshot dir {where!r} is not an absolute path")
+    if limit is not None and not (_is_int64(limit) and limit > 0):
+        raise errors.BadRequest(
+            "bad-snapshot", f"snapshot limit {limit!r} is not a positive number of bytes"
+        )
+    return SnapshotRequest(Scope.of(scope), where, limit)
+
+
+def _checkpoint(store: BitmapStore, args: dict[str, Any]) -> object:
+    name = arg(args, "name", str)
+    snapshot = _snapshot(args)
+    reply: dict[str, object] = asdict(
+        store.checkpoint(name, seconds(args), arg(args, "backup", str, ""), snapshot=snapshot)
+    )
+    if snapshot is not None and store.snapshots is not None:
+        reply["snapshot"] = store.snapshots.get(name).info().as_dict()
+    return reply
+
+
+def _snapshots(store: BitmapStore) -> list[dict[str, object]]:
+    """The tracker's own answer, or what the files say (no tracker runs)."""
+    found = store.snapshots.list() if store.snapshots is not None else read_snapshots(store.state)
+    return [s.as_dict() for s in found]
+
+
+def _release(store: BitmapStore, args: dict[str, Any]) -> object:
+    name = arg(args, "name", str)
+    if store.snapshots is not None:
+        return store.snapshots.release(name).as_dict()
+    return release_files(store.state, name).as_dict()
+
+
 def _status(store: BitmapStore, args: dict[str, Any]) -> object:
     return {
         "disk_size": store.disk_size,
         "recording": store.recording,
         "inflight": store.inflight(),
         "bitmaps": [b.as_dict() for b in store.list()],
+        "snapshots": _snapshots(store),
     }
 
 
@@ -231,9 +279,9 @@ HANDLERS: dict[str, _Handler] = {
     "bitmap.merge": lambda store, args: store.merge(
         arg(args, "target", str), _names(args)
     ).as_dict(),
-    "checkpoint": lambda store, args: asdict(
-        store.checkpoint(arg(args, "name", str), seconds(args), arg(args, "backup", str, ""))
-    ),
+    "checkpoint": _checkpoint,
+    "snapshot.list": lambda store, args: {"snapshots": _snapshots(store)},
+    "snapshot.release": _release,
 }
 
 

@@ -181,18 +181,28 @@ def cmd_bitmap_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
-    result = replies.checkpoint_result(
-        run_request(
-            args.state,
-            "checkpoint",
-            name=args.name,
-            timeout=float(args.timeout),
-            backup=args.backup or "",
-        )
+    from sidecar.cli import snapshots  # noqa: PLC0415 (only a checkpoint needs it)
+
+    try:
+        snapshot = snapshots.snapshot_request(args)
+    except snapshots.UsageError as e:
+        print(f"dirtydiff checkpoint: error: {e.message}", file=sys.stderr)
+        return 2  # a bad command line, as argparse's own errors
+    extra: dict[str, object] = {} if snapshot is None else {"snapshot": snapshot}
+    answer = snapshots.owner_for(StateDir(args.state), snapshot).request(
+        "checkpoint",
+        name=args.name,
+        timeout=float(args.timeout),
+        backup=args.backup or "",
+        **extra,
     )
+    result = replies.checkpoint_result(answer)
+    taken = snapshots.checked(answer["snapshot"]) if snapshot is not None else None
 
     def human(r: CheckpointResult) -> None:
         print(f"checkpoint {r.name}: {human_size(r.dirty_bytes)} changed since the previous one")
+        if taken is not None:
+            print(snapshots.snapshot_summary(taken))
         if not r.drained:
             print(
                 "warning: writes were still in flight when the drain timed out; they are "
@@ -200,7 +210,10 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-    emit(dataclasses.asdict(result), args.json, lambda r: human(result))
+    shown: dict[str, object] = dataclasses.asdict(result)
+    if taken is not None:
+        shown["snapshot"] = taken
+    emit(shown, args.json, lambda r: human(result))
     return 0
 
 
@@ -219,6 +232,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if e.code != "never-tracked":
             raise
         status["bitmaps"] = []
+    from sidecar.cli.snapshots import list_snapshots, print_snapshots  # noqa: PLC0415
+
+    status["snapshots"] = list_snapshots(state)
 
     def human(s: dict[str, Any]) -> None:
         tracker = s["tracker"]
@@ -239,6 +255,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "and are not exported; `dirtydiff rebuild NAME` refills one by a diff scan "
                 "against the backup it names, or remove them"
             )
+        if s["snapshots"]:
+            print()
+            print_snapshots(s["snapshots"])
+            broken = [n["name"] for n in s["snapshots"] if n["state"] == "broken"]
+            if broken:
+                print(
+                    f"\n{len(broken)} snapshot(s) broken: {', '.join(broken)} — their exports "
+                    "answer every read with EIO; the VM's writes went on. Release them, and "
+                    "take the backup from a new checkpoint --snapshot"
+                )
 
     emit(status, args.json, human)
     return 0

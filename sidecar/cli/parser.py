@@ -310,10 +310,75 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the backup taken at this checkpoint lives: the next interval counts "
         "changes from it, and `dirtydiff rebuild @open` scans against it after a crash",
     )
+    add_snapshot_args(p)
     p.set_defaults(func=_command("bitmaps.cmd_checkpoint"))
 
     p = sub.add_parser("status", help="tracker state and bitmaps")
     state_arg(p)
     json_arg(p)
     p.set_defaults(func=_command("bitmaps.cmd_status"))
+    add_snapshot_commands(sub, state_arg, json_arg)
     return parser
+
+
+def _byte_count(text: str) -> int:
+    """BYTES, or with a unit: 512k, 64m, 2g, 1t (powers of 1024)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    try:
+        scale = units.get(text[-1:].lower(), 1)
+        value = int(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad byte count {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a byte count must be positive, not {text!r}")
+    return value
+
+
+def add_snapshot_args(p: argparse.ArgumentParser) -> None:
+    """``checkpoint NAME --snapshot``: the disk as at the checkpoint, served as export NAME."""
+    p.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="also freeze the data: the tracker copies what the VM overwrites, and the "
+        "sidecar serves the disk as at this checkpoint as export NAME (a point-in-time backup)",
+    )
+    p.add_argument(
+        "--snapshot-scope",
+        choices=("all", "dirty"),
+        help="what the snapshot protects: every granule (all, the default: a full backup) "
+        "or only those dirty in NAME (dirty: an incremental backup)",
+    )
+    p.add_argument(
+        "--snapshot-dir",
+        metavar="DIR",
+        help="where the snapshot's store file lives (default: the state directory); asked "
+        "of the tracker itself, not through the sidecar",
+    )
+    p.add_argument(
+        "--snapshot-limit",
+        type=_byte_count,
+        metavar="BYTES",
+        help="most bytes the store may hold (e.g. 10g); past it the snapshot breaks "
+        "(its reads fail), never the VM's writes",
+    )
+
+
+def add_snapshot_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    state_arg: Callable[[argparse.ArgumentParser], None],
+    json_arg: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """``snapshot list`` and ``snapshot release NAME``."""
+    snapshot = sub.add_parser("snapshot", help="list or release point-in-time snapshots")
+    ssub = snapshot.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("list", help="list snapshots: state, protected, copied and store bytes")
+    state_arg(p)
+    json_arg(p)
+    p.set_defaults(func=_command("snapshots.cmd_snapshot_list"))
+    p = ssub.add_parser(
+        "release", help="end a snapshot and free its store (its export goes; bitmap NAME stays)"
+    )
+    state_arg(p)
+    json_arg(p)
+    p.add_argument("name")
+    p.set_defaults(func=_command("snapshots.cmd_snapshot_release"))

@@ -1,5 +1,6 @@
 """The sidecar's NBD export: the disk read-only, with base:allocation and
-qemu:dirty-bitmap:NAME block status, as ``qemu-nbd -B NAME`` serves it.
+qemu:dirty-bitmap:NAME block status, as ``qemu-nbd -B NAME`` serves it; and
+each snapshot as an export of its own, the disk as at its checkpoint.
 qemu-nbd 7.2 is the reference for every doubtful case.
 
 By role:
@@ -15,6 +16,9 @@ By role:
 - ``contexts``: what an export offers (its bitmap policy) and the block
   status of each context;
 - ``upstream``: a few connections to an NBD disk, shared by the clients;
+- ``catalog``: the export names a client may choose, snapshots found as it
+  asks; ``snapshots``: each snapshot of the state served as export NAME;
+  ``aioupstream``: a snapshot's connections to the tracker, in the event loop;
 - ``stats``: what it counts for /metrics.
 
 The wire format, every reply header included, is ``dirtydiff.nbdproto``'s.

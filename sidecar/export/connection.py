@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from dirtydiff import nbdproto as proto
 from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.disk import FileBackend
+from sidecar.export.aioupstream import SnapshotLease
 from sidecar.export.budget import ByteBudget
+from sidecar.export.catalog import ExportCatalog
 from sidecar.export.contexts import Export
 from sidecar.export.handshake import Handshake
 from sidecar.export.stats import ServerStats
@@ -33,7 +35,7 @@ class Connection:
 
     def __init__(
         self,
-        exports: Mapping[str, Export],
+        exports: ExportCatalog,
         stats: ServerStats,
         read_budget: ByteBudget,
         negotiated: Callable[[Connection], None],
@@ -103,7 +105,9 @@ class Connection:
                 self._handshake.contexts.clear()  # its session's too
             if self._file_fd >= 0:
                 self.disk = None  # the file backend's shared fd stays open
-            if self.disk is not None:
+            if isinstance(self.disk, SnapshotLease):
+                await self.disk.aclose()
+            elif self.disk is not None:
                 await asyncio.to_thread(self.disk.close)
             with contextlib.suppress(Exception):
                 self.writer.close()
@@ -121,7 +125,9 @@ class Connection:
         """The handshake is over: no deadline, no eviction; connect to the disk."""
         self._negotiated(self)
         backend = export.backend
-        if export.upstream is None:
+        if export.snapshot_pool is not None:
+            self.disk = await export.snapshot_pool.attach()
+        elif export.upstream is None:
             assert isinstance(backend, FileBackend)
             # Its connection is the backend's shared fd: nothing to wait for,
             # and a thread hop costs more than the whole call.

@@ -6,6 +6,11 @@ filtered by ``--bitmap``). A client that selects ``qemu:dirty-bitmap:NAME``
 binds the file that holds NAME at that moment (its inode and created time,
 ``BitmapStatus``) and is served from that file only; ``base:allocation``
 asks the disk (``AllocationStatus``).
+
+A snapshot's export (``snapshot``: the checkpoint's name) offers only its
+own frozen bitmap, and calls the whole disk data (``AllDataStatus``): the
+tracker's snapshot view has no allocation to ask, and "data" where unsure is
+allowed, never "zero" where the snapshot had data.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,12 +28,13 @@ import numpy as np
 from dirtydiff import errors
 from dirtydiff import nbdproto as proto
 from dirtydiff.bitmapfile import BitmapFile, Reason, inconsistency
-from dirtydiff.disk import Backend, FileBackend, file_extents
+from dirtydiff.disk import Backend, FileBackend, NbdBackend, file_extents
 from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.extents import extent_arrays
 from dirtydiff.extents import extents as bitmap_extents
 from dirtydiff.nbdproto import Errno, RequestError
 from dirtydiff.state import StateDir
+from sidecar.export.aioupstream import AioSnapshotPool
 from sidecar.export.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -43,15 +50,26 @@ class Export:
     bitmap_filter: frozenset[str] | None = None  # --bitmap: only these
     description: str = ""
     sendfile_path: Path | None = None  # a local file: reads use sendfile(2)
+    # A snapshot's export: the checkpoint NAME it serves the disk as at
+    # (read and trimmed through the tracker's @snapshot:NAME), and the check
+    # each new tracker connection must pass (see sidecar.export.aioupstream).
+    snapshot: str | None = None
+    verify: Callable[[], None] | None = field(default=None, repr=False)
     _open_bitmaps: weakref.WeakValueDictionary[str, BitmapFile] = field(
         default_factory=weakref.WeakValueDictionary
     )
     # An NBD disk's connections, shared by every client (upstream.py);
     # a local file's one descriptor needs none.
     upstream: UpstreamPool | None = field(init=False, default=None)
+    # A snapshot's: its connections to the tracker's @snapshot:NAME.
+    snapshot_pool: AioSnapshotPool | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.backend, FileBackend):
+        if self.snapshot is not None:
+            self.bitmap_filter = frozenset({self.snapshot})  # its own bitmap, no other
+            assert isinstance(self.backend, NbdBackend)  # the tracker's @snapshot:NAME
+            self.snapshot_pool = AioSnapshotPool(self.backend.uri, self.verify)
+        elif not isinstance(self.backend, FileBackend):
             self.upstream = UpstreamPool(self.backend)
 
     @property
@@ -123,12 +141,15 @@ class Context:
     id: int
     name: str
     bitmap: BitmapStatus | None = None  # None: base:allocation
+    all_data: bool = False  # base:allocation of a snapshot: all data
 
     def status(self, disk: DiskConnection, file_fd: int, size: int) -> Status:
         """Its block status once the connection has its disk (``file_fd``:
         the disk's fd when it is a local file, else -1)."""
         if self.bitmap is not None:
             return self.bitmap
+        if self.all_data:
+            return AllDataStatus()
         return AllocationStatus(disk, file_fd, size)
 
 
@@ -136,7 +157,7 @@ def select(export: Export, number: int, name: str) -> Context:
     """The context ``name`` of ``export``, with id ``number``; a bitmap's
     file is bound now (OSError or DirtydiffError if it just went)."""
     if name == proto.BASE_ALLOCATION:
-        return Context(number, name)
+        return Context(number, name, all_data=export.snapshot is not None)
     return Context(number, name, BitmapStatus(export, name[len(proto.DIRTY_BITMAP_PREFIX) :]))
 
 
@@ -171,6 +192,15 @@ class AllocationStatus:
                 count = min(count, last_offset + last_length - offset)
         clipped = proto.clip_extents(found, offset, count, one=one)
         return b"".join(proto.EXTENT.pack(length, flags) for length, flags in clipped)
+
+
+class AllDataStatus:
+    """base:allocation of a snapshot: one data extent over the request."""
+
+    blocking = False
+
+    def descriptors(self, count: int, offset: int, one: bool) -> bytes:
+        return proto.EXTENT.pack(count, 0)
 
 
 def _pack(lengths: Any, flags: Any) -> bytes:

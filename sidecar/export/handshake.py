@@ -22,13 +22,14 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from dirtydiff import errors
 from dirtydiff import nbdproto as proto
 from dirtydiff.nbdproto import Info, Opt, Rep, RequestError
+from sidecar.export.catalog import ExportCatalog
 from sidecar.export.contexts import Context, Export, select
 from sidecar.export.tls import TlsCreds, TlsRefused
 
@@ -54,7 +55,7 @@ class Handshake:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        exports: Mapping[str, Export],
+        exports: ExportCatalog,
         tls: TlsCreds | None = None,
         upgraded: Callable[[asyncio.StreamWriter], None] | None = None,
     ) -> None:
@@ -143,10 +144,12 @@ class Handshake:
     async def _reply(self, option: int, reply: int, payload: bytes = b"") -> None:
         await self._send(proto.option_reply(option, reply, payload))
 
-    def _find_export(self, name: str) -> Export | None:
-        return self.exports.get(name)
+    async def _find_export(self, name: str) -> Export | None:
+        return await self.exports.find(name)
 
-    def _transmission_flags(self) -> int:
+    def _transmission_flags(self, export: Export) -> int:
+        if export.snapshot is not None:
+            return self._snapshot_flags()
         flags = (
             proto.TransmissionFlag.HAS_FLAGS
             | proto.TransmissionFlag.READ_ONLY
@@ -159,16 +162,33 @@ class Handshake:
             flags |= proto.TransmissionFlag.SEND_DF
         return int(flags)
 
+    def _snapshot_flags(self) -> int:
+        """A snapshot's export: not READ_ONLY, so that it may take TRIM (the
+        backup is done with a range: the tracker frees it), as QEMU's
+        fleecing export does; writes get EPERM. Multi-conn: a flush has
+        nothing to make durable, and every connection reads one view."""
+        flags = (
+            proto.TransmissionFlag.HAS_FLAGS
+            | proto.TransmissionFlag.SEND_FLUSH
+            | proto.TransmissionFlag.SEND_FUA
+            | proto.TransmissionFlag.SEND_TRIM
+            | proto.TransmissionFlag.SEND_CACHE
+            | proto.TransmissionFlag.CAN_MULTI_CONN
+        )
+        if self.structured:
+            flags |= proto.TransmissionFlag.SEND_DF
+        return int(flags)
+
     # -- options: each returns the export to serve if it ends the handshake --
 
     async def _opt_export_name(self, length: int) -> Export:
         if length > proto.MAX_STRING:
             raise proto.ProtocolError("export name too long")
         name = (await self._read(length)).decode(errors="replace")
-        export = self._find_export(name)
+        export = await self._find_export(name)
         if export is None:
             raise proto.ProtocolError(f"unknown export {name!r}")  # spec: must disconnect
-        flags = self._transmission_flags()
+        flags = self._transmission_flags(export)
         await self._send(proto.export_name_reply(export.size, flags, no_zeroes=self.no_zeroes))
         return export
 
@@ -176,7 +196,7 @@ class Handshake:
         if payload:
             await self._reply(option, Rep.ERR_INVALID, b"LIST takes no payload")
             return
-        for export in self.exports.values():
+        for export in await self.exports.listing():
             await self._send(proto.server_reply(option, export.name, export.description))
         await self._reply(option, Rep.ACK)
 
@@ -239,11 +259,12 @@ class Handshake:
 
     async def _opt_info_go(self, option: int, payload: bytes) -> Export | None:
         name, requests = proto.parse_info_request(payload)
-        export = self._find_export(name)
+        export = await self._find_export(name)
         if export is None:
             await self._reply(option, Rep.ERR_UNKNOWN, f"export {name!r} not present".encode())
             return None
-        await self._send(proto.info_export_reply(option, export.size, self._transmission_flags()))
+        flags = self._transmission_flags(export)
+        await self._send(proto.info_export_reply(option, export.size, flags))
         if Info.NAME in requests:
             await self._send(proto.info_text_reply(option, Info.NAME, export.name))
         if Info.DESCRIPTION in requests and export.description:
@@ -257,7 +278,7 @@ class Handshake:
             await self._reply(option, Rep.ERR_INVALID, b"structured replies not negotiated")
             return
         name, queries = proto.parse_string_list(payload)
-        export = self._find_export(name)
+        export = await self._find_export(name)
         if export is None:
             await self._reply(option, Rep.ERR_UNKNOWN, f"export {name!r} not present".encode())
             return

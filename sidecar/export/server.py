@@ -17,6 +17,7 @@ from pathlib import Path
 from dirtydiff import nbdproto as proto
 from sidecar import memory
 from sidecar.export.budget import ByteBudget
+from sidecar.export.catalog import ExportCatalog, SnapshotSource
 from sidecar.export.connection import Connection
 from sidecar.export.contexts import Export
 from sidecar.export.stats import ServerStats
@@ -75,8 +76,11 @@ class NbdServer:
         *,
         max_connections: int = MAX_CONNECTIONS,
         handshake_limit: float = HANDSHAKE_LIMIT,
+        snapshots: SnapshotSource | None = None,
     ) -> None:
         self.exports = {e.name: e for e in exports}
+        # What clients choose from: these, and the snapshots found as they ask.
+        self.catalog = ExportCatalog(self.exports, snapshots)
         self.read_budget = ByteBudget(read_budget, min(read_budget, CONNECTION_READ_BUDGET))
         self.max_connections = max_connections
         self.handshake_limit = handshake_limit
@@ -104,7 +108,7 @@ class NbdServer:
                 len(self.connections),
             )
             return
-        connection = Connection(self.exports, self.stats, self.read_budget, self.negotiated, tls)
+        connection = Connection(self.catalog, self.stats, self.read_budget, self.negotiated, tls)
         self.connections.add(connection)
         self._negotiating[connection] = None
         task = asyncio.create_task(self._serve(connection, sock))

@@ -19,8 +19,10 @@ one request, and read buffers count against the server's ``ByteBudget``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 from dirtydiff import nbdproto as proto
 from dirtydiff.disk import Connection as DiskConnection
 from dirtydiff.nbdproto import Cmd, CmdFlag, Errno, RequestError
+from sidecar.export.aioupstream import SnapshotLease
 from sidecar.export.budget import ByteBudget
 from sidecar.export.contexts import Export, Status
 from sidecar.export.handshake import Session
@@ -43,6 +46,7 @@ _INPUT = 64 * 1024
 # kernel): enough to keep a disk busy, and the bound on what one client can
 # make the server queue when it stops reading replies.
 MAX_IN_FLIGHT = 16
+SNAPSHOT_SNDBUF = 4 * 1024 * 1024
 
 
 # Plain ints for the hot paths: operators on IntFlag members build new members.
@@ -183,7 +187,11 @@ class Transmission:
                 # the handshake must go first.
                 transport.set_write_buffer_limits(high=0)
                 await self.writer.drain()
-            self._sender = Sender(transport.get_extra_info("socket").fileno(), self._broken)
+            sock = transport.get_extra_info("socket")
+            if self.export.snapshot is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNAPSHOT_SNDBUF)
+            self._sender = Sender(sock.fileno(), self._broken)
         self._ended = asyncio.get_running_loop().create_future()
         stream = transport.get_protocol()
         assert isinstance(stream, StreamProtocol)
@@ -284,10 +292,7 @@ class Transmission:
                     self._skip -= taken
                     if self._skip:
                         break
-                    # EINVAL, not EPERM: what qemu-nbd 7.2 answers on a read-only export.
-                    self._reply_now(
-                        self._error(self._skipping, Errno.EINVAL, "export is read-only")
-                    )
+                    self._reply_now(self._refused(self._skipping))
                     self._skipping = None
                 if tail - pos < proto.REQUEST.size:
                     break
@@ -408,9 +413,11 @@ class Transmission:
                 status.descriptors(request.length, request.offset, one)
                 for _, status in self._statuses
             ]))  # fmt: skip
+        elif kind == Cmd.TRIM and self.export.snapshot is not None:
+            self._check_range(request)
+            return self._trim(request)
         elif kind in (Cmd.TRIM, Cmd.WRITE_ZEROES):
-            # Not advertised on a read-only export: qemu-nbd answers EINVAL too.
-            raise RequestError(Errno.EINVAL, "export is read-only")
+            raise self._refusal()
         else:
             if kind == Cmd.CACHE:
                 self._check_range(request)
@@ -420,9 +427,34 @@ class Transmission:
             self._reply_now(proto.simple_reply(request.cookie))
         return None
 
+    def _refusal(self) -> RequestError:
+        """What a write or write-zeroes gets: on the live export EINVAL, what
+        qemu-nbd 7.2 answers on a read-only export (it advertises neither);
+        on a snapshot's, EPERM: it takes TRIM, so it is not read-only, but
+        the disk as it was is not to be changed."""
+        if self.export.snapshot is not None:
+            return RequestError(Errno.EPERM, "a snapshot export takes no writes, only TRIM")
+        return RequestError(Errno.EINVAL, "export is read-only")
+
+    def _refused(self, request: proto.Request) -> bytes:
+        refusal = self._refusal()
+        return self._error(request, refusal.errno, refusal.message)
+
+    async def _trim(self, request: proto.Request) -> list[bytes | bytearray]:
+        """TRIM of a snapshot's export: the backup is done with the range.
+        Sent to the tracker, which stops protecting the whole granules in it
+        and frees their store space; the reply says it did."""
+        assert isinstance(self.disk, SnapshotLease)
+        if request.length:
+            await self.disk.atrim(request.length, request.offset, bool(request.flags & _FUA))
+        return [proto.simple_reply(request.cookie)]
+
     def _sparse(self, request: proto.Request) -> bool:
         """Whether a READ's reply is split by the disk's allocation: with
-        structured replies, unless the client set DF (don't fragment)."""
+        structured replies, unless the client set DF (don't fragment). A
+        snapshot's has no allocation to ask: it is all data."""
+        if self.export.snapshot is not None:
+            return False
         return self.structured and request.length > 0 and not request.flags & _DF
 
     def _read_file(self, request: proto.Request) -> None:
@@ -443,7 +475,15 @@ class Transmission:
         """A READ through the backend (libnbd), into buffers that count
         against the read budget until the reply is sent."""
         assert self.disk is not None
+        snapshot = self.disk if isinstance(self.disk, SnapshotLease) else None
         async with self._budget.hold(self._holder, request.length) as held:
+            if request.length and snapshot is not None:
+                chunks = await _read_snapshot(snapshot, request, self.structured)
+                await held.keep(request.length)
+                buffers = [c for c in chunks if isinstance(c, bytearray)]
+                await self._send_reply(chunks)
+                snapshot.recycle(buffers)  # sent: the kernel has their bytes
+                return []
             if request.length:
                 chunks = await asyncio.to_thread(
                     _read_disk, self.disk, request, self.structured, self._sparse(request)
@@ -509,6 +549,23 @@ def _read_disk(
         if length:
             data = bytearray(length)
             disk.pread(data, offset)
+            chunks.append(data)
+    return chunks
+
+
+async def _read_snapshot(
+    snapshot: SnapshotLease, request: proto.Request, structured: bool
+) -> list[bytes | bytearray]:
+    """The reply to a READ of a snapshot, its data read through the tracker
+    in the event loop (``sidecar.export.aioupstream``): all data, no holes."""
+    chunks: list[bytes | bytearray] = []
+    for header, offset, length in proto.read_reply(
+        request.cookie, request.offset, request.length, structured=structured
+    ):
+        chunks.append(header)
+        if length:
+            data = snapshot.buffer(length)
+            await snapshot.aread(data, offset)
             chunks.append(data)
     return chunks
 

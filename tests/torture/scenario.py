@@ -41,7 +41,10 @@ it is given), each injecting faults while the writers go on:
   whole and completes what its source completed;
 - ``clear-after-crash``: after a host crash, clearing or disabling @open is
   refused; clearing a bitmap the crash spoilt makes it a new consistent one
-  that counts from the clear.
+  that counts from the clear;
+- ``snapshot`` / ``snapshot-limit`` (only when named): point-in-time
+  snapshots read while the writers go on, through kills, trims and a store
+  limit (tests/torture/snapshots.py).
 
 The scenario ends by quiescing the writers and running ``verify.check``. The
 seed fixes the disk, the actions, their parameters and the writers' requests;
@@ -74,6 +77,7 @@ from tests.conftest import DIRTYDIFF, ROOT, Server, stop
 from tests.torture import verify
 from tests.torture.model import OPEN, Claim, Model
 from tests.torture.relay import HoldingRelay
+from tests.torture.snapshots import SnapshotActions
 from tests.torture.world import Backup, MiB, World
 from tests.torture.writers import WriterPool
 
@@ -85,7 +89,9 @@ ACTIONS = ("kill-tracker", "kill-sidecar", "kill-backup", "checkpoint", "scan", 
 REBINDS = ("checkpoint", "clear", "remove-add", "disable", "other-checkpoint")
 # What --kinds may name: the actions, one way a scan is interrupted that a
 # random "scan" picks only now and then, and each rebind on its own.
-KINDS = (*ACTIONS, "scan-re-add", *(f"rebind-{how}" for how in REBINDS))
+# The snapshot actions (tests/torture/snapshots.py) are played when named.
+KINDS = (*ACTIONS, "scan-re-add", *(f"rebind-{how}" for how in REBINDS), "snapshot",
+         "snapshot-limit")  # fmt: skip
 GRANULARITIES = (4096, 65536, 1 << 20)
 ACTIVE = ("running", "waiting")  # a sidecar's scan job that has not ended
 MAX_BACKUPS = 5  # full copies kept per scenario (disk space, copy time)
@@ -111,7 +117,7 @@ class Outcome:
         return bool(self.error or self.problems or (self.verdict and self.verdict.granules_lost))
 
 
-class Scenario:
+class Scenario(SnapshotActions):
     def __init__(self, seed: int, base: Path | None = None, kinds: list[str] | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
