@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dirtydiff import errors
 from dirtydiff.bitmapfile import set_bit_range
+from dirtydiff.disk import FileBackend
 from dirtydiff.snapshotfile import (
     HEADER_SIZE,
     Scope,
@@ -34,6 +36,9 @@ from dirtydiff.snapshotfile import (
     pending_runs,
 )
 from dirtydiff.snapshotinfo import SnapshotInfo
+from dirtydiff.snapshots import SnapshotRequest, SnapshotSet, SnapshotView
+from dirtydiff.state import StateDir
+from dirtydiff.store import BitmapStore
 
 granularities = st.sampled_from([4096, 8192, 65536])
 
@@ -204,3 +209,80 @@ def test_a_snapshot_info_comes_back_from_a_reply_only_with_its_shape() -> None:
     ):
         with pytest.raises(errors.ProtocolError):
             SnapshotInfo.from_dict(broken)
+
+
+# -- the copy and the view, in process, against a model ---------------------------------
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["write", "zero", "read", "trim"]),
+        st.integers(0, 5 * (1 << 20)),  # offset, past the disk's end sometimes
+        st.integers(1, 3 * (1 << 20)),  # length
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([4096, 65536, 2 << 20]), st.sampled_from(["all", "dirty"]), ops,
+       st.integers(0, 2**32))  # fmt: skip
+def test_the_view_reads_the_instant_or_fails_whatever_the_writes_and_trims(
+    tmp_path_factory: pytest.TempPathFactory,
+    granularity: int,
+    scope: str,
+    steps: list[tuple[str, int, int]],
+    seed: int,
+) -> None:
+    rng = random.Random(seed)  # the data: drawn from a seed, not from Hypothesis
+    tmp = tmp_path_factory.mktemp("view")
+    size = 4 * (1 << 20) + 12345
+    disk = tmp / "disk.raw"
+    disk.write_bytes(rng.randbytes(size))
+    instant = disk.read_bytes()
+    state = tmp / "state"
+    state.mkdir(mode=0o700)
+    backend = FileBackend(str(disk))
+    store = BitmapStore(StateDir(state), size, recording=True, granularity=granularity)
+    snapshots = SnapshotSet(StateDir(state), size, "")
+    try:
+        frozen = store.bitmaps["@open"]
+        dirty = {g for g in range(-(-size // granularity)) if rng.random() < 0.5}
+        for g in dirty:
+            frozen.mark(g * granularity, 1)
+        snap = snapshots.start(
+            snapshots.prepare("c", SnapshotRequest(Scope.of(scope)), granularity), frozen
+        )
+        protected = set(range(-(-size // granularity))) if scope == "all" else set(dirty)
+        conn = backend.connect()
+        view = SnapshotView(snapshots, snap, conn)
+        for kind, offset, asked in steps:
+            length = min(asked, size - offset) if offset < size else 0
+            if length <= 0:
+                continue
+            if kind in ("write", "zero"):
+                snapshots.before_change(conn, offset, length)
+                if kind == "write":
+                    conn.pwrite(rng.randbytes(length), offset, False)
+                else:
+                    conn.zero(length, offset, False, False, False)
+            elif kind == "trim":
+                view.trim(length, offset)
+                protected -= set(granules_inside(offset, length, granularity, size))
+            else:
+                touched = set(granules_touched(offset, length, granularity, size))
+                buf = bytearray(length)
+                if touched <= protected:
+                    view.pread(buf, offset)
+                    assert buf == instant[offset : offset + length]
+                else:
+                    with pytest.raises(OSError):
+                        view.pread(buf, offset)
+        info = snap.info()
+        assert info.protected_bytes == sum(
+            granule_bytes(g, g + 1, granularity, size)[1] for g in protected
+        )
+        assert info.copied_bytes <= info.protected_bytes
+    finally:
+        snapshots.close()
+        store.close()
+        backend.close()
