@@ -244,14 +244,18 @@ class Tracker:
         return f"dirtydiff snapshot {name} of state {self.state_id}"
 
     def open_export(self, name: str) -> Handle:
-        """A handle on export ``name``; an unknown name is refused (ENOENT)."""
+        """A handle on export ``name``: a snapshot for ``@snapshot:NAME``
+        (an unknown one is refused, ENOENT), else the live disk.
+
+        Any other name is the live disk, as before snapshots existed: a VM
+        configured with an export name (libvirt's ``<source name='vda'>``)
+        keeps its disk."""
         assert self.backend is not None
-        if name == "":
+        if not name.startswith(EXPORT_PREFIX):
             return self.backend.connect()
-        if name.startswith(EXPORT_PREFIX):
-            snap = self.snapshots.snapshots.get(name[len(EXPORT_PREFIX) :])
-            if snap is not None and export_name(snap.name) == name:
-                return SnapshotView(self.snapshots, snap, self.backend.connect())
+        snap = self.snapshots.snapshots.get(name[len(EXPORT_PREFIX) :])
+        if snap is not None and export_name(snap.name) == name:
+            return SnapshotView(self.snapshots, snap, self.backend.connect())
         raise OSError(errno.ENOENT, f"no export named {name!r}")
 
     def capabilities_of(self, h: Handle) -> Capabilities:

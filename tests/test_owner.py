@@ -251,7 +251,7 @@ def test_a_scan_job_status_crosses_the_wire_unchanged() -> None:
     job = Job(options)
     job.progress = Progress(total=DISK, position=4096, compared=4096, differing_granules=1)
     wire = job.as_dict()
-    assert list(wire) == ["bitmap", "backup", "rebuild", "state", "error", "progress"]
+    assert list(wire) == ["bitmap", "backup", "rebuild", "state", "error", "progress", "estimate"]
     status = JobStatus.from_wire(wire)
     assert status.as_dict() == wire and status.active
     shown = status.seen_progress()

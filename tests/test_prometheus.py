@@ -186,7 +186,12 @@ def test_prometheus_scrapes_the_sidecar_and_raises_the_alerts(
         ratios = until("the scan done in Prometheus", progress)
         assert ratios == sorted(ratios), ratios
         assert len({r for r in ratios if 0 < r < 1}) >= 2, ratios
-        assert api.query('dirtydiff_scan_state{bitmap="s",state="done"} == 1')
+        # Progress reaches 1 when the last chunk is compared; the job is done
+        # once the bitmap is completed, which a scrape may see a moment later.
+        until(
+            "the scan's done state in Prometheus",
+            lambda: api.query('dirtydiff_scan_state{bitmap="s",state="done"} == 1') or None,
+        )
         assert api.query('dirtydiff_scan_differing_granules{bitmap="s"} == 2')
 
         # A VM's write for the tracker's panels; export traffic, and one

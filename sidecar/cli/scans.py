@@ -120,11 +120,13 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 "being filled by it and stays"
             )
         return 0
+    if args.cancel:  # with no sidecar, its socket's error says so
+        cancelled = (sidecar or SidecarActor(state)).call("scan.cancel", name=args.bitmap)
+        print(f"scan of {args.bitmap}: {JobStatus.from_wire(cancelled).state}, cancel requested")
+        return 0
     if args.backup is not None and args.manifest is not None:
         raise errors.BadRequest("usage", "--manifest stands in for --backup: give one of them")
-    if not args.cancel and (
-        (args.backup is None and args.manifest is None) or (args.disk is None and sidecar is None)
-    ):
+    if (args.backup is None and args.manifest is None) or (args.disk is None and sidecar is None):
         raise errors.BadRequest(
             "usage", "--backup (or --manifest) is required, and --disk too when no sidecar runs"
         )
@@ -142,10 +144,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
         max_changed=args.max_changed,
     )
     interactive = sys.stderr.isatty() and not args.json
-    if args.cancel:  # with no sidecar, its socket's error says so
-        cancelled = (sidecar or SidecarActor(state)).call("scan.cancel", name=args.bitmap)
-        print(f"scan of {args.bitmap}: {JobStatus.from_wire(cancelled).state}, cancel requested")
-        return 0
     if sidecar is not None:
         job = _start_in_sidecar(sidecar, "scan.start", options)
         if job is not None:
