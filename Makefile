@@ -14,19 +14,23 @@ DEB_PKGS += openssl
 BENCH_PKGS := qemu-system-common
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test test-slow test-torture test-fuzz lint bench install-units clean
-
-setup: $(STAMP)
-
-# Debian packages: installed only when one is missing, so a second run is quick.
-.deb-installed: Makefile
-	@missing=$$(for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+# $(call install_missing,PKGS): apt-get installs those of PKGS that are not
+# installed, and does nothing (quickly) when all are.
+install_missing = missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 	    | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages: $$missing"; \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+.PHONY: setup demo test test-slow test-torture test-fuzz lint bench install-units clean
+
+setup: $(STAMP)
+
+# Debian packages: installed only when one is missing, so a second run is quick.
+.deb-installed: Makefile
+	@$(call install_missing,$(DEB_PKGS))
 	@touch $@
 
 # The venv comes from Debian's python3 with system site-packages: libnbd's
@@ -86,13 +90,7 @@ lint: setup
 # The benchmarks' own packages, then the tests of the harness that need them
 # (marked bench), then the benchmarks.
 bench: setup
-	@missing=$$(for p in $(BENCH_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
-	    | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages: $$missing"; \
-	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	@$(call install_missing,$(BENCH_PKGS))
 	$(PY) -m pytest -q -m bench
 	$(PY) -m bench $(BENCH_ARGS)
 
