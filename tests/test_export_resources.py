@@ -520,7 +520,9 @@ def test_clients_that_never_read_their_replies_stop_no_other_reader(
         assert took is not None, "a well-behaved client's read was not served in 10 s"
         if replies == "data":
             assert took < 2.0 + 2.0, took  # REPLY_STALL, the watchdog, the read
-            assert sum(ended_by_server(c, 1.0) for c in hostile) >= 1
+            # 5 s of silence per client: on a loaded machine the watchdog's
+            # eviction can come after a second (it is asserted, not timed).
+            assert sum(ended_by_server(c, 5.0) for c in hostile) >= 1
         else:
             assert took < 1.0, took
             assert not any(ended_by_server(c, 0.1) for c in hostile)
